@@ -1,0 +1,176 @@
+"""cffi builder for thaw's C boundary (API mode, compiled at install by setup.py).
+
+API mode means the C compiler checks every declaration below against the system headers, and
+constants declared `#define X ...` are read from those headers at build time rather than copied
+by hand. Optional libraries that may be absent at run time (Intel QPL) are bound separately in
+ABI mode with `ffi.dlopen`, never here.
+"""
+
+from pathlib import Path
+
+from cffi import FFI
+
+# setuptools insists on source paths relative to the project root (where setup.py runs).
+SRC = Path("native") / "src"
+
+# Constants read from the headers at build time. Grouped by the Python IntEnum/IntFlag they feed.
+CONSTANTS = {
+    "ptrace": """
+        PTRACE_TRACEME PTRACE_PEEKDATA PTRACE_POKEDATA PTRACE_CONT PTRACE_KILL PTRACE_SINGLESTEP
+        PTRACE_GETREGS PTRACE_SETREGS PTRACE_ATTACH PTRACE_DETACH PTRACE_SYSCALL PTRACE_SETOPTIONS
+        PTRACE_GETEVENTMSG PTRACE_GETSIGINFO PTRACE_GETREGSET PTRACE_SETREGSET PTRACE_SEIZE
+        PTRACE_INTERRUPT PTRACE_LISTEN PTRACE_GET_RSEQ_CONFIGURATION
+        PTRACE_O_TRACESYSGOOD PTRACE_O_EXITKILL PTRACE_EVENT_STOP NT_PRSTATUS NT_X86_XSTATE
+    """,
+    "uffd": """
+        UFFD_API UFFD_USER_MODE_ONLY UFFDIO_REGISTER_MODE_MISSING UFFDIO_REGISTER_MODE_WP
+        UFFDIO_REGISTER_MODE_MINOR UFFDIO_COPY_MODE_DONTWAKE UFFDIO_COPY_MODE_WP
+        UFFDIO_ZEROPAGE_MODE_DONTWAKE UFFD_EVENT_PAGEFAULT UFFD_EVENT_FORK UFFD_EVENT_REMAP
+        UFFD_EVENT_REMOVE UFFD_EVENT_UNMAP UFFD_PAGEFAULT_FLAG_WRITE UFFD_PAGEFAULT_FLAG_WP
+        UFFD_PAGEFAULT_FLAG_MINOR
+        UFFD_FEATURE_PAGEFAULT_FLAG_WP UFFD_FEATURE_EVENT_FORK UFFD_FEATURE_EVENT_REMAP
+        UFFD_FEATURE_EVENT_REMOVE UFFD_FEATURE_MISSING_HUGETLBFS UFFD_FEATURE_MISSING_SHMEM
+        UFFD_FEATURE_EVENT_UNMAP UFFD_FEATURE_SIGBUS UFFD_FEATURE_THREAD_ID
+        UFFD_FEATURE_MINOR_HUGETLBFS UFFD_FEATURE_MINOR_SHMEM UFFD_FEATURE_EXACT_ADDRESS
+        UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+        _UFFDIO_REGISTER _UFFDIO_UNREGISTER _UFFDIO_WAKE _UFFDIO_COPY _UFFDIO_ZEROPAGE
+        _UFFDIO_WRITEPROTECT _UFFDIO_CONTINUE _UFFDIO_API
+    """,
+    "mempolicy": """
+        MPOL_DEFAULT MPOL_PREFERRED MPOL_BIND MPOL_INTERLEAVE MPOL_LOCAL
+        MPOL_F_NODE MPOL_F_ADDR MPOL_F_MEMS_ALLOWED MPOL_MF_STRICT MPOL_MF_MOVE MPOL_MF_MOVE_ALL
+    """,
+    "mount": """
+        MS_RDONLY MS_NOSUID MS_NODEV MS_NOEXEC MS_REMOUNT MS_BIND MS_MOVE MS_REC MS_PRIVATE
+        MS_SLAVE MS_SHARED MS_UNBINDABLE MS_NOATIME MS_STRICTATIME MNT_FORCE MNT_DETACH
+        MNT_EXPIRE UMOUNT_NOFOLLOW
+    """,
+    "clone": """
+        CLONE_NEWNS CLONE_NEWUTS CLONE_NEWIPC CLONE_NEWUSER CLONE_NEWPID CLONE_NEWNET
+        CLONE_NEWCGROUP CLONE_NEWTIME CLONE_FILES CLONE_FS CLONE_SYSVSEM
+    """,
+    "prctl": """
+        PR_SET_PDEATHSIG PR_GET_DUMPABLE PR_SET_DUMPABLE PR_SET_NAME PR_GET_NAME PR_CAPBSET_DROP
+        PR_SET_MM PR_SET_MM_MAP PR_SET_MM_MAP_SIZE PR_SET_CHILD_SUBREAPER PR_SET_NO_NEW_PRIVS
+        PR_GET_NO_NEW_PRIVS PR_GET_TID_ADDRESS PR_SET_PTRACER
+    """,
+    "mman": """
+        PROT_NONE PROT_READ PROT_WRITE PROT_EXEC MAP_SHARED MAP_PRIVATE MAP_SHARED_VALIDATE
+        MAP_FIXED MAP_FIXED_NOREPLACE MAP_ANONYMOUS MAP_NORESERVE MAP_POPULATE MAP_HUGETLB
+        MAP_SYNC MFD_CLOEXEC MFD_ALLOW_SEALING MFD_HUGETLB MFD_HUGE_2MB MFD_HUGE_1GB
+    """,
+    "misc": """
+        CLOSE_RANGE_UNSHARE CLOSE_RANGE_CLOEXEC ADDR_NO_RANDOMIZE READ_IMPLIES_EXEC
+        PIDFD_NONBLOCK
+    """,
+}
+
+
+def _constant_decls() -> str:
+    names = " ".join(CONSTANTS.values()).split()
+    return "\n".join(f"#define {name} ..." for name in names)
+
+
+CDEF = (
+    """
+typedef int... pid_t;
+typedef long... off_t;
+
+struct user_regs_struct {
+    unsigned long long r15, r14, r13, r12, rbp, rbx, r11, r10, r9, r8, rax, rcx, rdx, rsi, rdi,
+        orig_rax, rip, cs, eflags, rsp, ss, fs_base, gs_base, ds, es, fs, gs;
+};
+struct iovec { void *iov_base; size_t iov_len; };
+struct thaw_rseq_config {
+    uint64_t rseq_abi_pointer;
+    uint32_t rseq_abi_size;
+    uint32_t signature;
+    uint32_t flags;
+    uint32_t pad;
+};
+
+long thaw_ptrace(long request, pid_t pid, uintptr_t addr, uintptr_t data);
+long thaw_ptrace_getregset(pid_t pid, unsigned long type, void *buf, size_t *len);
+long thaw_ptrace_setregset(pid_t pid, unsigned long type, void *buf, size_t len);
+ssize_t process_vm_readv(pid_t pid, const struct iovec *local_iov, unsigned long liovcnt,
+                         const struct iovec *remote_iov, unsigned long riovcnt, unsigned long flags);
+ssize_t process_vm_writev(pid_t pid, const struct iovec *local_iov, unsigned long liovcnt,
+                          const struct iovec *remote_iov, unsigned long riovcnt, unsigned long flags);
+
+int thaw_pidfd_open(pid_t pid, unsigned int flags);
+int thaw_pidfd_getfd(int pidfd, int targetfd, unsigned int flags);
+int thaw_pidfd_send_signal(int pidfd, int sig, unsigned int flags);
+int thaw_userfaultfd_syscall(int flags);
+int thaw_userfaultfd_dev(int flags);
+int memfd_create(const char *name, unsigned int flags);
+long thaw_mbind(uintptr_t addr, unsigned long len, int mode, const unsigned long *nodemask,
+                unsigned long maxnode, unsigned int flags);
+long thaw_set_mempolicy(int mode, const unsigned long *nodemask, unsigned long maxnode);
+long thaw_get_mempolicy(int *mode, unsigned long *nodemask, unsigned long maxnode, uintptr_t addr,
+                        unsigned long flags);
+long thaw_move_pages(pid_t pid, unsigned long count, const uintptr_t *pages, const int *nodes,
+                     int *status, int flags);
+int unshare(int flags);
+int setns(int fd, int nstype);
+int mount(const char *source, const char *target, const char *fstype, unsigned long flags,
+          const void *data);
+int umount2(const char *target, int flags);
+int thaw_pivot_root(const char *new_root, const char *put_old);
+long thaw_prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4, unsigned long a5);
+int close_range(unsigned int first, unsigned int last, int flags);
+int personality(unsigned long persona);
+long thaw_statfs_type(const char *path);
+
+int thaw_uffdio_api(int fd, uint64_t features, uint64_t *out_features, uint64_t *out_ioctls);
+int thaw_uffdio_register(int fd, uintptr_t start, uint64_t len, uint64_t mode, uint64_t *out_ioctls);
+int thaw_uffdio_unregister(int fd, uintptr_t start, uint64_t len);
+int64_t thaw_uffdio_copy(int fd, uintptr_t dst, uintptr_t src, uint64_t len, uint64_t mode);
+int64_t thaw_uffdio_zeropage(int fd, uintptr_t start, uint64_t len, uint64_t mode);
+int thaw_uffdio_wake(int fd, uintptr_t start, uint64_t len);
+
+uintptr_t thaw_mmap(uintptr_t addr, size_t len, int prot, int flags, int fd, off_t offset);
+int thaw_munmap(uintptr_t addr, size_t len);
+uint64_t thaw_touch(uintptr_t addr, size_t len, size_t stride, int write);
+
+uint64_t thaw_now_ns(void);
+uint64_t thaw_bench_read(const void *buf, size_t len);
+void thaw_bench_copy(void *dst, const void *src, size_t len);
+void thaw_bench_chase_init(void *buf, size_t nslots, size_t slot_size, uint64_t seed);
+uint64_t thaw_bench_chase(const void *buf, size_t steps);
+int64_t thaw_bench_map_touch(int fd, off_t offset, size_t len, size_t page, int flags);
+"""
+    + _constant_decls()
+)
+
+HEADERS = """
+#define _GNU_SOURCE
+#include <elf.h>
+#include <linux/close_range.h>
+#include <linux/mempolicy.h>
+#include <linux/memfd.h>
+#include <linux/userfaultfd.h>
+#include <sched.h>
+#include <sys/mman.h>
+#include <sys/mount.h>
+#include <sys/personality.h>
+#include <sys/pidfd.h>
+#include <sys/prctl.h>
+#include <sys/ptrace.h>
+#include <sys/uio.h>
+#include <sys/user.h>
+#include <unistd.h>
+#include "thaw_native.h"
+"""
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source(
+    "native._native",
+    HEADERS,
+    sources=[str(SRC / "shims.c"), str(SRC / "bench.c")],
+    include_dirs=[str(SRC)],
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

@@ -1,0 +1,91 @@
+/* Hot loops of scripts/bench_numa. They run with the GIL released (cffi API mode), on whatever
+ * CPU the caller pinned itself to, over memory the caller placed. */
+#define _GNU_SOURCE
+#include "thaw_native.h"
+
+#include <errno.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+
+uint64_t thaw_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+uint64_t thaw_bench_read(const void *buf, size_t len)
+{
+    /* Four independent accumulators so the loop is bound by memory, not by one add chain. */
+    const uint64_t *p = buf;
+    size_t n = len / sizeof(uint64_t);
+    uint64_t a = 0, b = 0, c = 0, d = 0;
+    size_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        a += p[i];
+        b += p[i + 1];
+        c += p[i + 2];
+        d += p[i + 3];
+    }
+    for (; i < n; i++)
+        a += p[i];
+    return a + b + c + d;
+}
+
+void thaw_bench_copy(void *dst, const void *src, size_t len)
+{
+    memcpy(dst, src, len);
+}
+
+static uint64_t splitmix64(uint64_t *state)
+{
+    uint64_t z = (*state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+void thaw_bench_chase_init(void *buf, size_t nslots, size_t slot_size, uint64_t seed)
+{
+    /* Sattolo's algorithm gives one cycle through every slot, so the chase visits the whole
+     * buffer in an order the prefetcher cannot guess. Each slot stores the address of the next. */
+    uint8_t *base = buf;
+    for (size_t i = 0; i < nslots; i++)
+        *(uintptr_t *)(base + i * slot_size) = i;
+    for (size_t i = nslots - 1; i > 0; i--) {
+        size_t j = (size_t)(splitmix64(&seed) % i);
+        uintptr_t *a = (uintptr_t *)(base + i * slot_size);
+        uintptr_t *b = (uintptr_t *)(base + j * slot_size);
+        uintptr_t t = *a;
+        *a = *b;
+        *b = t;
+    }
+    /* Slot i now holds a permutation value; turn "value" into "next slot's address". */
+    for (size_t i = 0; i < nslots; i++) {
+        uintptr_t *slot = (uintptr_t *)(base + i * slot_size);
+        *slot = (uintptr_t)(base + *slot * slot_size);
+    }
+}
+
+uint64_t thaw_bench_chase(const void *buf, size_t steps)
+{
+    const void *p = buf;
+    for (size_t i = 0; i < steps; i++)
+        p = *(const void *const *)p;
+    return (uint64_t)(uintptr_t)p;
+}
+
+int64_t thaw_bench_map_touch(int fd, off_t offset, size_t len, size_t page, int flags)
+{
+    uint64_t t0 = thaw_now_ns();
+    uint8_t *p = mmap(NULL, len, PROT_READ | PROT_WRITE, flags, fd, offset);
+    if (p == MAP_FAILED)
+        return -1;
+    volatile uint8_t *v = p;
+    for (size_t off = 0; off < len; off += page)
+        v[off] = (uint8_t)(v[off] + 1);
+    uint64_t t1 = thaw_now_ns();
+    munmap(p, len);
+    return (int64_t)(t1 - t0);
+}
