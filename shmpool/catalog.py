@@ -1,0 +1,299 @@
+"""The catalog: what a pool holds, who uses it, and what garbage collection may free.
+
+A SQLite database in the pool's metadata tmpfs, shared by every process (later: every daemon) that
+attaches the pool. Every change is one `BEGIN IMMEDIATE` transaction, so concurrent writers
+serialise and a crash mid-change leaves the previous state.
+
+- An *object* is one segment with a name, a kind ("blob", later "template", "tensor") and its
+  per-chunk checksums. Its state goes `writing -> published -> deleted`; only published objects
+  can be looked up by name, so a reader never sees a half-written segment.
+- A *holder* is a process using the pool (host, pid, start time) with a lease that it renews. A
+  holder whose lease ran out, or whose process is gone on this host, is dead.
+- A *ref* ties an object to a holder. Pinned refs (a published template the registry keeps)
+  outlive their holder; unpinned ones (an open reader, an instance mapping the segment) die
+  with it. Garbage collection frees objects with no refs, storage no row points at, and what
+  dead writers left half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sqlite3
+import time
+from array import array
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from shmpool.errors import SegmentExists, SegmentNotFound
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS objects (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('writing', 'published', 'deleted')),
+    storage_key TEXT NOT NULL UNIQUE,
+    size INTEGER NOT NULL,
+    chunk_size INTEGER NOT NULL,
+    sums BLOB,
+    meta TEXT NOT NULL DEFAULT '{}',
+    writer TEXT NOT NULL,
+    created REAL NOT NULL,
+    published REAL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS objects_live_name ON objects(name) WHERE state != 'deleted';
+CREATE TABLE IF NOT EXISTS holders (
+    holder TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    started REAL NOT NULL,
+    lease_until REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS refs (
+    object INTEGER NOT NULL REFERENCES objects(id),
+    holder TEXT NOT NULL,
+    pinned INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (object, holder, pinned)
+);
+"""
+
+
+@dataclass(frozen=True)
+class Holder:
+    host: str
+    pid: int
+    started: float
+
+    @classmethod
+    def me(cls) -> Holder:
+        return cls(socket.gethostname(), psutil.Process().pid, psutil.Process().create_time())
+
+    @property
+    def id(self) -> str:
+        return f"{self.host}:{self.pid}:{self.started:.2f}"
+
+    def is_gone(self) -> bool:
+        """True when we can tell, on this host, that the process no longer exists."""
+        if self.host != socket.gethostname():
+            return False
+        try:
+            return abs(psutil.Process(self.pid).create_time() - self.started) > 0.01
+        except psutil.NoSuchProcess:
+            return True
+
+
+@dataclass(frozen=True)
+class ObjectRecord:
+    id: int
+    name: str
+    kind: str
+    state: str
+    storage_key: str
+    size: int
+    chunk_size: int
+    sums: tuple[int, ...]
+    meta: dict[str, Any]
+    writer: str
+    created: float
+    published: float | None
+    refs: int = 0
+    pins: int = 0
+
+
+@dataclass(frozen=True)
+class GcReport:
+    holders_expired: int = 0
+    abandoned_writes: int = 0
+    objects_freed: int = 0
+    orphans_removed: int = 0
+    bytes_freed: int = 0
+
+
+def _pack_sums(sums: list[int]) -> bytes:
+    return array("I", sums).tobytes()
+
+
+def _unpack_sums(blob: bytes | None) -> tuple[int, ...]:
+    out = array("I")
+    if blob:
+        out.frombytes(blob)
+    return tuple(out)
+
+
+class Catalog:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # -- holders --------------------------------------------------------------------------------
+    def renew(self, holder: Holder, ttl: float) -> None:
+        with self.tx() as db:
+            db.execute(
+                "INSERT INTO holders VALUES (?, ?, ?, ?, ?) ON CONFLICT(holder) DO UPDATE SET lease_until = ?",
+                (holder.id, holder.host, holder.pid, holder.started, time.time() + ttl, time.time() + ttl),
+            )
+
+    # -- objects --------------------------------------------------------------------------------
+    def begin_write(self, name: str, kind: str, storage_key: str, size: int, chunk_size: int, holder: Holder) -> int:
+        try:
+            with self.tx() as db:
+                cur = db.execute(
+                    "INSERT INTO objects (name, kind, state, storage_key, size, chunk_size, writer, created)"
+                    " VALUES (?, ?, 'writing', ?, ?, ?, ?, ?)",
+                    (name, kind, storage_key, size, chunk_size, holder.id, time.time()),
+                )
+                return int(cur.lastrowid or 0)
+        except sqlite3.IntegrityError as e:
+            raise SegmentExists(f"a segment named {name!r} already exists (or is being written)") from e
+
+    def finish_write(
+        self,
+        object_id: int,
+        final_key: str,
+        sums: list[int],
+        meta: dict[str, Any],
+        holder: Holder,
+        pin: bool,
+        rename: Callable[[], None],
+    ) -> None:
+        """Publish: record checksums, rename the storage and take the publisher's ref, atomically."""
+        with self.tx() as db:
+            db.execute(
+                "UPDATE objects SET state = 'published', storage_key = ?, sums = ?, meta = ?, published = ?"
+                " WHERE id = ? AND state = 'writing'",
+                (final_key, _pack_sums(sums), json.dumps(meta), time.time(), object_id),
+            )
+            self._add_ref(db, object_id, holder, pin)
+            rename()  # inside the transaction: GC's orphan scan (also a transaction) never sees it half-done
+
+    def abort_write(self, object_id: int) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM objects WHERE id = ? AND state = 'writing'", (object_id,))
+
+    def _record(self, row: tuple[Any, ...]) -> ObjectRecord:
+        (oid, name, kind, state, key, size, chunk, sums, meta, writer, created, published, refs, pins) = row
+        return ObjectRecord(
+            oid, name, kind, state, key, size, chunk, _unpack_sums(sums), json.loads(meta), writer, created,
+            published, refs or 0, pins or 0,
+        )  # fmt: skip
+
+    _SELECT = (
+        "SELECT o.*, (SELECT SUM(count) FROM refs r WHERE r.object = o.id),"
+        " (SELECT SUM(count) FROM refs r WHERE r.object = o.id AND r.pinned = 1) FROM objects o"
+    )
+
+    def lookup(self, name: str) -> ObjectRecord:
+        row = self.db.execute(self._SELECT + " WHERE name = ? AND state = 'published'", (name,)).fetchone()
+        if row is None:
+            raise SegmentNotFound(f"no published segment named {name!r} in {self.path.parent}")
+        return self._record(row)
+
+    def list(self, include_all: bool = False) -> list[ObjectRecord]:
+        where = "" if include_all else " WHERE state = 'published'"
+        return [self._record(r) for r in self.db.execute(self._SELECT + where + " ORDER BY name")]
+
+    # -- refs -----------------------------------------------------------------------------------
+    @staticmethod
+    def _add_ref(db: sqlite3.Connection, object_id: int, holder: Holder, pin: bool) -> None:
+        db.execute(
+            "INSERT INTO refs VALUES (?, ?, ?, 1) ON CONFLICT(object, holder, pinned) DO UPDATE SET count = count + 1",
+            (object_id, holder.id, int(pin)),
+        )
+
+    def acquire(self, name: str, holder: Holder, pin: bool) -> ObjectRecord:
+        with self.tx() as db:
+            row = db.execute("SELECT id FROM objects WHERE name = ? AND state = 'published'", (name,)).fetchone()
+            if row is None:
+                raise SegmentNotFound(f"no published segment named {name!r} in {self.path.parent}")
+            self._add_ref(db, row[0], holder, pin)
+        return self.lookup(name)
+
+    def release(self, object_id: int, holder: Holder, pin: bool) -> None:
+        with self.tx() as db:
+            db.execute(
+                "UPDATE refs SET count = count - 1 WHERE object = ? AND holder = ? AND pinned = ?",
+                (object_id, holder.id, int(pin)),
+            )
+            db.execute("DELETE FROM refs WHERE count <= 0")
+
+    def delete(self, name: str) -> ObjectRecord:
+        """Take `name` out of the namespace and drop its pins; open users keep it until they release."""
+        with self.tx() as db:
+            row = db.execute("SELECT id FROM objects WHERE name = ? AND state = 'published'", (name,)).fetchone()
+            if row is None:
+                raise SegmentNotFound(f"no published segment named {name!r} in {self.path.parent}")
+            db.execute("UPDATE objects SET state = 'deleted' WHERE id = ?", (row[0],))
+            db.execute("DELETE FROM refs WHERE object = ? AND pinned = 1", (row[0],))
+            got = db.execute(self._SELECT + " WHERE id = ?", (row[0],)).fetchone()
+        return self._record(got)
+
+    # -- garbage collection ---------------------------------------------------------------------
+    def collect(self, storage_keys: Callable[[], set[str]], remove: Callable[[str], None]) -> GcReport:
+        now = time.time()
+        expired = abandoned = freed = orphans = freed_bytes = 0
+        with self.tx() as db:
+            for holder_id, host, pid, started, lease_until in db.execute("SELECT * FROM holders").fetchall():
+                if lease_until >= now and not Holder(host, pid, started).is_gone():
+                    continue
+                expired += 1
+                db.execute("DELETE FROM refs WHERE holder = ? AND pinned = 0", (holder_id,))
+                for oid, key, size in db.execute(
+                    "SELECT id, storage_key, size FROM objects WHERE writer = ? AND state = 'writing'", (holder_id,)
+                ).fetchall():
+                    remove(key)
+                    db.execute("DELETE FROM objects WHERE id = ?", (oid,))
+                    abandoned, freed_bytes = abandoned + 1, freed_bytes + size
+                db.execute("DELETE FROM holders WHERE holder = ?", (holder_id,))
+            # Abandoned writes of holders that never registered a lease (crashed before renew).
+            for oid, key, size, writer in db.execute(
+                "SELECT id, storage_key, size, writer FROM objects WHERE state = 'writing'"
+                " AND writer NOT IN (SELECT holder FROM holders)"
+            ).fetchall():
+                remove(key)
+                db.execute("DELETE FROM objects WHERE id = ?", (oid,))
+                abandoned, freed_bytes = abandoned + 1, freed_bytes + size
+            present = storage_keys()
+            for oid, key, size in db.execute(
+                "SELECT id, storage_key, size FROM objects WHERE state != 'writing'"
+                " AND id NOT IN (SELECT object FROM refs)"
+            ).fetchall():
+                remove(key)
+                db.execute("DELETE FROM objects WHERE id = ?", (oid,))
+                freed, freed_bytes = freed + 1, freed_bytes + (size if key in present else 0)
+            known = {k for (k,) in db.execute("SELECT storage_key FROM objects")}
+            for key in present - known:
+                remove(key)
+                orphans += 1
+            # Storage that vanished under a published row (a memfd whose owner exited).
+            for (oid,) in db.execute(
+                "SELECT id FROM objects WHERE state != 'writing' AND storage_key NOT IN "
+                "(SELECT value FROM json_each(?))",
+                (json.dumps(sorted(present)),),
+            ).fetchall():
+                db.execute("DELETE FROM refs WHERE object = ?", (oid,))
+                db.execute("DELETE FROM objects WHERE id = ?", (oid,))
+                freed += 1
+        return GcReport(expired, abandoned, freed, orphans, freed_bytes)
