@@ -71,8 +71,7 @@ def _constant_decls() -> str:
     return "\n".join(f"#define {name} ..." for name in names)
 
 
-CDEF = (
-    """
+CDEF = """
 typedef int... pid_t;
 typedef long... off_t;
 
@@ -138,9 +137,7 @@ void thaw_bench_copy(void *dst, const void *src, size_t len);
 void thaw_bench_chase_init(void *buf, size_t nslots, size_t slot_size, uint64_t seed);
 uint64_t thaw_bench_chase(const void *buf, size_t steps);
 int64_t thaw_bench_map_touch(int fd, off_t offset, size_t len, size_t page, int flags);
-"""
-    + _constant_decls()
-)
+""" + _constant_decls()
 
 HEADERS = """
 #define _GNU_SOURCE

@@ -269,9 +269,7 @@ def _table(kd: KernDat) -> str:
         if key == "nodes":
             for n in kd.nodes:
                 pools = ", ".join(f"{s} KiB: {nr} ({free} free)" for s, (nr, free) in n.hugepages.items())
-                rows.append(
-                    (f"node {n.node}", f"cpus {n.cpus}, {n.mem_total_kib // 1024} MiB, hugepages {pools}")
-                )
+                rows.append((f"node {n.node}", f"cpus {n.cpus}, {n.mem_total_kib // 1024} MiB, hugepages {pools}"))
         elif key == "uffd_features":
             rows.append((key, f"{value:#x} {UffdFeature(value)!r}"))
         elif key == "errors":

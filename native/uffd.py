@@ -19,8 +19,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from native._native import lib
-from native._native import ffi
+from native._native import ffi, lib
 from native.constants import UffdEvent, UffdFaultFlag
 from native.errors import check
 
@@ -77,9 +76,7 @@ def copy(fd: int, dst: int, src: int, length: int, mode: int = 0) -> int:
 
 
 def zeropage(fd: int, start: int, length: int, mode: int = 0) -> int:
-    return int(
-        check(int(lib.thaw_uffdio_zeropage(fd, start, length, mode)), "ioctl", f"UFFDIO_ZEROPAGE {start:#x}")
-    )
+    return int(check(int(lib.thaw_uffdio_zeropage(fd, start, length, mode)), "ioctl", f"UFFDIO_ZEROPAGE {start:#x}"))
 
 
 def wake(fd: int, start: int, length: int) -> None:

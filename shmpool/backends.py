@@ -516,9 +516,7 @@ class MemfdBackend(Backend):
         return live
 
 
-BACKENDS: dict[str, type[Backend]] = {
-    b.name: b for b in (TmpfsBackend, HugetlbfsBackend, DevdaxBackend, MemfdBackend)
-}
+BACKENDS: dict[str, type[Backend]] = {b.name: b for b in (TmpfsBackend, HugetlbfsBackend, DevdaxBackend, MemfdBackend)}
 
 
 def backend_for(config: PoolConfig) -> Backend:

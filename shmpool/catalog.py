@@ -196,9 +196,21 @@ class Catalog:
     def _record(self, row: tuple[Any, ...]) -> ObjectRecord:
         (oid, name, kind, state, key, size, chunk, sums, meta, writer, created, published, refs, pins) = row
         return ObjectRecord(
-            oid, name, kind, state, key, size, chunk, _unpack_sums(sums), json.loads(meta), writer, created,
-            published, refs or 0, pins or 0,
-        )  # fmt: skip
+            oid,
+            name,
+            kind,
+            state,
+            key,
+            size,
+            chunk,
+            _unpack_sums(sums),
+            json.loads(meta),
+            writer,
+            created,
+            published,
+            refs or 0,
+            pins or 0,
+        )
 
     _SELECT = (
         "SELECT o.*, (SELECT SUM(count) FROM refs r WHERE r.object = o.id),"
@@ -268,7 +280,7 @@ class Catalog:
                     abandoned, freed_bytes = abandoned + 1, freed_bytes + size
                 db.execute("DELETE FROM holders WHERE holder = ?", (holder_id,))
             # Abandoned writes of holders that never registered a lease (crashed before renew).
-            for oid, key, size, writer in db.execute(
+            for oid, key, size, _writer in db.execute(
                 "SELECT id, storage_key, size, writer FROM objects WHERE state = 'writing'"
                 " AND writer NOT IN (SELECT holder FROM holders)"
             ).fetchall():

@@ -160,9 +160,16 @@ class Pool:
     def status(self) -> PoolStatus:
         objs = self.catalog.list()
         return PoolStatus(
-            str(self.root), self.config.backend, self.config.node, self.backend.capacity(), self.backend.used(),
-            len(objs), sum(o.size for o in objs), self.config.page_size, self.caps,
-        )  # fmt: skip
+            str(self.root),
+            self.config.backend,
+            self.config.node,
+            self.backend.capacity(),
+            self.backend.used(),
+            len(objs),
+            sum(o.size for o in objs),
+            self.config.page_size,
+            self.caps,
+        )
 
     def list(self, include_all: bool = False) -> list[ObjectRecord]:
         return self.catalog.list(include_all)
@@ -259,9 +266,14 @@ class SegmentWriter:
         final_key = f"{self.name}-{uuid.uuid4().hex[:12]}"
         try:
             self.pool.catalog.finish_write(
-                self.id, final_key, sums, meta or {}, self.pool.holder, pin,
+                self.id,
+                final_key,
+                sums,
+                meta or {},
+                self.pool.holder,
+                pin,
                 lambda: self.pool.backend.publish(self.tmp_key, final_key),
-            )  # fmt: skip
+            )
         except BaseException:
             self.pool.backend.remove(self.tmp_key)
             self.pool.catalog.abort_write(self.id)

@@ -1,0 +1,5 @@
+import sys
+
+from shmpool.cli import main
+
+sys.exit(main())
