@@ -23,18 +23,18 @@ def copy(dst: int, src: int, length: int) -> None:
 
 
 def chase_init(addr: int, slots: int, slot_size: int, seed: int) -> None:
-    """Write one random cycle through `slots` slots of `slot_size` bytes (pointer per slot)."""
+    """Write one random cycle through `slots` slots of `slot_size` bytes (next slot's offset per slot)."""
     lib.thaw_bench_chase_init(ffi.cast("void *", addr), slots, slot_size, seed)
 
 
 def chase(addr: int, steps: int) -> int:
-    """Follow `steps` dependent loads starting at `addr`; returns where it ended."""
+    """Follow `steps` dependent loads from the slot at offset 0; returns the offset it ended at."""
     return int(lib.thaw_bench_chase(ffi.cast("void *", addr), steps))
 
 
-def map_touch_ns(fd: int, offset: int, length: int, page_size: int, flags: int) -> int:
-    """mmap `length` bytes of `fd` with `flags`, write one byte per page, munmap; ns spent."""
-    ns = int(lib.thaw_bench_map_touch(fd, offset, length, page_size, flags))
+def map_touch_ns(fd: int, offset: int, length: int, page_size: int, flags: int, write: bool) -> int:
+    """mmap `length` bytes of `fd` with `flags`, read or write one byte per page; ns for both (munmap excluded)."""
+    ns = int(lib.thaw_bench_map_touch(fd, offset, length, page_size, flags, int(write)))
     if ns < 0:
         raise_oserror("mmap", f"fd {fd} {length} bytes")
     return ns

@@ -136,7 +136,7 @@ uint64_t thaw_bench_read(const void *buf, size_t len);
 void thaw_bench_copy(void *dst, const void *src, size_t len);
 void thaw_bench_chase_init(void *buf, size_t nslots, size_t slot_size, uint64_t seed);
 uint64_t thaw_bench_chase(const void *buf, size_t steps);
-int64_t thaw_bench_map_touch(int fd, off_t offset, size_t len, size_t page, int flags);
+int64_t thaw_bench_map_touch(int fd, off_t offset, size_t len, size_t page, int flags, int write);
 """ + _constant_decls()
 
 HEADERS = """

@@ -11,7 +11,9 @@ Some facts about the kernel that shape the backends:
 - hugetlbfs has no write(2): bytes go in through a MAP_SHARED mapping. Pages come from the
   hugepage pool at fault/fallocate time, under the faulting thread's mempolicy; a mount with
   `min_size` reserves its pages up front, so a write can fail cleanly with ENOSPC at fallocate
-  instead of SIGBUS at first touch.
+  instead of SIGBUS at first touch. Copy-on-write copies made in MAP_PRIVATE mappings of a
+  hugetlbfs file are charged to that mount's size too (its subpool): a hugetlbfs pool must have
+  room for the private copies its instances will make, or their writes die with SIGBUS.
 - devdax refuses MAP_PRIVATE (EINVAL) and needs mappings aligned to the device's `align`. It has
   no files, so segments are extents handed out by an allocation table.
 - A memfd lives as long as some process holds it; others reach it only through fd passing
@@ -112,13 +114,23 @@ def thread_bound_to(node: int) -> Iterator[None]:
 class StorageWriter:
     """Writes into one segment's storage: pwrite where the filesystem has write(2), else a mapping."""
 
-    def __init__(self, fd: int, base: int, size: int, by_mmap: bool, pool_root: str) -> None:
+    def __init__(
+        self, fd: int, base: int, size: int, by_mmap: bool, pool_root: str, bind_node: int | None = None
+    ) -> None:
         self.fd, self.base, self.size, self.pool_root = fd, base, size, pool_root
+        self.bind_node = bind_node  # place pages by binding the writing thread (no mount policy)
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, offset=base) if by_mmap and size else None
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         if offset < 0 or offset + len(data) > self.size:
             raise ValueError(f"write of {len(data)} bytes at {offset} outside a {self.size}-byte segment")
+        if self.bind_node is not None:
+            with thread_bound_to(self.bind_node):
+                self._write(offset, data)
+        else:
+            self._write(offset, data)
+
+    def _write(self, offset: int, data: bytes | memoryview) -> None:
         if self._map is not None:
             self._map[offset : offset + len(data)] = data
             return
@@ -216,8 +228,8 @@ class FileBackend(Backend):
         return st.f_blocks * st.f_frsize
 
     def used(self) -> int:
-        st = self._statvfs()
-        return (st.f_blocks - st.f_bfree) * st.f_frsize
+        """Bytes segment files really occupy (holes excluded; the catalog's own files not counted)."""
+        return sum(p.stat().st_blocks * 512 for p in self.data_dir.iterdir())
 
     def free(self) -> int:
         st = self._statvfs()
@@ -479,7 +491,7 @@ class MemfdBackend(Backend):
             os.ftruncate(fd, size)
             t[key] = [os.getpid(), fd, psutil.Process().create_time(), size]
         self._owned[key] = fd
-        return StorageWriter(os.dup(fd), 0, size, False, str(self.root))
+        return StorageWriter(os.dup(fd), 0, size, False, str(self.root), bind_node=self.config.node)
 
     def publish(self, tmp_key: str, key: str) -> None:
         with locked_table(self._table) as t:

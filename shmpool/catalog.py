@@ -133,6 +133,7 @@ class Catalog:
         self.db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA journal_size_limit=1048576")  # the WAL lives in RAM: keep it small
         self.db.executescript(SCHEMA)
 
     def close(self) -> None:

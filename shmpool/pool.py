@@ -358,6 +358,8 @@ class Segment:
 
     def map(self, private: bool = True, writable: bool = True) -> mmap.mmap:
         """Map the segment: private = copy-on-write over the pool's pages (if the backend can)."""
+        if not private and writable:
+            raise PoolError(f"segment {self.name!r} is published and immutable: map it private or read-only")
         if private and not self.pool.caps.private_cow:
             raise UnsupportedMapping(f"the {self.pool.config.backend} backend cannot map {self.name!r} privately")
         flags = mmap.MAP_PRIVATE if private else mmap.MAP_SHARED

@@ -49,42 +49,51 @@ static uint64_t splitmix64(uint64_t *state)
 void thaw_bench_chase_init(void *buf, size_t nslots, size_t slot_size, uint64_t seed)
 {
     /* Sattolo's algorithm gives one cycle through every slot, so the chase visits the whole
-     * buffer in an order the prefetcher cannot guess. Each slot stores the address of the next. */
+     * buffer in an order the prefetcher cannot guess. Each slot stores the byte offset of the
+     * next slot (offsets, not pointers, so the buffer can be built here and mapped elsewhere). */
     uint8_t *base = buf;
     for (size_t i = 0; i < nslots; i++)
-        *(uintptr_t *)(base + i * slot_size) = i;
+        *(uint64_t *)(base + i * slot_size) = i;
     for (size_t i = nslots - 1; i > 0; i--) {
         size_t j = (size_t)(splitmix64(&seed) % i);
-        uintptr_t *a = (uintptr_t *)(base + i * slot_size);
-        uintptr_t *b = (uintptr_t *)(base + j * slot_size);
-        uintptr_t t = *a;
+        uint64_t *a = (uint64_t *)(base + i * slot_size);
+        uint64_t *b = (uint64_t *)(base + j * slot_size);
+        uint64_t t = *a;
         *a = *b;
         *b = t;
     }
-    /* Slot i now holds a permutation value; turn "value" into "next slot's address". */
     for (size_t i = 0; i < nslots; i++) {
-        uintptr_t *slot = (uintptr_t *)(base + i * slot_size);
-        *slot = (uintptr_t)(base + *slot * slot_size);
+        uint64_t *slot = (uint64_t *)(base + i * slot_size);
+        *slot *= slot_size;
     }
 }
 
 uint64_t thaw_bench_chase(const void *buf, size_t steps)
 {
-    const void *p = buf;
+    /* Each load's address depends on the previous load: latency, not bandwidth. */
+    const uint8_t *base = buf;
+    uint64_t off = 0;
     for (size_t i = 0; i < steps; i++)
-        p = *(const void *const *)p;
-    return (uint64_t)(uintptr_t)p;
+        off = *(const volatile uint64_t *)(base + off);
+    return off;
 }
 
-int64_t thaw_bench_map_touch(int fd, off_t offset, size_t len, size_t page, int flags)
+int64_t thaw_bench_map_touch(int fd, off_t offset, size_t len, size_t page, int flags, int write)
 {
     uint64_t t0 = thaw_now_ns();
-    uint8_t *p = mmap(NULL, len, PROT_READ | PROT_WRITE, flags, fd, offset);
+    int prot = write ? PROT_READ | PROT_WRITE : PROT_READ;
+    uint8_t *p = mmap(NULL, len, prot, flags, fd, offset);
     if (p == MAP_FAILED)
         return -1;
     volatile uint8_t *v = p;
-    for (size_t off = 0; off < len; off += page)
-        v[off] = (uint8_t)(v[off] + 1);
+    uint8_t sink = 0;
+    for (size_t off = 0; off < len; off += page) {
+        if (write)
+            v[off] = (uint8_t)(v[off] + 1);
+        else
+            sink ^= v[off];
+    }
+    (void)sink;
     uint64_t t1 = thaw_now_ns();
     munmap(p, len);
     return (int64_t)(t1 - t0);
