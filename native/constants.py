@@ -37,7 +37,7 @@ class PtraceOption(IntFlag):
     EXITKILL = lib.PTRACE_O_EXITKILL
 
 
-PTRACE_EVENT_STOP = lib.PTRACE_EVENT_STOP
+PTRACE_EVENT_STOP: int = lib.PTRACE_EVENT_STOP
 
 
 class RegSet(IntEnum):

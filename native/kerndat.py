@@ -227,7 +227,7 @@ def probe_pr_set_mm_map(errors: dict[str, str]) -> bool:
     except OSError as e:
         errors["pr_set_mm_map"] = str(e)
         return False
-    return size[0] > 0
+    return bool(size[0] > 0)
 
 
 # ---------------------------------------------------------------------------------------------

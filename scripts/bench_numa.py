@@ -63,31 +63,45 @@ def _fill_chase(pool: Pool, name: str, size: int) -> None:
 
 
 def _measure(pool: Pool, size: int, reps: int, chase_steps: int) -> list[tuple[str, float, str]]:
-    page = pool.config.page_size
     _fill(pool, "bench-data", size)
     _fill_chase(pool, "bench-chase", size)
-    results: list[tuple[str, float, str]] = []
+    return [
+        *_bandwidth(pool, size, reps),
+        ("latency", _latency(pool, size, reps, chase_steps), "ns"),
+        *_map_costs(pool, reps),
+    ]
+
+
+def _bandwidth(pool: Pool, size: int, reps: int) -> list[tuple[str, float, str]]:
     with pool.open_segment("bench-data", verify=False) as seg, seg.map(private=False, writable=False) as view:
-        addr = memory.address_of(view)
-        memory.touch(addr, size, page, write=False)  # map the pages in: measure memory, not faults
-        results.append(("seq_read", _median(lambda: _gbps(size, lambda: bench.read_sum(addr, size)), reps), "GB/s"))
+        src = memory.address_of(view)
+        memory.touch(src, size, pool.config.page_size, write=False)  # measure memory, not faults
         local = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        dst = memory.address_of(local)
-        memory.touch(dst, size, mmap.PAGESIZE, write=True)
-        results.append(("copy", _median(lambda: _gbps(size, lambda: bench.copy(dst, addr, size)), reps), "GB/s"))
-        del dst
-        local.close()
+        try:
+            dst = memory.address_of(local)
+            memory.touch(dst, size, mmap.PAGESIZE, write=True)
+            read = _median(lambda: _gbps(size, lambda: bench.read_sum(src, size)), reps)
+            copy = _median(lambda: _gbps(size, lambda: bench.copy(dst, src, size)), reps)
+        finally:
+            local.close()
+    return [("seq_read", read, "GB/s"), ("copy", copy, "GB/s")]
+
+
+def _latency(pool: Pool, size: int, reps: int, steps: int) -> float:
     with pool.open_segment("bench-chase", verify=False) as seg, seg.map(private=False, writable=False) as view:
         addr = memory.address_of(view)
-        memory.touch(addr, size, page, write=False)
-        results.append(("latency", _median(lambda: _ns_per(chase_steps, lambda: bench.chase(addr, chase_steps)), reps), "ns"))
-        del addr
+        memory.touch(addr, size, pool.config.page_size, write=False)
+        return _median(lambda: _ns_per(steps, lambda: bench.chase(addr, steps)), reps)
+
+
+def _map_costs(pool: Pool, reps: int) -> list[tuple[str, float, str]]:
+    page = pool.config.page_size
     with pool.open_segment("bench-data", verify=False) as seg:
-        results.append(("map_read", _median(lambda: _map_touch(seg, page, mmap.MAP_SHARED, False), reps), "ns/page"))
+        rows = [("map_read", _median(lambda: _map_touch(seg, page, mmap.MAP_SHARED, False), reps), "ns/page")]
         if pool.caps.private_cow:
-            cow = _median(lambda: _map_touch(seg, page, mmap.MAP_PRIVATE | MapFlag.NORESERVE, True), reps)
-            results.append(("map_cow", cow, "ns/page"))
-    return results
+            cow_flags = mmap.MAP_PRIVATE | MapFlag.NORESERVE
+            rows.append(("map_cow", _median(lambda: _map_touch(seg, page, cow_flags, True), reps), "ns/page"))
+    return rows
 
 
 def _gbps(nbytes: int, fn: Callable[[], object]) -> float:

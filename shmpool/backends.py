@@ -121,7 +121,7 @@ class StorageWriter:
         self.bind_node = bind_node  # place pages by binding the writing thread (no mount policy)
         self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, offset=base) if by_mmap and size else None
 
-    def write(self, offset: int, data: bytes | memoryview) -> None:
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         if offset < 0 or offset + len(data) > self.size:
             raise ValueError(f"write of {len(data)} bytes at {offset} outside a {self.size}-byte segment")
         if self.bind_node is not None:
@@ -130,7 +130,7 @@ class StorageWriter:
         else:
             self._write(offset, data)
 
-    def _write(self, offset: int, data: bytes | memoryview) -> None:
+    def _write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         if self._map is not None:
             self._map[offset : offset + len(data)] = data
             return

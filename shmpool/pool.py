@@ -239,7 +239,7 @@ class SegmentWriter:
         self.record: ObjectRecord | None = None
         self._open = True
 
-    def write(self, offset: int, data: bytes | memoryview) -> None:
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         try:
             self.storage.write(offset, data)
         except PoolFull as e:
