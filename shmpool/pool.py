@@ -18,7 +18,6 @@ import contextlib
 import mmap
 import os
 import re
-import shutil
 import uuid
 import zlib
 from collections import Counter
@@ -114,7 +113,12 @@ class Pool:
         default_page = (2 << 20) if backend == "hugetlbfs" else SMALL_PAGE
         config = PoolConfig(str(root), backend, node, size, page_size or default_page, device)
         impl = backend_for(config)
-        impl.setup()
+        try:
+            impl.setup()
+        except BaseException:
+            with contextlib.suppress(OSError):
+                root.rmdir()  # only if setup left it empty and unmounted
+            raise
         try:
             tmp = root / "pool.json.tmp"
             tmp.write_text(config.to_json())
@@ -405,9 +409,3 @@ class Segment:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def remove_stale_root(root: Path) -> None:
-    """Remove a pool root left unmounted by a reboot (pool.json on a lower filesystem)."""
-    if root.exists() and not os.path.ismount(root):
-        shutil.rmtree(root)

@@ -103,6 +103,22 @@ def test_ptrace_registers_memory_and_resume(child: tuple[subprocess.Popen[str], 
     ptrace.interrupt(proc.pid)
     stop = ptrace.wait(proc.pid)
     assert stop is not None and stop.event == PTRACE_EVENT_STOP
+    ptrace.setoptions(proc.pid, PtraceOption.TRACESYSGOOD | PtraceOption.EXITKILL)
+
+    # A real group stop (SIGSTOP) of a seized tracee: LISTEN keeps it stopped but lets it be woken.
+    ptrace.cont(proc.pid)
+    os.kill(proc.pid, signal.SIGSTOP)
+    stop = ptrace.wait(proc.pid)
+    assert stop is not None and stop.signal == signal.SIGSTOP and stop.event == 0  # signal-delivery stop
+    ptrace.cont(proc.pid, signal.SIGSTOP)  # deliver it: the tracee enters group stop
+    stop = ptrace.wait(proc.pid)
+    assert stop is not None and stop.is_group_stop and stop.signal == signal.SIGSTOP
+    assert ptrace.geteventmsg(proc.pid) == 0
+    ptrace.listen(proc.pid)
+    assert ptrace.wait(proc.pid, nohang=True) is None  # still stopped, nothing new to report
+    os.kill(proc.pid, signal.SIGCONT)
+    ptrace.interrupt(proc.pid)
+    ptrace.wait(proc.pid)
     ptrace.detach(proc.pid)
     assert proc.poll() is None  # alive and untraced
 

@@ -15,7 +15,9 @@ import pytest
 from native.kerndat import kerndat
 from shmpool.catalog import Holder
 from shmpool.errors import (
+    HugepagesUnavailable,
     InvalidName,
+    PoolError,
     PoolExists,
     PoolFull,
     PoolNotFound,
@@ -104,6 +106,18 @@ def test_hugetlbfs_pool_reserves_and_returns_hugepages(hugetlbfs_pool: Pool) -> 
         with seg.map(private=True) as view:
             assert view[: 3 * MiB] == data
     # The fixture's destroy gives the 8 pages back; the no_leaks fixture checks it.
+
+
+def test_unavailable_hugepage_size_is_a_clear_error(pool_root: Path) -> None:
+    with pytest.raises(HugepagesUnavailable, match="this kernel has no 4096 KiB hugepages"):
+        Pool.create(pool_root, backend="hugetlbfs", size=8 * MiB, page_size=4 * MiB)
+    assert not pool_root.exists()
+
+
+def test_published_segments_cannot_be_mapped_shared_writable(tmpfs_pool: Pool) -> None:
+    publish(tmpfs_pool, "frozen", b"f" * 4096)
+    with tmpfs_pool.open_segment("frozen") as seg, pytest.raises(PoolError, match="immutable"):
+        seg.map(private=False, writable=True)
 
 
 def test_unknown_node_is_refused_before_anything_is_mounted(pool_root: Path) -> None:
