@@ -1,0 +1,5 @@
+import sys
+
+from sandbox.guest.runtime import main
+
+sys.exit(main())

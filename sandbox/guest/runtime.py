@@ -1,0 +1,140 @@
+"""The guest program. Single-threaded until it has been captured (a template holds one thread).
+
+Handlers follow the OpenFaaS python3-http convention, so existing functions port as they are:
+`handle(event, context)` where `event` has `body` (bytes), `headers`, `method`, `query`, `path`;
+the return value is a dict with `statusCode`, `body`, `headers`, or any JSON value, which becomes
+a 200 JSON body. Module-level code is the function's init; a module-level `init()` is called too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import random
+import signal
+import socket
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sandbox.guest import protocol
+
+CONTROL_FD = 3
+
+
+@dataclass
+class Event:
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    method: str = "GET"
+    query: dict[str, str] = field(default_factory=dict)
+    path: str = "/"
+
+
+@dataclass
+class Context:
+    hostname: str
+    pid: int
+
+
+Handler = Callable[[Event, Context], Any]
+
+
+def load_handler(function_dir: str, spec: str, site_dir: str | None = None) -> Handler:
+    """Import `module:callable` from `function_dir` (and its own site directory), running its init."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise SystemExit(f"guest: handler must be module:callable, not {spec!r}")
+    if not Path(function_dir).is_dir():
+        raise SystemExit(f"guest: function directory {function_dir} does not exist")
+    for path in filter(None, [site_dir, function_dir]):
+        sys.path.insert(0, path)
+    module = importlib.import_module(module_name)
+    handler = getattr(module, attr, None)
+    if not callable(handler):
+        raise SystemExit(f"guest: {module_name} has no callable {attr!r}")
+    init = getattr(module, "init", None)
+    if callable(init):
+        init()
+    return handler  # type: ignore[no-any-return]
+
+
+def to_response(request_id: Any, result: Any) -> protocol.Message:
+    """Map a handler's return value to a response message (python3-http semantics)."""
+    if isinstance(result, dict) and "statusCode" in result:
+        status = int(result["statusCode"])
+        headers = {str(k): str(v) for k, v in (result.get("headers") or {}).items()}
+        body = result.get("body", b"")
+    else:
+        status, headers, body = 200, {}, result
+        headers["Content-Type"] = "application/json"
+        body = json.dumps(result)
+    if isinstance(body, str):
+        body = body.encode()
+    elif not isinstance(body, bytes | bytearray):
+        body = json.dumps(body).encode()
+        headers.setdefault("Content-Type", "application/json")
+    return {"type": "response", "id": request_id, "statusCode": status, "headers": headers, "body": protocol.b64(body)}
+
+
+def to_event(request: protocol.Message) -> Event:
+    return Event(
+        body=protocol.unb64(request.get("body", "")),
+        headers=dict(request.get("headers") or {}),
+        method=str(request.get("method", "GET")),
+        query=dict(request.get("query") or {}),
+        path=str(request.get("path", "/")),
+    )
+
+
+def serve(handler: Handler, fd: int, max_frame: int) -> None:
+    """Answer requests until the daemon closes fd 3."""
+    while (request := protocol.recv(fd, max_frame)) is not None:
+        if request["type"] != "request":
+            continue
+        context = Context(hostname=socket.gethostname(), pid=os.getpid())
+        try:
+            reply = to_response(request.get("id"), handler(to_event(request), context))
+        except Exception as e:
+            reply = {
+                "type": "error",
+                "id": request.get("id"),
+                "error": {"type": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()},
+            }
+        try:
+            protocol.send(fd, reply, max_frame)
+        except protocol.FrameTooLarge as e:
+            error = {"type": "FrameTooLarge", "message": f"response: {e}", "traceback": ""}
+            protocol.send(fd, {"type": "error", "id": request.get("id"), "error": error})
+
+
+def park(fd: int) -> None:
+    """Report READY and stop: the daemon captures us now. We continue here in every instance."""
+    protocol.send(fd, {"type": "ready"})
+    os.kill(os.getpid(), signal.SIGSTOP)
+    # Every instance shares the template's state: give each its own randomness and identity.
+    random.seed(os.urandom(32))
+    protocol.send(fd, {"type": "restored", "pid": os.getpid()})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sandbox.guest", description=__doc__.splitlines()[0])
+    parser.add_argument("function_dir", help="directory holding the function's module")
+    parser.add_argument("--handler", default="handler:handle", help="module:callable (default handler:handle)")
+    parser.add_argument("--site-dir", help="the function's own site directory (its requirements)")
+    parser.add_argument("--max-frame", type=int, default=protocol.DEFAULT_MAX_FRAME, help="largest frame in bytes")
+    args = parser.parse_args(argv)
+    try:
+        os.fstat(CONTROL_FD)
+    except OSError:
+        print("guest: fd 3 (the control channel) is not open", file=sys.stderr)
+        return 2
+    handler = load_handler(args.function_dir, args.handler, args.site_dir)
+    park(CONTROL_FD)
+    serve(handler, CONTROL_FD, args.max_frame)
+    return 0
