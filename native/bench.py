@@ -24,6 +24,8 @@ def copy(dst: int, src: int, length: int) -> None:
 
 def chase_init(addr: int, slots: int, slot_size: int, seed: int) -> None:
     """Write one random cycle through `slots` slots of `slot_size` bytes (next slot's offset per slot)."""
+    if slots < 2 or slot_size < 8 or slot_size % 8:
+        raise ValueError(f"chase needs >= 2 slots of a multiple of 8 bytes, not {slots} x {slot_size}")
     lib.thaw_bench_chase_init(ffi.cast("void *", addr), slots, slot_size, seed)
 
 

@@ -175,7 +175,7 @@ def probe_cgroup_mode() -> str:
 
 def probe_uffd(errors: dict[str, str]) -> tuple[str | None, int]:
     try:
-        fd = uffd.userfaultfd()
+        fd, via = uffd.open_userfaultfd()
     except OSError as e:
         errors["uffd"] = str(e)
         return None, 0
@@ -186,7 +186,6 @@ def probe_uffd(errors: dict[str, str]) -> tuple[str | None, int]:
         return None, 0
     finally:
         os.close(fd)
-    via = "/dev/userfaultfd" if os.access("/dev/userfaultfd", os.R_OK | os.W_OK) else "syscall"
     return via, features
 
 

@@ -95,6 +95,8 @@ def munmap(addr: int, length: int) -> None:
 
 def touch(addr: int, length: int, stride: int, write: bool) -> int:
     """Touch one byte every `stride` bytes (faulting pages in) with the GIL released."""
+    if stride <= 0:
+        raise ValueError(f"stride must be positive, not {stride}")
     return int(lib.thaw_touch(addr, length, stride, 1 if write else 0))
 
 

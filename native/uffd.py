@@ -39,12 +39,17 @@ class UffdMsg:
         return self.event == UffdEvent.PAGEFAULT and bool(self.flags & UffdFaultFlag.WRITE)
 
 
-def userfaultfd(flags: int = os.O_CLOEXEC | os.O_NONBLOCK) -> int:
-    """A new userfaultfd, through /dev/userfaultfd when it can be opened, else the syscall."""
+def open_userfaultfd(flags: int = os.O_CLOEXEC | os.O_NONBLOCK) -> tuple[int, str]:
+    """A new userfaultfd and the door it came through: "/dev/userfaultfd", else "syscall"."""
     fd = int(lib.thaw_userfaultfd_dev(flags))
     if fd >= 0:
-        return fd
-    return check(int(lib.thaw_userfaultfd_syscall(flags)), "userfaultfd")
+        return fd, "/dev/userfaultfd"
+    return check(int(lib.thaw_userfaultfd_syscall(flags)), "userfaultfd"), "syscall"
+
+
+def userfaultfd(flags: int = os.O_CLOEXEC | os.O_NONBLOCK) -> int:
+    """A new userfaultfd, through /dev/userfaultfd when it can be opened, else the syscall."""
+    return open_userfaultfd(flags)[0]
 
 
 def api(fd: int, features: int = 0) -> tuple[int, int]:
@@ -71,7 +76,11 @@ def unregister(fd: int, start: int, length: int) -> None:
 
 
 def copy(fd: int, dst: int, src: int, length: int, mode: int = 0) -> int:
-    """UFFDIO_COPY `length` bytes from our `src` to the faulting range at `dst`; bytes copied."""
+    """UFFDIO_COPY `length` bytes from our `src` to the faulting range at `dst`; bytes copied.
+
+    Fewer than `length` means the kernel stopped early (EAGAIN: the mm changed under us); resume
+    from there. An error is raised only when nothing was copied.
+    """
     return int(check(int(lib.thaw_uffdio_copy(fd, dst, src, length, mode)), "ioctl", f"UFFDIO_COPY {dst:#x}"))
 
 

@@ -78,6 +78,10 @@ class PoolConfig:
         return cls(**json.loads(text))
 
 
+def _round_up(n: int, unit: int) -> int:
+    return -(-n // unit) * unit
+
+
 def check_node(node: int) -> None:
     """Raise UnknownNode unless `node` is online and has memory."""
     known = kerndat().node_ids
@@ -96,8 +100,10 @@ def _mount_tmpfs(path: Path, size: int, node: int) -> None:
 
 
 def _umount(path: Path) -> None:
+    # Lazy detach: another process with the catalog or a segment open must not make destroy
+    # fail halfway; the kernel frees the mount when the last user lets go.
     if is_mountpoint(path):
-        mounts.umount2(str(path), UmountFlag.NOFOLLOW)
+        mounts.umount2(str(path), UmountFlag.NOFOLLOW | UmountFlag.DETACH)
 
 
 @contextmanager
@@ -228,8 +234,9 @@ class FileBackend(Backend):
         return st.f_blocks * st.f_frsize
 
     def used(self) -> int:
-        """Bytes segment files really occupy (holes excluded; the catalog's own files not counted)."""
-        return sum(p.stat().st_blocks * 512 for p in self.data_dir.iterdir())
+        """Bytes the data mount holds (holes excluded; the catalog lives on another mount)."""
+        st = self._statvfs()
+        return (st.f_blocks - st.f_bfree) * st.f_frsize
 
     def free(self) -> int:
         st = self._statvfs()
@@ -252,7 +259,10 @@ class FileBackend(Backend):
 
 
 class TmpfsBackend(FileBackend):
-    """The default: a tmpfs mounted with mpol=bind:N. Pool metadata shares the mount."""
+    """The default: segments on a tmpfs mounted with mpol=bind:N and the pool's size.
+
+    The catalog sits on the small metadata tmpfs at the root, apart from the data mount, so a
+    full pool can still record deletes and aborts."""
 
     name = "tmpfs"
 
@@ -262,14 +272,27 @@ class TmpfsBackend(FileBackend):
         return Capabilities(True, True, kd.uffd and kd.uffd_missing_shmem, SMALL_PAGE, False, False)
 
     def setup(self) -> None:
-        _mount_tmpfs(self.root, self.config.size, self.config.node)
-        self.data_dir.mkdir(mode=0o700, exist_ok=True)
+        super().setup()
+        try:
+            _mount_tmpfs(self.data_dir, self.config.size, self.config.node)
+        except BaseException:
+            _umount(self.root)
+            raise
+
+    def teardown(self) -> None:
+        _umount(self.data_dir)
+        super().teardown()
+
+    def is_ready(self) -> bool:
+        return super().is_ready() and is_mountpoint(self.data_dir)
 
     def create(self, key: str, size: int) -> StorageWriter:
         if size > self.free():
             raise PoolFull(f"pool {self.root} is full: {size} bytes asked, {self.free()} free")
         fd = os.open(self._path(key), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        os.ftruncate(fd, size)  # sparse: pages are allocated only as they are written
+        # Sparse: pages are allocated only as they are written. Whole pages, so the last partial
+        # page can be mapped (mmap refuses a length beyond the end of the file).
+        os.ftruncate(fd, _round_up(size, SMALL_PAGE))
         return StorageWriter(fd, 0, size, False, str(self.root))
 
 
@@ -307,9 +330,10 @@ class HugetlbfsBackend(FileBackend):
 
     def _reserve(self, pages: int) -> None:
         nr_file = self._node_pool_file("nr_hugepages")
-        before = int(nr_file.read_text())
-        nr_file.write_text(str(before + pages))
-        after = int(nr_file.read_text())
+        with _hugepage_lock(nr_file):
+            before = int(nr_file.read_text())
+            nr_file.write_text(str(before + pages))
+            after = int(nr_file.read_text())
         self.config.hugepages_reserved = after - before
         if after - before < pages:
             self._give_back()
@@ -322,13 +346,16 @@ class HugetlbfsBackend(FileBackend):
     def _give_back(self) -> None:
         if self.config.hugepages_reserved:
             nr_file = self._node_pool_file("nr_hugepages")
-            nr_file.write_text(str(max(0, int(nr_file.read_text()) - self.config.hugepages_reserved)))
+            with _hugepage_lock(nr_file):
+                nr_file.write_text(str(max(0, int(nr_file.read_text()) - self.config.hugepages_reserved)))
             self.config.hugepages_reserved = 0
 
     def teardown(self) -> None:
-        _umount(self.data_dir)
-        super().teardown()
-        self._give_back()
+        try:
+            _umount(self.data_dir)
+            super().teardown()
+        finally:
+            self._give_back()
 
     def is_ready(self) -> bool:
         return super().is_ready() and is_mountpoint(self.data_dir)
@@ -349,24 +376,39 @@ class HugetlbfsBackend(FileBackend):
         return StorageWriter(fd, 0, rounded, True, str(self.root))
 
 
+@contextmanager
+def _hugepage_lock(nr_file: Path) -> Iterator[None]:
+    """nr_hugepages is read-modify-written: serialise pools created or destroyed at the same time
+    (flock on the sysfs file itself, so no lock file is left behind)."""
+    fd = os.open(nr_file, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 # ---------------------------------------------------------------------------------------------
 # Backends without files: an allocation table under flock in the metadata tmpfs
 
 
 @contextmanager
 def locked_table(path: Path) -> Iterator[dict[str, Any]]:
-    """A small JSON table shared between processes, read-modify-written under flock."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    """A small JSON table shared between processes: read-modify-write under a lock file, replaced
+    by rename so a crash mid-update leaves the old table, never an empty one."""
+    lock = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        raw = os.read(fd, 1 << 24)
-        table: dict[str, Any] = json.loads(raw) if raw else {}
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        table: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+        before = json.dumps(table, sort_keys=True)
         yield table
-        data = json.dumps(table).encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, data, 0)
+        after = json.dumps(table, sort_keys=True)
+        if after != before:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(after)
+            tmp.rename(path)
     finally:
-        os.close(fd)
+        os.close(lock)
 
 
 class DevdaxBackend(Backend):
@@ -428,7 +470,7 @@ class DevdaxBackend(Backend):
             if key not in t:
                 raise SegmentNotFound(f"no extent {key} on {self.device}")
             offset = int(t[key][0])
-        return os.open(self.device, os.O_RDWR | os.O_CLOEXEC), offset
+        return os.open(self.device, os.O_RDONLY | os.O_CLOEXEC), offset
 
     def remove(self, key: str) -> None:
         with locked_table(self._table) as t:
@@ -456,7 +498,10 @@ class MemfdBackend(Backend):
     """
 
     name = "memfd"
-    _owned: ClassVar[dict[str, int]] = {}  # key -> our fd, for the segments this process owns
+
+    def __init__(self, config: PoolConfig) -> None:
+        super().__init__(config)
+        self._owned: dict[str, int] = {}  # key -> our fd, for the segments this attachment wrote
 
     @property
     def caps(self) -> Capabilities:
@@ -487,13 +532,16 @@ class MemfdBackend(Backend):
             live = sum(row[3] for row in t.values() if self._alive(row))
             if live + size > self.config.size:
                 raise PoolFull(f"memfd pool {self.root} is full: {size} bytes asked, {self.config.size - live} free")
-            fd = memory.memfd_create(f"thaw:{key}", MfdFlag.CLOEXEC)
-            os.ftruncate(fd, size)
+            fd = memory.memfd_create(f"thaw:{key}", MfdFlag.CLOEXEC | MfdFlag.ALLOW_SEALING)
+            os.ftruncate(fd, _round_up(size, SMALL_PAGE))
             t[key] = [os.getpid(), fd, psutil.Process().create_time(), size]
         self._owned[key] = fd
         return StorageWriter(os.dup(fd), 0, size, False, str(self.root), bind_node=self.config.node)
 
     def publish(self, tmp_key: str, key: str) -> None:
+        # Published segments are immutable: seal the memfd so no holder of it can change it.
+        seals = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+        fcntl.fcntl(self._owned[tmp_key], fcntl.F_ADD_SEALS, seals)
         with locked_table(self._table) as t:
             t[key] = t.pop(tmp_key)
         self._owned[key] = self._owned.pop(tmp_key)
@@ -503,10 +551,18 @@ class MemfdBackend(Backend):
             return os.dup(self._owned[key]), 0
         with locked_table(self._table) as t:
             row = t.get(key)
-        if row is None or not self._alive(row):
-            raise SegmentNotFound(f"memfd segment {key} is gone (its owner exited)")
-        pfd = pidfd.pidfd_open(row[0])
+        gone = SegmentNotFound(f"memfd segment {key} is gone (its owner exited)")
+        if row is None:
+            raise gone
         try:
+            pfd = pidfd.pidfd_open(row[0])
+        except ProcessLookupError:
+            raise gone from None
+        try:
+            # Check the start time only now that the pidfd pins the process: the pid cannot
+            # have been reused by a stranger between the check and pidfd_getfd.
+            if not self._alive(row):
+                raise gone
             return pidfd.pidfd_getfd(pfd, row[1]), 0
         finally:
             os.close(pfd)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import socket
 import sqlite3
+import threading
 import time
 from array import array
 from collections.abc import Callable, Iterator
@@ -30,7 +31,7 @@ from typing import Any
 
 import psutil
 
-from shmpool.errors import SegmentExists, SegmentNotFound
+from shmpool.errors import PoolError, SegmentExists, SegmentNotFound
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (
@@ -79,9 +80,13 @@ class Holder:
     def id(self) -> str:
         return f"{self.host}:{self.pid}:{self.started:.2f}"
 
+    @property
+    def is_local(self) -> bool:
+        return self.host == socket.gethostname()
+
     def is_gone(self) -> bool:
         """True when we can tell, on this host, that the process no longer exists."""
-        if self.host != socket.gethostname():
+        if not self.is_local:
             return False
         try:
             return abs(psutil.Process(self.pid).create_time() - self.started) > 0.01
@@ -130,6 +135,8 @@ def _unpack_sums(blob: bytes | None) -> tuple[int, ...]:
 class Catalog:
     def __init__(self, path: Path) -> None:
         self.path = path
+        # One connection per attachment, shared by the process's threads: serialise its use.
+        self._lock = threading.RLock()
         self.db = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
@@ -141,13 +148,14 @@ class Catalog:
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
 
     # -- holders --------------------------------------------------------------------------------
     def renew(self, holder: Holder, ttl: float) -> None:
@@ -182,11 +190,16 @@ class Catalog:
     ) -> None:
         """Publish: record checksums, rename the storage and take the publisher's ref, atomically."""
         with self.tx() as db:
-            db.execute(
+            cur = db.execute(
                 "UPDATE objects SET state = 'published', storage_key = ?, sums = ?, meta = ?, published = ?"
                 " WHERE id = ? AND state = 'writing'",
                 (final_key, _pack_sums(sums), json.dumps(meta), time.time(), object_id),
             )
+            if cur.rowcount != 1:
+                raise PoolError(
+                    f"segment #{object_id} was collected while being written: holder {holder.id} "
+                    "let its lease expire (renew it, or raise the lease TTL)"
+                )
             self._add_ref(db, object_id, holder, pin)
             rename()  # inside the transaction: GC's orphan scan (also a transaction) never sees it half-done
 
@@ -219,14 +232,17 @@ class Catalog:
     )
 
     def lookup(self, name: str) -> ObjectRecord:
-        row = self.db.execute(self._SELECT + " WHERE name = ? AND state = 'published'", (name,)).fetchone()
+        with self._lock:
+            row = self.db.execute(self._SELECT + " WHERE name = ? AND state = 'published'", (name,)).fetchone()
         if row is None:
             raise SegmentNotFound(f"no published segment named {name!r} in {self.path.parent}")
         return self._record(row)
 
     def list(self, include_all: bool = False) -> list[ObjectRecord]:
         where = "" if include_all else " WHERE state = 'published'"
-        return [self._record(r) for r in self.db.execute(self._SELECT + where + " ORDER BY name")]
+        with self._lock:
+            rows = self.db.execute(self._SELECT + where + " ORDER BY name").fetchall()
+        return [self._record(r) for r in rows]
 
     # -- refs -----------------------------------------------------------------------------------
     @staticmethod
@@ -269,7 +285,10 @@ class Catalog:
         expired = abandoned = freed = orphans = freed_bytes = 0
         with self.tx() as db:
             for holder_id, host, pid, started, lease_until in db.execute("SELECT * FROM holders").fetchall():
-                if lease_until >= now and not Holder(host, pid, started).is_gone():
+                holder = Holder(host, pid, started)
+                # On this host we know for sure whether the process lives; elsewhere only its lease says.
+                alive = not holder.is_gone() if holder.is_local else lease_until >= now
+                if alive:
                     continue
                 expired += 1
                 db.execute("DELETE FROM refs WHERE holder = ? AND pinned = 0", (holder_id,))

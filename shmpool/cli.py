@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import re
+import sqlite3
 import sys
 from dataclasses import asdict
 from typing import Any
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (PoolError, OSError) as e:
+    except (PoolError, OSError, sqlite3.Error) as e:
         print(f"thaw-pool: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -27,6 +27,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from native import memory
+from native.constants import MapFlag
 from shmpool.backends import (
     SMALL_PAGE,
     Backend,
@@ -88,7 +89,7 @@ class Pool:
         self.config = PoolConfig.from_json(config_file.read_text())
         self.backend: Backend = backend_for(self.config)
         if not self.backend.is_ready():
-            raise PoolNotFound(f"pool {self.root} is not mounted (was the machine rebooted?)")
+            raise PoolNotFound(f"pool {self.root} is not (fully) mounted: destroyed, or the machine rebooted")
         self.catalog = Catalog(self.root / "catalog.db")
         self.holder = Holder.me()
         self.lease_ttl = lease_ttl
@@ -187,6 +188,7 @@ class Pool:
             raise ValueError(f"segment {name!r}: size must be positive, not {size}")
         if chunk_size % SMALL_PAGE:
             raise ValueError(f"chunk size {chunk_size} is not a multiple of {SMALL_PAGE}")
+        self.renew()
         tmp_key = f"{_TMP_PREFIX}{uuid.uuid4().hex}"
         oid = self.catalog.begin_write(name, kind, tmp_key, size, chunk_size, self.holder)
         try:
@@ -199,6 +201,7 @@ class Pool:
 
     def open_segment(self, name: str, verify: bool = True) -> Segment:
         """Open a published segment, holding a lease ref on it until `close()`."""
+        self.renew()
         record = self.catalog.acquire(name, self.holder, pin=False)
         try:
             fd, base = self.backend.open(record.storage_key)
@@ -367,6 +370,10 @@ class Segment:
         if private and not self.pool.caps.private_cow:
             raise UnsupportedMapping(f"the {self.pool.config.backend} backend cannot map {self.name!r} privately")
         flags = mmap.MAP_PRIVATE if private else mmap.MAP_SHARED
+        if private and self.pool.config.backend == "hugetlbfs":
+            # Without NORESERVE a private hugetlb mapping reserves a copy of every page up front
+            # (ENOMEM on a full pool). With it, copies are taken on write, from the mount's budget.
+            flags |= MapFlag.NORESERVE
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         length = -(-self.size // self.pool.config.page_size) * self.pool.config.page_size
         return mmap.mmap(self.fd, length, flags, prot, offset=self.base)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import zlib
 from pathlib import Path
 
@@ -319,6 +320,8 @@ def test_full_tmpfs_pool_says_so_and_keeps_nothing_half_written(pool_root: Path)
         assert len(list(pool.backend.data_dir.iterdir())) == 1  # type: ignore[attr-defined]
         with pool.open_segment("first"):
             pass
+        pool.delete("first")  # a full data mount never blocks the catalog
+        assert pool.list(include_all=True) == [] and pool.status().used < MiB
     finally:
         pool.destroy()
 
@@ -327,6 +330,67 @@ def test_full_hugetlbfs_pool(hugetlbfs_pool: Pool) -> None:
     with pytest.raises(PoolFull, match=r"hugetlbfs pool .* is full"):
         hugetlbfs_pool.create_segment("too-big", 20 * MiB)
     assert hugetlbfs_pool.list(include_all=True) == []
+
+
+@pytest.mark.parametrize("backend", ["tmpfs", "memfd"])
+def test_segment_of_an_odd_size_maps_and_reads(pool_root: Path, backend: str) -> None:
+    data = varied(5000)
+    pool = Pool.create(pool_root, backend=backend, size=16 * MiB)
+    try:
+        publish(pool, "odd", data)
+        with pool.open_segment("odd") as seg, seg.map(private=True) as view:
+            assert view[:5000] == data and view[5000:] == bytes(len(view) - 5000)
+            assert seg.placement() == {0: 2}
+    finally:
+        pool.destroy()
+
+
+def test_memfd_segments_are_sealed_once_published(memfd_pool: Pool) -> None:
+    publish(memfd_pool, "sealed", b"s" * 4096)
+    with memfd_pool.open_segment("sealed") as seg:
+        with pytest.raises(PermissionError):
+            os.pwrite(seg.fd, b"tamper", 0)
+        with pytest.raises(PermissionError):
+            os.ftruncate(seg.fd, 8192)
+
+
+def test_hugetlbfs_private_mapping_of_a_full_pool(hugetlbfs_pool: Pool) -> None:
+    data = varied(16 * MiB, seed=7)
+    publish(hugetlbfs_pool, "all", data)  # every page of the pool
+    with hugetlbfs_pool.open_segment("all") as seg, seg.map(private=True) as view:
+        assert view[: 2 * MiB] == data[: 2 * MiB]  # reading needs no copy: no reservation, no ENOMEM
+
+
+def test_a_live_local_holder_outlives_its_lease(pool_root: Path, tmpfs_pool: Pool) -> None:
+    lazy = Pool(pool_root, lease_ttl=0.0)  # never renewed in time, but its process is alive
+    with lazy.create_segment("slow", 4096) as w:
+        w.write(0, b"w" * 4096)
+        assert tmpfs_pool.gc().abandoned_writes == 0
+        w.publish(pin=False)
+    assert tmpfs_pool.gc().objects_freed == 0 and [o.name for o in tmpfs_pool.list()] == ["slow"]
+    lazy.close()
+
+
+def test_one_pool_shared_by_threads(tmpfs_pool: Pool) -> None:
+    errors: list[BaseException] = []
+
+    def churn(me: int) -> None:
+        try:
+            for i in range(15):
+                publish(tmpfs_pool, f"t{me}-{i}", varied(8192, seed=me + 1))
+                with tmpfs_pool.open_segment(f"t{me}-{i}"):
+                    pass
+                tmpfs_pool.delete(f"t{me}-{i}")
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=churn, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert tmpfs_pool.list(include_all=True) == []
 
 
 def test_names_are_checked(tmpfs_pool: Pool) -> None:

@@ -52,6 +52,8 @@ void thaw_bench_chase_init(void *buf, size_t nslots, size_t slot_size, uint64_t 
      * buffer in an order the prefetcher cannot guess. Each slot stores the byte offset of the
      * next slot (offsets, not pointers, so the buffer can be built here and mapped elsewhere). */
     uint8_t *base = buf;
+    if (nslots < 2 || slot_size < sizeof(uint64_t) || slot_size % sizeof(uint64_t))
+        return; /* the Python wrapper refuses these; never index out of the buffer */
     for (size_t i = 0; i < nslots; i++)
         *(uint64_t *)(base + i * slot_size) = i;
     for (size_t i = nslots - 1; i > 0; i--) {
@@ -80,6 +82,10 @@ uint64_t thaw_bench_chase(const void *buf, size_t steps)
 
 int64_t thaw_bench_map_touch(int fd, off_t offset, size_t len, size_t page, int flags, int write)
 {
+    if (page == 0) {
+        errno = EINVAL;
+        return -1;
+    }
     uint64_t t0 = thaw_now_ns();
     int prot = write ? PROT_READ | PROT_WRITE : PROT_READ;
     uint8_t *p = mmap(NULL, len, prot, flags, fd, offset);

@@ -142,8 +142,10 @@ int thaw_uffdio_unregister(int fd, uintptr_t start, uint64_t len)
 int64_t thaw_uffdio_copy(int fd, uintptr_t dst, uintptr_t src, uint64_t len, uint64_t mode)
 {
     struct uffdio_copy copy = {.dst = dst, .src = src, .len = len, .mode = mode};
+    /* On EAGAIN the kernel may have copied part of the range: report that progress (errno
+     * stays set) so the caller resumes after it instead of retrying into EEXIST. */
     if (ioctl(fd, UFFDIO_COPY, &copy) < 0)
-        return -1;
+        return copy.copy > 0 ? copy.copy : -1;
     return copy.copy;
 }
 
@@ -151,7 +153,7 @@ int64_t thaw_uffdio_zeropage(int fd, uintptr_t start, uint64_t len, uint64_t mod
 {
     struct uffdio_zeropage zp = {.range = {.start = start, .len = len}, .mode = mode};
     if (ioctl(fd, UFFDIO_ZEROPAGE, &zp) < 0)
-        return -1;
+        return zp.zeropage > 0 ? zp.zeropage : -1; /* partial progress, as for COPY */
     return zp.zeropage;
 }
 
@@ -174,6 +176,8 @@ int thaw_munmap(uintptr_t addr, size_t len)
 
 uint64_t thaw_touch(uintptr_t addr, size_t len, size_t stride, int write)
 {
+    if (stride == 0)
+        return 0;
     /* volatile: every access must reach memory (it is the fault we want, not the value). */
     volatile uint8_t *p = (volatile uint8_t *)addr;
     uint64_t sum = 0;
