@@ -1,0 +1,118 @@
+"""What /proc tells about a process that capture needs: its mappings, which of their pages
+exist, its threads and its run state.
+
+Some facts about /proc that shape this module:
+
+- `maps` lists every VMA; a private file VMA that was written (RELRO, .data) stays "file-backed"
+  there, and only smaps' `Anonymous:` shows how much of it is now private copies.
+- `pagemap` has one 64-bit entry per virtual page: bit 63 present, bit 62 swapped. A page that is
+  neither was never touched: an anonymous VMA reads zeros there, so capture can skip it; a
+  private file VMA reads the file there, so such VMAs are dumped whole.
+- Special VMAs ([vdso], [vvar], [vvar_vclock], [vsyscall]) belong to the kernel and are never dumped.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+PAGE = 4096
+SPECIAL = frozenset({"[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]"})
+_PM_PRESENT = 1 << 63
+_PM_SWAPPED = 1 << 62
+
+
+@dataclass(frozen=True)
+class Vma:
+    start: int
+    end: int
+    perms: str  # e.g. "rw-p"
+    offset: int
+    dev: str  # "major:minor" as maps prints it (hex)
+    inode: int
+    path: str  # "" for anonymous memory; "[heap]", "[stack]", a file path, ...
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    @property
+    def readable(self) -> bool:
+        return self.perms[0] == "r"
+
+    @property
+    def writable(self) -> bool:
+        return self.perms[1] == "w"
+
+    @property
+    def executable(self) -> bool:
+        return self.perms[2] == "x"
+
+    @property
+    def shared(self) -> bool:
+        return self.perms[3] == "s"
+
+    @property
+    def special(self) -> bool:
+        return self.path in SPECIAL
+
+    @property
+    def file_backed(self) -> bool:
+        return self.inode != 0 and not self.special
+
+
+def parse_maps_line(line: str) -> Vma:
+    fields = line.split(maxsplit=5)
+    start, end = (int(x, 16) for x in fields[0].split("-"))
+    path = fields[5].strip() if len(fields) > 5 else ""
+    return Vma(start, end, fields[1], int(fields[2], 16), fields[3], int(fields[4]), path)
+
+
+def read_maps(pid: int) -> list[Vma]:
+    return [parse_maps_line(line) for line in Path(f"/proc/{pid}/maps").read_text().splitlines()]
+
+
+def anonymous_bytes(pid: int) -> dict[int, int]:
+    """VMA start -> bytes of private (anonymous) pages in it, from smaps."""
+    result: dict[int, int] = {}
+    current = 0
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split(maxsplit=1)[0]
+        if "-" in head and not head.endswith(":"):
+            current = int(head.split("-")[0], 16)
+        elif head == "Anonymous:":
+            result[current] = int(line.split()[1]) * 1024
+    return result
+
+
+def present_ranges(pid: int, start: int, end: int) -> list[tuple[int, int]]:
+    """(address, length) runs of pages in [start, end) that are present or swapped out."""
+    first, count = start // PAGE, (end - start) // PAGE
+    with open(f"/proc/{pid}/pagemap", "rb") as f:
+        f.seek(first * 8)
+        raw = f.read(count * 8)
+    runs: list[tuple[int, int]] = []
+    run_start: int | None = None
+    for i, (entry,) in enumerate(struct.iter_unpack("<Q", raw)):
+        present = bool(entry & (_PM_PRESENT | _PM_SWAPPED))
+        if present and run_start is None:
+            run_start = i
+        elif not present and run_start is not None:
+            runs.append((start + run_start * PAGE, (i - run_start) * PAGE))
+            run_start = None
+    if run_start is not None:
+        runs.append((start + run_start * PAGE, (count - run_start) * PAGE))
+    return runs
+
+
+def threads(pid: int) -> list[tuple[int, str]]:
+    """(tid, comm) of every thread of `pid`."""
+    base = Path(f"/proc/{pid}/task")
+    return sorted((int(t.name), (t / "comm").read_text().strip()) for t in base.iterdir())
+
+
+def state(pid: int) -> str:
+    """The one-letter run state of /proc/PID/stat ("R", "S", "T" stopped, "t" traced, ...)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2]
