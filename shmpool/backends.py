@@ -78,7 +78,7 @@ class PoolConfig:
         return cls(**json.loads(text))
 
 
-def _round_up(n: int, unit: int) -> int:
+def round_up(n: int, unit: int) -> int:
     return -(-n // unit) * unit
 
 
@@ -292,7 +292,7 @@ class TmpfsBackend(FileBackend):
         fd = os.open(self._path(key), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         # Sparse: pages are allocated only as they are written. Whole pages, so the last partial
         # page can be mapped (mmap refuses a length beyond the end of the file).
-        os.ftruncate(fd, _round_up(size, SMALL_PAGE))
+        os.ftruncate(fd, round_up(size, SMALL_PAGE))
         return StorageWriter(fd, 0, size, False, str(self.root))
 
 
@@ -313,7 +313,7 @@ class HugetlbfsBackend(FileBackend):
     def setup(self) -> None:
         if self.config.page_size // 1024 not in kerndat().hugepage_sizes_kib:
             raise HugepagesUnavailable(f"this kernel has no {self.config.page_size // 1024} KiB hugepages")
-        pages = -(-self.config.size // self.config.page_size)
+        pages = round_up(self.config.size, self.config.page_size) // self.config.page_size
         self._reserve(pages)
         try:
             super().setup()
@@ -361,7 +361,7 @@ class HugetlbfsBackend(FileBackend):
         return super().is_ready() and is_mountpoint(self.data_dir)
 
     def create(self, key: str, size: int) -> StorageWriter:
-        rounded = -(-size // self.config.page_size) * self.config.page_size
+        rounded = round_up(size, self.config.page_size)
         fd = os.open(self._path(key), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, rounded)
@@ -452,7 +452,7 @@ class DevdaxBackend(Backend):
 
     def create(self, key: str, size: int) -> StorageWriter:
         align = self.config.page_size
-        length = -(-size // align) * align
+        length = round_up(size, align)
         with locked_table(self._table) as t:
             offset = _first_fit(sorted(t.values()), length, self.config.size)
             if offset is None:
@@ -533,7 +533,7 @@ class MemfdBackend(Backend):
             if live + size > self.config.size:
                 raise PoolFull(f"memfd pool {self.root} is full: {size} bytes asked, {self.config.size - live} free")
             fd = memory.memfd_create(f"thaw:{key}", MfdFlag.CLOEXEC | MfdFlag.ALLOW_SEALING)
-            os.ftruncate(fd, _round_up(size, SMALL_PAGE))
+            os.ftruncate(fd, round_up(size, SMALL_PAGE))
             t[key] = [os.getpid(), fd, psutil.Process().create_time(), size]
         self._owned[key] = fd
         return StorageWriter(os.dup(fd), 0, size, False, str(self.root), bind_node=self.config.node)

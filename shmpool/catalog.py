@@ -281,51 +281,70 @@ class Catalog:
 
     # -- garbage collection ---------------------------------------------------------------------
     def collect(self, storage_keys: Callable[[], set[str]], remove: Callable[[str], None]) -> GcReport:
-        now = time.time()
-        expired = abandoned = freed = orphans = freed_bytes = 0
+        """Free what nothing references, in one transaction (so no publish is seen half-done)."""
         with self.tx() as db:
-            for holder_id, host, pid, started, lease_until in db.execute("SELECT * FROM holders").fetchall():
-                holder = Holder(host, pid, started)
-                # On this host we know for sure whether the process lives; elsewhere only its lease says.
-                alive = not holder.is_gone() if holder.is_local else lease_until >= now
-                if alive:
-                    continue
-                expired += 1
-                db.execute("DELETE FROM refs WHERE holder = ? AND pinned = 0", (holder_id,))
-                for oid, key, size in db.execute(
-                    "SELECT id, storage_key, size FROM objects WHERE writer = ? AND state = 'writing'", (holder_id,)
-                ).fetchall():
-                    remove(key)
-                    db.execute("DELETE FROM objects WHERE id = ?", (oid,))
-                    abandoned, freed_bytes = abandoned + 1, freed_bytes + size
-                db.execute("DELETE FROM holders WHERE holder = ?", (holder_id,))
-            # Abandoned writes of holders that never registered a lease (crashed before renew).
-            for oid, key, size, _writer in db.execute(
-                "SELECT id, storage_key, size, writer FROM objects WHERE state = 'writing'"
-                " AND writer NOT IN (SELECT holder FROM holders)"
-            ).fetchall():
-                remove(key)
-                db.execute("DELETE FROM objects WHERE id = ?", (oid,))
-                abandoned, freed_bytes = abandoned + 1, freed_bytes + size
+            expired, abandoned, abandoned_bytes = self._expire_holders(db, remove)
+            more, more_bytes = self._drop_writes(db, remove, "writer NOT IN (SELECT holder FROM holders)")
             present = storage_keys()
-            for oid, key, size in db.execute(
-                "SELECT id, storage_key, size FROM objects WHERE state != 'writing'"
-                " AND id NOT IN (SELECT object FROM refs)"
-            ).fetchall():
-                remove(key)
-                db.execute("DELETE FROM objects WHERE id = ?", (oid,))
-                freed, freed_bytes = freed + 1, freed_bytes + (size if key in present else 0)
-            known = {k for (k,) in db.execute("SELECT storage_key FROM objects")}
-            for key in present - known:
-                remove(key)
-                orphans += 1
-            # Storage that vanished under a published row (a memfd whose owner exited).
-            for (oid,) in db.execute(
-                "SELECT id FROM objects WHERE state != 'writing' AND storage_key NOT IN "
-                "(SELECT value FROM json_each(?))",
-                (json.dumps(sorted(present)),),
-            ).fetchall():
-                db.execute("DELETE FROM refs WHERE object = ?", (oid,))
-                db.execute("DELETE FROM objects WHERE id = ?", (oid,))
-                freed += 1
-        return GcReport(expired, abandoned, freed, orphans, freed_bytes)
+            freed, freed_bytes = self._free_unreferenced(db, remove, present)
+            orphans = self._remove_orphans(db, remove, present)
+            freed += self._forget_vanished(db, present)
+        return GcReport(expired, abandoned + more, freed, orphans, abandoned_bytes + more_bytes + freed_bytes)
+
+    @staticmethod
+    def _drop_writes(db: sqlite3.Connection, remove: Callable[[str], None], where: str, *args: Any) -> tuple[int, int]:
+        """Remove in-progress writes matching `where`; (count, bytes)."""
+        rows = db.execute(
+            f"SELECT id, storage_key, size FROM objects WHERE state = 'writing' AND {where}", args
+        ).fetchall()
+        for oid, key, _size in rows:
+            remove(key)
+            db.execute("DELETE FROM objects WHERE id = ?", (oid,))
+        return len(rows), sum(size for _, _, size in rows)
+
+    def _expire_holders(self, db: sqlite3.Connection, remove: Callable[[str], None]) -> tuple[int, int, int]:
+        """Dead holders lose their unpinned refs and their unfinished writes; (holders, writes, bytes)."""
+        now = time.time()
+        expired = abandoned = freed_bytes = 0
+        for holder_id, host, pid, started, lease_until in db.execute("SELECT * FROM holders").fetchall():
+            holder = Holder(host, pid, started)
+            # On this host we know for sure whether the process lives; elsewhere only its lease says.
+            alive = not holder.is_gone() if holder.is_local else lease_until >= now
+            if alive:
+                continue
+            expired += 1
+            db.execute("DELETE FROM refs WHERE holder = ? AND pinned = 0", (holder_id,))
+            count, size = self._drop_writes(db, remove, "writer = ?", holder_id)
+            abandoned, freed_bytes = abandoned + count, freed_bytes + size
+            db.execute("DELETE FROM holders WHERE holder = ?", (holder_id,))
+        return expired, abandoned, freed_bytes
+
+    @staticmethod
+    def _free_unreferenced(db: sqlite3.Connection, remove: Callable[[str], None], present: set[str]) -> tuple[int, int]:
+        rows = db.execute(
+            "SELECT id, storage_key, size FROM objects WHERE state != 'writing' AND id NOT IN (SELECT object FROM refs)"
+        ).fetchall()
+        for oid, key, _size in rows:
+            remove(key)
+            db.execute("DELETE FROM objects WHERE id = ?", (oid,))
+        return len(rows), sum(size for _, key, size in rows if key in present)
+
+    @staticmethod
+    def _remove_orphans(db: sqlite3.Connection, remove: Callable[[str], None], present: set[str]) -> int:
+        """Storage no row points at (what a crash between storage creation and commit leaves)."""
+        known = {k for (k,) in db.execute("SELECT storage_key FROM objects")}
+        for key in present - known:
+            remove(key)
+        return len(present - known)
+
+    @staticmethod
+    def _forget_vanished(db: sqlite3.Connection, present: set[str]) -> int:
+        """Rows whose storage is gone (a memfd whose owner exited)."""
+        rows = db.execute(
+            "SELECT id FROM objects WHERE state != 'writing' AND storage_key NOT IN (SELECT value FROM json_each(?))",
+            (json.dumps(sorted(present)),),
+        ).fetchall()
+        for (oid,) in rows:
+            db.execute("DELETE FROM refs WHERE object = ?", (oid,))
+            db.execute("DELETE FROM objects WHERE id = ?", (oid,))
+        return len(rows)

@@ -36,6 +36,7 @@ from shmpool.backends import (
     StorageWriter,
     backend_for,
     check_node,
+    round_up,
 )
 from shmpool.catalog import Catalog, GcReport, Holder, ObjectRecord
 from shmpool.errors import (
@@ -312,7 +313,7 @@ class ChunkReader:
         self.fd, self.base, self.size = fd, base, size
         # Map whole pages: munmap of a hugetlb mapping with an unaligned length fails (EINVAL),
         # and Python's mmap.close() would leave the mapping behind without a word.
-        length = -(-size // page_size) * page_size
+        length = round_up(size, page_size)
         self._view = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ, offset=base) if by_mmap else None
 
     def read(self, offset: int, length: int) -> bytes:
@@ -375,7 +376,7 @@ class Segment:
             # (ENOMEM on a full pool). With it, copies are taken on write, from the mount's budget.
             flags |= MapFlag.NORESERVE
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        length = -(-self.size // self.pool.config.page_size) * self.pool.config.page_size
+        length = round_up(self.size, self.pool.config.page_size)
         return mmap.mmap(self.fd, length, flags, prot, offset=self.base)
 
     def data_ranges(self) -> list[tuple[int, int]]:
