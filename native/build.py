@@ -6,6 +6,8 @@ by hand. Optional libraries that may be absent at run time (Intel QPL) are bound
 ABI mode with `ffi.dlopen`, never here.
 """
 
+import subprocess
+import tempfile
 from pathlib import Path
 
 from cffi import FFI
@@ -19,7 +21,8 @@ CONSTANTS = {
         PTRACE_TRACEME PTRACE_PEEKDATA PTRACE_POKEDATA PTRACE_CONT PTRACE_KILL PTRACE_SINGLESTEP
         PTRACE_GETREGS PTRACE_SETREGS PTRACE_ATTACH PTRACE_DETACH PTRACE_SYSCALL PTRACE_SETOPTIONS
         PTRACE_GETEVENTMSG PTRACE_GETSIGINFO PTRACE_GETREGSET PTRACE_SETREGSET PTRACE_SEIZE
-        PTRACE_INTERRUPT PTRACE_LISTEN PTRACE_GET_RSEQ_CONFIGURATION
+        PTRACE_INTERRUPT PTRACE_LISTEN PTRACE_GET_RSEQ_CONFIGURATION PTRACE_GETSIGMASK
+        PTRACE_SETSIGMASK
         PTRACE_O_TRACESYSGOOD PTRACE_O_EXITKILL PTRACE_EVENT_STOP NT_PRSTATUS NT_X86_XSTATE
     """,
     "uffd": """
@@ -34,7 +37,7 @@ CONSTANTS = {
         UFFD_FEATURE_MINOR_HUGETLBFS UFFD_FEATURE_MINOR_SHMEM UFFD_FEATURE_EXACT_ADDRESS
         UFFD_FEATURE_WP_HUGETLBFS_SHMEM
         _UFFDIO_REGISTER _UFFDIO_UNREGISTER _UFFDIO_WAKE _UFFDIO_COPY _UFFDIO_ZEROPAGE
-        _UFFDIO_WRITEPROTECT _UFFDIO_CONTINUE _UFFDIO_API
+        _UFFDIO_WRITEPROTECT _UFFDIO_CONTINUE _UFFDIO_API UFFDIO_API UFFDIO_REGISTER
     """,
     "mempolicy": """
         MPOL_DEFAULT MPOL_PREFERRED MPOL_BIND MPOL_INTERLEAVE MPOL_LOCAL
@@ -57,7 +60,18 @@ CONSTANTS = {
     "mman": """
         PROT_NONE PROT_READ PROT_WRITE PROT_EXEC MAP_SHARED MAP_PRIVATE MAP_SHARED_VALIDATE
         MAP_FIXED MAP_FIXED_NOREPLACE MAP_ANONYMOUS MAP_NORESERVE MAP_POPULATE MAP_HUGETLB
-        MAP_SYNC MFD_CLOEXEC MFD_ALLOW_SEALING MFD_HUGETLB MFD_HUGE_2MB MFD_HUGE_1GB
+        MAP_SYNC MAP_GROWSDOWN MREMAP_MAYMOVE MREMAP_FIXED MFD_CLOEXEC MFD_ALLOW_SEALING MFD_HUGETLB MFD_HUGE_2MB MFD_HUGE_1GB
+    """,
+    "syscall": """
+        SYS_read SYS_mmap SYS_munmap SYS_mprotect SYS_mremap SYS_madvise SYS_brk SYS_rt_sigaction
+        SYS_rt_sigprocmask SYS_sigaltstack SYS_prctl SYS_set_tid_address SYS_set_robust_list
+        SYS_get_robust_list SYS_rseq SYS_openat SYS_dup3 SYS_lseek SYS_close SYS_close_range
+        SYS_userfaultfd SYS_ioctl SYS_setresuid SYS_setresgid SYS_setgroups SYS_capset
+        SYS_personality SYS_getpid SYS_kill
+    """,
+    "restorer": """
+        THAW_RESTORER_MAGIC THAW_OP_SYSCALL THAW_OP_PREAD THAW_OP_OPEN_FD THAW_OP_PAUSE THAW_OPF_ALLOW_ERROR THAW_OPF_SAVE
+        THAW_OPF_ARG0_SAVED THAW_OPF_STORE32
     """,
     "misc": """
         CLOSE_RANGE_UNSHARE CLOSE_RANGE_CLOEXEC ADDR_NO_RANDOMIZE READ_IMPLIES_EXEC
@@ -131,6 +145,21 @@ uintptr_t thaw_mmap(uintptr_t addr, size_t len, int prot, int flags, int fd, off
 int thaw_munmap(uintptr_t addr, size_t len);
 uint64_t thaw_touch(uintptr_t addr, size_t len, size_t stride, int write);
 
+struct thaw_pager_range { uint64_t start; uint64_t len; uint64_t seg_off; };
+struct thaw_pager;
+struct thaw_pager *thaw_pager_start(int uffd, const struct thaw_pager_range *ranges, size_t nranges,
+                                    const void *src, void *cache, size_t seg_size, size_t block,
+                                    const uint32_t *prefetch, size_t nprefetch);
+int thaw_pager_stop(struct thaw_pager *p);
+size_t thaw_pager_working_set(const struct thaw_pager *p, uint32_t *out, size_t cap);
+void thaw_pager_stats(const struct thaw_pager *p, uint64_t *out);
+void thaw_pager_free(struct thaw_pager *p);
+
+struct thaw_restorer_op { uint32_t kind; uint32_t flags; uint64_t nr; uint64_t args[6]; uint64_t store; };
+struct thaw_restorer_args { uint64_t magic; uint64_t nops; uint64_t ops; int64_t failed_op; int64_t result;
+                            uint64_t done; };
+const unsigned char *thaw_restorer_blob(size_t *len);
+
 uint64_t thaw_now_ns(void);
 uint64_t thaw_bench_read(const void *buf, size_t len);
 void thaw_bench_copy(void *dst, const void *src, size_t len);
@@ -154,19 +183,61 @@ HEADERS = """
 #include <sys/prctl.h>
 #include <sys/ptrace.h>
 #include <sys/uio.h>
+#include <sys/syscall.h>
 #include <sys/user.h>
 #include <unistd.h>
 #include "thaw_native.h"
+#include "restorer.h"
 """
+
+# The restorer blob must be a flat, relocation-free image: no libc, no stack protector (no TLS
+# canary: the stub's TLS is gone mid-restore), no CET landing pads, no unwind tables.
+BLOB_CFLAGS = [
+    "-Os", "-fpie", "-nostdlib", "-ffreestanding", "-fno-builtin", "-fno-stack-protector",
+    "-fno-asynchronous-unwind-tables", "-fcf-protection=none", "-Wall", "-Wextra", "-Werror",
+]
+BLOB_SOURCE = SRC / "restorer_blob.gen.c"
+STUB = Path("native") / "thaw-stub"
+
+
+def _run(*argv: str | Path) -> str:
+    return subprocess.run([str(a) for a in argv], check=True, capture_output=True, text=True).stdout
+
+
+def build_restorer_blob() -> None:
+    """Compile restorer.c to a flat binary and embed its bytes as a C array."""
+    with tempfile.TemporaryDirectory() as tmp:
+        obj, elf, flat = Path(tmp) / "r.o", Path(tmp) / "r.elf", Path(tmp) / "r.bin"
+        _run("cc", *BLOB_CFLAGS, "-I", SRC, "-c", SRC / "restorer.c", "-o", obj)
+        if "R_X86_64" in _run("readelf", "-r", obj):
+            raise RuntimeError("restorer.c compiled with relocations: the blob must be position-independent")
+        _run("ld", "-static", "-nostdlib", "-T", SRC / "restorer.lds", obj, "-o", elf)
+        _run("objcopy", "-O", "binary", elf, flat)
+        blob = flat.read_bytes()
+    body = ",".join(str(b) for b in blob)
+    BLOB_SOURCE.write_text(
+        "/* Generated by native/build.py from restorer.c: do not edit. */\n#include <stddef.h>\n"
+        f"static const unsigned char blob[{len(blob)}] = {{{body}}};\n"
+        "const unsigned char *thaw_restorer_blob(size_t *len) { *len = sizeof blob; return blob; }\n"
+    )
+
+
+def build_stub() -> None:
+    _run("cc", "-O2", "-Wall", "-Wextra", "-Werror", SRC / "stub.c", "-o", STUB)
+
+
+build_restorer_blob()
+build_stub()
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "native._native",
     HEADERS,
-    sources=[str(SRC / "shims.c"), str(SRC / "bench.c")],
+    sources=[str(SRC / name) for name in ("shims.c", "bench.c", "pager.c", BLOB_SOURCE.name)],
     include_dirs=[str(SRC)],
-    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-pthread"],
+    extra_link_args=["-pthread"],
 )
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ class PtraceRequest(IntEnum):
     INTERRUPT = lib.PTRACE_INTERRUPT
     LISTEN = lib.PTRACE_LISTEN
     GET_RSEQ_CONFIGURATION = lib.PTRACE_GET_RSEQ_CONFIGURATION
+    GETSIGMASK = lib.PTRACE_GETSIGMASK
+    SETSIGMASK = lib.PTRACE_SETSIGMASK
 
 
 class PtraceOption(IntFlag):
@@ -194,6 +196,50 @@ class MapFlag(IntFlag):
     POPULATE = lib.MAP_POPULATE
     HUGETLB = lib.MAP_HUGETLB
     SYNC = lib.MAP_SYNC
+    GROWSDOWN = lib.MAP_GROWSDOWN
+
+
+class MremapFlag(IntFlag):
+    MAYMOVE = lib.MREMAP_MAYMOVE
+    FIXED = lib.MREMAP_FIXED
+
+
+class Syscall(IntEnum):
+    """x86-64 syscall numbers (from <sys/syscall.h>) of the syscalls thaw runs inside other processes."""
+
+    READ = lib.SYS_read
+    MMAP = lib.SYS_mmap
+    MUNMAP = lib.SYS_munmap
+    MPROTECT = lib.SYS_mprotect
+    MREMAP = lib.SYS_mremap
+    MADVISE = lib.SYS_madvise
+    BRK = lib.SYS_brk
+    RT_SIGACTION = lib.SYS_rt_sigaction
+    RT_SIGPROCMASK = lib.SYS_rt_sigprocmask
+    SIGALTSTACK = lib.SYS_sigaltstack
+    PRCTL = lib.SYS_prctl
+    SET_TID_ADDRESS = lib.SYS_set_tid_address
+    SET_ROBUST_LIST = lib.SYS_set_robust_list
+    GET_ROBUST_LIST = lib.SYS_get_robust_list
+    RSEQ = lib.SYS_rseq
+    OPENAT = lib.SYS_openat
+    DUP3 = lib.SYS_dup3
+    LSEEK = lib.SYS_lseek
+    CLOSE = lib.SYS_close
+    CLOSE_RANGE = lib.SYS_close_range
+    USERFAULTFD = lib.SYS_userfaultfd
+    IOCTL = lib.SYS_ioctl
+    SETRESUID = lib.SYS_setresuid
+    SETRESGID = lib.SYS_setresgid
+    SETGROUPS = lib.SYS_setgroups
+    CAPSET = lib.SYS_capset
+    PERSONALITY = lib.SYS_personality
+    GETPID = lib.SYS_getpid
+    KILL = lib.SYS_kill
+
+
+UFFDIO_API: int = lib.UFFDIO_API
+UFFDIO_REGISTER: int = lib.UFFDIO_REGISTER
 
 
 class MfdFlag(IntFlag):

@@ -9,6 +9,9 @@ Some facts about ptrace that shape this module:
   `PTRACE_INTERRUPT` first.
 - `PTRACE_PEEKDATA` returns the word itself, so -1 is a valid result: the C shim clears errno
   before the call and we look at errno, not the value.
+- A *round trip* is one resume of the tracee followed by the `waitpid` that sees it stop again
+  (~18-20 us here). `round_trips()` counts them, so tests can check that work moved into the
+  tracee (the restorer blob) instead of growing with the number of VMAs.
 - Registers are the kernel's `struct user_regs_struct`; `fs_base` is in it, so TLS survives a
   GETREGS/SETREGS round trip. FPU/SSE/AVX state lives in the `NT_X86_XSTATE` regset.
 """
@@ -25,6 +28,12 @@ from native.errors import raise_oserror
 # Large enough for every XSAVE layout the kernel reports (AVX-512 + AMX tile data is ~11 KiB).
 XSTATE_MAX = 16384
 WORD = 8
+_round_trips = 0
+
+
+def round_trips() -> int:
+    """Stops seen by `wait()` in this process so far (each one a tracee round trip)."""
+    return _round_trips
 
 
 @dataclass
@@ -172,6 +181,20 @@ def set_xstate(pid: int, xstate: bytes) -> None:
         raise_oserror("ptrace", f"PTRACE_SETREGSET NT_X86_XSTATE pid {pid}")
 
 
+def getsigmask(pid: int) -> int:
+    """The tracee's blocked-signal mask (bit n-1 = signal n)."""
+    mask = ffi.new("uint64_t *")
+    _request(PtraceRequest.GETSIGMASK, pid, 8, int(ffi.cast("uintptr_t", mask)))
+    return int(mask[0])
+
+
+def setsigmask(pid: int, mask: int) -> None:
+    """Set the blocked mask from outside: it takes effect when the tracee resumes, so no signal
+    can be delivered in between (as it could after an injected rt_sigprocmask)."""
+    raw = ffi.new("uint64_t *", mask & 0xFFFF_FFFF_FFFF_FFFF)
+    _request(PtraceRequest.SETSIGMASK, pid, 8, int(ffi.cast("uintptr_t", raw)))
+
+
 def get_rseq_configuration(pid: int) -> RseqConfig:
     conf = ffi.new("struct thaw_rseq_config *")
     # For this request addr carries the buffer size and data the buffer.
@@ -200,8 +223,10 @@ def decode_status(status: int) -> Stop:
 
 def wait(pid: int, nohang: bool = False) -> Stop | None:
     """`waitpid(pid, __WALL)`, decoded; None when `nohang` and nothing changed."""
+    global _round_trips
     flags = WALL | (os.WNOHANG if nohang else 0)
     got, status = os.waitpid(pid, flags)
     if got == 0:
         return None
+    _round_trips += 1
     return decode_status(status)

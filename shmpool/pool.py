@@ -46,6 +46,8 @@ from shmpool.errors import (
     PoolFull,
     PoolNotFound,
     SegmentCorrupt,
+    SegmentExists,
+    SegmentNotFound,
     UnsupportedMapping,
 )
 
@@ -218,6 +220,25 @@ class Pool:
                 raise
         return seg
 
+    def open_cache(self, name: str, size: int) -> Segment:
+        """A *mutable* segment, created empty (sparse) on first use: the page cache a lazy restore
+        fills on demand. It has no checksums (its bytes change); it is pinned like a template.
+        Only backends with sparse, writable files (tmpfs) can hold one."""
+        caps = self.caps
+        if not caps.sparse or caps.write_by_mmap or caps.per_process:
+            raise UnsupportedMapping(f"the {self.config.backend} backend cannot hold a mutable cache segment")
+        for _ in range(2):  # lost a race with another creator: open theirs
+            try:
+                return self.open_segment(name, verify=False)
+            except SegmentNotFound:
+                pass
+            try:
+                with self.create_segment(name, size, kind="cache") as writer:
+                    writer.publish(meta={"mutable": True}, checksums=False)
+            except SegmentExists:
+                continue
+        return self.open_segment(name, verify=False)
+
     def pin(self, name: str) -> None:
         self.catalog.acquire(name, self.holder, pin=True)
 
@@ -264,11 +285,12 @@ class SegmentWriter:
         finally:
             reader.close()
 
-    def publish(self, meta: dict[str, Any] | None = None, pin: bool = True) -> ObjectRecord:
-        """Checksum, rename and record atomically. `pin=False` leaves only this holder's lease ref."""
+    def publish(self, meta: dict[str, Any] | None = None, pin: bool = True, checksums: bool = True) -> ObjectRecord:
+        """Checksum, rename and record atomically. `pin=False` leaves only this holder's lease ref;
+        `checksums=False` is for mutable segments (caches), whose bytes change after publishing."""
         if not self._open:
             raise PoolError(f"segment {self.name!r} was already published or aborted")
-        sums = self._checksums()
+        sums = self._checksums() if checksums else []
         self.storage.close()
         self._open = False
         final_key = f"{self.name}-{uuid.uuid4().hex[:12]}"
@@ -364,9 +386,14 @@ class Segment:
         for i in range(self.chunk_count):
             self.read_chunk(i)
 
+    @property
+    def mutable(self) -> bool:
+        return bool(self.record.meta.get("mutable"))
+
     def map(self, private: bool = True, writable: bool = True) -> mmap.mmap:
-        """Map the segment: private = copy-on-write over the pool's pages (if the backend can)."""
-        if not private and writable:
+        """Map the segment: private = copy-on-write over the pool's pages (if the backend can).
+        Only a mutable segment (a cache) can be mapped shared and writable."""
+        if not private and writable and not self.mutable:
             raise PoolError(f"segment {self.name!r} is published and immutable: map it private or read-only")
         if private and not self.pool.caps.private_cow:
             raise UnsupportedMapping(f"the {self.pool.config.backend} backend cannot map {self.name!r} privately")

@@ -51,6 +51,8 @@ def seize_stopped(pid: int) -> None:
     ptrace.seize(pid)
     ptrace.interrupt(pid)
     stop = ptrace.wait(pid)
+    while stop is not None and not stop.exited and stop.event == 0 and stop.signal == signal.SIGSTOP:
+        stop = ptrace.wait(pid)  # the plain job-control report a parent gets: the ptrace one follows
     if stop is None or stop.exited or not stop.is_group_stop:
         raise InjectionError(f"pid {pid} is not stopped (it reported {stop}): only a parked process is captured")
     os.kill(pid, signal.SIGCONT)
@@ -80,10 +82,11 @@ def restart_fixup(regs: Registers) -> Registers:
 class SyscallInjector:
     """Runs syscalls in a seized, stopped tracee; `close()` puts its registers back."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, insn: int | None = None) -> None:
+        """`insn`: the address of a `syscall` instruction to use (default: at rip-2, else the vdso's)."""
         self.pid = pid
         self.saved = ptrace.getregs(pid)
-        self.insn = self._find_syscall_insn()
+        self.insn = self._find_syscall_insn() if insn is None else insn
         self.scratch = (self.saved.rsp - RED_ZONE - SCRATCH_SIZE) & ~0xF
         self.calls = 0
 

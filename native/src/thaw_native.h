@@ -57,6 +57,25 @@ uintptr_t thaw_mmap(uintptr_t addr, size_t len, int prot, int flags, int fd, off
 int thaw_munmap(uintptr_t addr, size_t len);
 uint64_t thaw_touch(uintptr_t addr, size_t len, size_t stride, int write);
 
+/* The lazy-restore pager (pager.c). A range maps [start, start+len) of the instance to the
+ * template segment at seg_off. */
+struct thaw_pager_range {
+    uint64_t start;
+    uint64_t len;
+    uint64_t seg_off;
+};
+struct thaw_pager;
+struct thaw_pager *thaw_pager_start(int uffd, const struct thaw_pager_range *ranges, size_t nranges,
+                                    const void *src, void *cache, size_t seg_size, size_t block,
+                                    const uint32_t *prefetch, size_t nprefetch);
+int thaw_pager_stop(struct thaw_pager *p);
+size_t thaw_pager_working_set(const struct thaw_pager *p, uint32_t *out, size_t cap);
+void thaw_pager_stats(const struct thaw_pager *p, uint64_t *out);
+void thaw_pager_free(struct thaw_pager *p);
+
+/* The restorer blob (restorer.c), built flat by native/build.py and embedded here. */
+const unsigned char *thaw_restorer_blob(size_t *len);
+
 /* Microbenchmark hot loops (bench.c). Times are CLOCK_MONOTONIC nanoseconds. */
 uint64_t thaw_now_ns(void);
 uint64_t thaw_bench_read(const void *buf, size_t len);

@@ -1,0 +1,112 @@
+"""The restorer blob and the syscall program it runs inside a stub (see src/restorer.h).
+
+`Program` lays out, at a base address chosen in the stub, the blob's code, the data the program
+points to (paths, structs), the argument block and the op array:
+
+    base: [blob code][data ...][struct thaw_restorer_args][struct thaw_restorer_op x n]
+
+Every op carries a description, so a failure inside the stub is reported as "mmap of
+/usr/lib/x86_64-linux-gnu/libc.so.6 at 0x7f...: Permission denied", not as op 37.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from dataclasses import dataclass
+
+from native._native import ffi, lib
+
+OP = struct.Struct("<IIQ6QQ")
+ARGS = struct.Struct("<QQQqqQ")
+assert OP.size == ffi.sizeof("struct thaw_restorer_op")
+assert ARGS.size == ffi.sizeof("struct thaw_restorer_args")
+
+ALLOW_ERROR = int(lib.THAW_OPF_ALLOW_ERROR)
+SAVE = int(lib.THAW_OPF_SAVE)
+ARG0_SAVED = int(lib.THAW_OPF_ARG0_SAVED)
+STORE32 = int(lib.THAW_OPF_STORE32)
+
+
+def blob() -> bytes:
+    length = ffi.new("size_t *")
+    return bytes(ffi.buffer(lib.thaw_restorer_blob(length), length[0]))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    failed_op: int  # -1 when every op ran
+    result: int  # the failed op's -errno
+    done: int
+
+    @property
+    def ok(self) -> bool:
+        return self.failed_op < 0
+
+
+class Program:
+    """A restore, as a list of syscalls the blob runs in order inside the stub."""
+
+    def __init__(self, base: int) -> None:
+        self.base = base
+        self.image = bytearray(blob())
+        self.ops: list[bytes] = []
+        self.what: list[str] = []
+        self._frozen: tuple[bytes, bytes] | None = None
+
+    def _align(self, n: int) -> None:
+        self.image += bytes(-len(self.image) % n)
+
+    def put(self, raw: bytes, align: int = 8) -> int:
+        """Place `raw` in the data area; returns its address in the stub."""
+        self._align(align)
+        addr = self.base + len(self.image)
+        self.image += raw
+        return addr
+
+    def cstr(self, text: str) -> int:
+        return self.put(os.fsencode(text) + b"\0", 1)
+
+    def _op(self, kind: int, nr: int, args: tuple[int, ...], flags: int, store: int, what: str) -> None:
+        words = [a & 0xFFFF_FFFF_FFFF_FFFF for a in args] + [0] * (6 - len(args))
+        self.ops.append(OP.pack(kind, flags, nr, *words, store))
+        self.what.append(what)
+
+    def syscall(self, nr: int, *args: int, what: str, flags: int = 0, store: int = 0) -> None:
+        self._op(int(lib.THAW_OP_SYSCALL), nr, args, flags, store, what)
+
+    def pread(self, fd: int, addr: int, length: int, offset: int, what: str) -> None:
+        self._op(int(lib.THAW_OP_PREAD), 0, (fd, addr, length, offset), 0, 0, what)
+
+    def open_fd(self, path: str, flags: int, fd: int, pos: int, what: str) -> None:
+        self._op(int(lib.THAW_OP_OPEN_FD), 0, (self.cstr(path), flags, fd, pos), 0, 0, what)
+
+    def pause(self, what: str) -> None:
+        """Stop with int3 here; the program goes on when the tracer resumes the stub."""
+        self._op(int(lib.THAW_OP_PAUSE), 0, (), 0, 0, what)
+
+    def finish(self, prologue: Program | None = None) -> tuple[bytes, int, list[str]]:
+        """The bytes to copy to `base`, the address of the argument block (the blob's rdi) and the
+        description of every op. `prologue`'s ops (which must not use its data area) run first."""
+        if self._frozen is None:  # the data area and ops do not change once built: pack them once
+            self._align(16)
+            self._frozen = (bytes(self.image), b"".join(self.ops))
+        data, ops = self._frozen
+        before = prologue.ops if prologue else []
+        args_addr = self.base + len(data)
+        header = ARGS.pack(int(lib.THAW_RESTORER_MAGIC), len(before) + len(self.ops), args_addr + ARGS.size, -1, 0, 0)
+        what = (prologue.what if prologue else []) + self.what
+        return data + header + b"".join(before) + ops, args_addr, what
+
+    @staticmethod
+    def outcome(raw_args: bytes) -> Outcome:
+        _magic, _n, _ops, failed, result, done = ARGS.unpack(raw_args[: ARGS.size])
+        return Outcome(failed, result, done)
+
+    @staticmethod
+    def describe(outcome: Outcome, what: list[str]) -> str:
+        step = what[outcome.failed_op] if 0 <= outcome.failed_op < len(what) else "?"
+        code = -outcome.result
+        name = errno.errorcode.get(code, str(code))
+        return f"{step}: {os.strerror(code)} ({name}; step {outcome.failed_op + 1} of {len(what)})"

@@ -1,0 +1,23 @@
+"""What capture and restore can fail with. Every message names the cause."""
+
+from __future__ import annotations
+
+
+class SnapshotError(Exception):
+    """Base of every snapshot failure."""
+
+
+class NotCapturable(SnapshotError):
+    """The process cannot be captured as it is (running, threaded, shared-writable memory, fds)."""
+
+
+class TemplateCorrupt(SnapshotError):
+    """A template's header or manifest does not check out: it is never used."""
+
+
+class FileChanged(SnapshotError):
+    """A file a template re-maps (a library, the interpreter) is not the one that was captured."""
+
+
+class RestoreError(SnapshotError):
+    """A restore failed; the stub was killed and nothing of it is left running."""

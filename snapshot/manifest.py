@@ -1,0 +1,207 @@
+"""The template format: one pool segment holding a header page, the dumped pages, and a manifest.
+
+    offset 0       header: magic, format version, manifest offset and length, its SHA-256
+    offset 4096    dumped pages, one run after another at page-aligned offsets
+    offset M       manifest: JSON (everything a restore needs besides the pages)
+
+The pool checksums the whole segment per chunk when it is published and when it is opened; the
+header's SHA-256 covers the manifest once more, so a manifest is never trusted before it has been
+checked. A reader refuses any other magic or version (templates are rebuilt, not migrated).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import struct
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from snapshot.errors import TemplateCorrupt
+
+MAGIC = b"THAWTPL\0"
+VERSION = 1
+HEADER = struct.Struct("<8sIIQQ32s")
+HEADER_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """A file a template maps from its original (text, rodata) or keeps open."""
+
+    path: str
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+
+    def describe_change(self, st_dev: int, st_ino: int, st_size: int, st_mtime_ns: int) -> str | None:
+        if (st_dev, st_ino) != (self.dev, self.ino):
+            return f"{self.path} is another file now (device/inode {st_dev}/{st_ino}, captured {self.dev}/{self.ino})"
+        if (st_size, st_mtime_ns) != (self.size, self.mtime_ns):
+            return f"{self.path} was modified since the capture (size {st_size}, captured {self.size})"
+        return None
+
+
+@dataclass(frozen=True)
+class Run:
+    """Pages [start, start+length) of a VMA, stored at `offset` in the segment."""
+
+    start: int
+    length: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class VmaRecord:
+    start: int
+    end: int
+    prot: int
+    # "anon": private memory, dumped sparsely (runs); "dump": a private file VMA dumped whole;
+    # "file": mapped private from `file` again; "shared": read-only MAP_SHARED of `file`.
+    kind: str
+    runs: tuple[Run, ...] = ()
+    file: int = -1  # index into Manifest.files
+    file_offset: int = 0
+    stack: bool = False
+    name: str = ""  # what /proc/PID/maps called it, for messages
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class FdRecord:
+    fd: int
+    path: str
+    flags: int
+    pos: int
+
+
+@dataclass(frozen=True)
+class Credentials:
+    uid: tuple[int, int, int]  # real, effective, saved
+    gid: tuple[int, int, int]
+    groups: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class MmFields:
+    """What PR_SET_MM_MAP takes (the kernel's struct prctl_mm_map, auxv aside)."""
+
+    start_code: int
+    end_code: int
+    start_data: int
+    end_data: int
+    start_brk: int
+    brk: int
+    start_stack: int
+    arg_start: int
+    arg_end: int
+    env_start: int
+    env_end: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    comm: str
+    exe: int  # index into files
+    registers: dict[str, int]
+    xstate: bytes
+    sigactions: dict[int, bytes]  # signal -> the kernel's struct sigaction (32 bytes)
+    sigmask: int
+    altstack: tuple[int, int, int]  # ss_sp, ss_flags, ss_size
+    tid_address: int
+    robust_list: tuple[int, int]  # head, length
+    rseq: tuple[int, int, int]  # pointer, length, signature (pointer 0: none)
+    personality: int
+    dumpable: int
+    syscall_insn: int  # address of a `syscall` instruction in the restored image
+    mm: MmFields
+    auxv: bytes
+    specials: dict[str, tuple[int, int]]  # [vdso], [vvar], [vvar_vclock] -> (start, end)
+    vmas: tuple[VmaRecord, ...]
+    files: tuple[FileIdentity, ...]
+    fds: tuple[FdRecord, ...]
+    credentials: Credentials
+    source_pid: int
+    data_bytes: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # -- serialisation -------------------------------------------------------------------------
+    def to_json(self) -> bytes:
+        doc = asdict(self)
+        doc["xstate"] = base64.b64encode(self.xstate).decode()
+        doc["auxv"] = base64.b64encode(self.auxv).decode()
+        doc["sigactions"] = {str(k): base64.b64encode(v).decode() for k, v in self.sigactions.items()}
+        return json.dumps({"version": VERSION, "manifest": doc}, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Manifest:
+        try:
+            outer = json.loads(raw)
+            if outer.get("version") != VERSION:
+                raise TemplateCorrupt(f"manifest version {outer.get('version')} is not {VERSION}")
+            d = outer["manifest"]
+            return cls(
+                comm=d["comm"],
+                exe=d["exe"],
+                registers={k: int(v) for k, v in d["registers"].items()},
+                xstate=base64.b64decode(d["xstate"]),
+                sigactions={int(k): base64.b64decode(v) for k, v in d["sigactions"].items()},
+                sigmask=d["sigmask"],
+                altstack=tuple(d["altstack"]),  # type: ignore[arg-type]
+                tid_address=d["tid_address"],
+                robust_list=tuple(d["robust_list"]),  # type: ignore[arg-type]
+                rseq=tuple(d["rseq"]),  # type: ignore[arg-type]
+                personality=d["personality"],
+                dumpable=d["dumpable"],
+                syscall_insn=d["syscall_insn"],
+                mm=MmFields(**d["mm"]),
+                auxv=base64.b64decode(d["auxv"]),
+                specials={k: (v[0], v[1]) for k, v in d["specials"].items()},
+                vmas=tuple(
+                    VmaRecord(**{**v, "runs": tuple(Run(**r) for r in v["runs"])}) for v in d["vmas"]
+                ),
+                files=tuple(FileIdentity(**f) for f in d["files"]),
+                fds=tuple(FdRecord(**f) for f in d["fds"]),
+                credentials=Credentials(
+                    uid=tuple(d["credentials"]["uid"]),  # type: ignore[arg-type]
+                    gid=tuple(d["credentials"]["gid"]),  # type: ignore[arg-type]
+                    groups=tuple(d["credentials"]["groups"]),
+                ),
+                source_pid=d["source_pid"],
+                data_bytes=d["data_bytes"],
+                extra=d.get("extra", {}),
+            )
+        except TemplateCorrupt:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise TemplateCorrupt(f"manifest does not parse: {type(e).__name__}: {e}") from e
+
+
+def pack_header(manifest_offset: int, manifest: bytes) -> bytes:
+    raw = HEADER.pack(MAGIC, VERSION, 0, manifest_offset, len(manifest), hashlib.sha256(manifest).digest())
+    return raw + bytes(HEADER_SIZE - len(raw))
+
+
+def unpack_header(raw: bytes, segment_size: int) -> tuple[int, int, bytes]:
+    """(manifest offset, length, sha256) from a header page, refusing anything inconsistent."""
+    if len(raw) < HEADER.size:
+        raise TemplateCorrupt(f"header is {len(raw)} bytes, shorter than {HEADER.size}")
+    magic, version, _flags, offset, length, digest = HEADER.unpack(raw[: HEADER.size])
+    if magic != MAGIC:
+        raise TemplateCorrupt(f"not a thaw template (magic {magic!r})")
+    if version != VERSION:
+        raise TemplateCorrupt(f"template format version {version}, this thaw reads {VERSION}: capture it again")
+    if offset < HEADER_SIZE or offset + length > segment_size:
+        raise TemplateCorrupt(f"manifest at {offset}+{length} lies outside the {segment_size}-byte segment")
+    return offset, length, digest
+
+
+def check_manifest(raw: bytes, digest: bytes) -> Manifest:
+    if hashlib.sha256(raw).digest() != digest:
+        raise TemplateCorrupt("manifest does not match the SHA-256 in the template header")
+    return Manifest.from_json(raw)

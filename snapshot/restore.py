@@ -1,0 +1,458 @@
+"""Restore: a stopped stub + a template -> a running instance (DESIGN.md, "Restore").
+
+    stub = launch_stub(template.restore_fds("cow"))       # or sandbox.spawn_stub(fds)
+    instance = restore(template, stub, "cow")
+
+The stub already holds the fds the restore needs at 1000, 1001, ... (`Template.restore_fds`). The
+tracer seizes it, maps a scratch area with one injected mmap, copies in the restorer blob with a
+*syscall program* (native/restorer.py), and lets the stub run it: unregister the stub's rseq,
+unmap the stub, move [vvar]/[vvar_vclock]/[vdso] to the template's addresses, map every VMA
+(MAP_PRIVATE from the template segment for cow, filled by pread for copy, from the cache segment
+under userfaultfd for lazy), PR_SET_MM_MAP, sigactions, the alternate stack, path fds, tid
+address, robust list, rseq, name, and last the credentials (uid/gid from the template, no
+capabilities, no_new_privs). The blob stops with int3; the tracer unmaps the scratch area with a
+syscall instruction of the restored image, sets the signal mask, registers and xstate, and
+detaches. The number of ptrace round trips does not depend on the number of VMAs.
+
+The per-template part of the program (everything after the stub-specific prologue) is built once
+and cached: the scratch area sits at an address chosen from the template's layout, free in every
+stub unless the stub happens to use it (then the program is rebuilt for another address).
+
+All calls for one stub must come from one thread (see `Tracer`). A failed restore kills the stub.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from native import memory, pidfd, ptrace
+from native.constants import (
+    UFFDIO_API,
+    UFFDIO_REGISTER,
+    MapFlag,
+    MremapFlag,
+    Prctl,
+    Prot,
+    Syscall,
+    UffdFeature,
+    UffdRegisterMode,
+)
+from native.pager import Pager, PagerStats
+from native.ptrace import Registers
+from native.restorer import ALLOW_ERROR, ARG0_SAVED, ARGS, SAVE, STORE32, Program
+from shmpool.backends import round_up
+from snapshot import procfs
+from snapshot.errors import FileChanged, RestoreError
+from snapshot.inject import InjectionError, SyscallInjector, restart_fixup, seize_stopped
+from snapshot.manifest import Manifest, VmaRecord
+from snapshot.template import FIRST_RESTORE_FD, MODES, Template
+
+PAGE = procfs.PAGE
+STACK_SIZE = 64 << 10
+TASK_TOP = (1 << 47) - PAGE
+SCRATCH_HINTS = (0x2000_0000_0000, 0x1000_0000_0000, 0x3000_0000_0000, 0x0800_0000_0000)
+UFFD_API = 0xAA
+SS_DISABLE = 2
+SS_ONSTACK = 1
+RSEQ_FLAG_UNREGISTER = 1
+CAPABILITY_VERSION_3 = 0x20080522
+PR_SET_MM_MAP = 14
+PR_SET_MM = 35
+_PRCTL_MM_MAP = struct.Struct("<11QQII")
+
+
+@dataclass
+class Stub:
+    """A stopped process, created by someone else, holding the restore fds from `fd_base` on.
+
+    `wait(timeout)` reports the exit code (or -signal) once the process is gone, None while it
+    runs; `kill()` ends it. Both come from the creator, who is the only one that can reap it."""
+
+    pid: int
+    wait: Callable[[float | None], int | None]
+    kill: Callable[[], None]
+    fd_base: int = FIRST_RESTORE_FD
+
+
+@dataclass
+class Instance:
+    pid: int
+    template: Template
+    mode: str
+    stub: Stub
+    pager: Pager | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    round_trips: int = 0
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        return self.stub.wait(timeout)
+
+    def kill(self) -> None:
+        self.stub.kill()
+
+    def pager_stats(self) -> PagerStats | None:
+        return self.pager.stats() if self.pager else None
+
+    def close(self) -> None:
+        """Kill the instance if it still runs; stop its pager (saving the working set it saw
+        when the template has none yet)."""
+        if self.stub.wait(0) is None:
+            self.stub.kill()
+            self.stub.wait(None)
+        if self.pager is not None:
+            self.pager.stop()
+            if not self.template.working_set():
+                self.template.save_working_set(self.pager.working_set())
+            self.pager.close()
+            self.pager = None
+
+
+# -- the per-template program -------------------------------------------------------------------
+@dataclass
+class _Plan:
+    """The scratch area is [program image][stack][park area for moving the special mappings]."""
+
+    scratch: int
+    program: Program
+    uffd_fd: int  # where the stub holds the userfaultfd (lazy), else -1
+    ranges: list[tuple[int, int, int]]  # lazy: (address, length, segment offset)
+    size: int = 0
+    stack_top: int = 0
+    park: int = 0
+
+
+def _plans(template: Template) -> dict[tuple[str, int], _Plan]:
+    cache: dict[tuple[str, int], _Plan] | None = getattr(template, "_restore_plans", None)
+    if cache is None:
+        cache = {}
+        template._restore_plans = cache  # type: ignore[attr-defined]
+    return cache
+
+
+def _intervals(manifest: Manifest) -> list[tuple[int, int]]:
+    spans = [(v.start, v.end) for v in manifest.vmas] + list(manifest.specials.values())
+    return sorted(spans)
+
+
+def _free(spans: list[tuple[int, int]], start: int, size: int) -> bool:
+    return all(end <= start or begin >= start + size for begin, end in spans)
+
+
+def _scratch_address(spans: list[tuple[int, int]], size: int, avoid: int = 0) -> int:
+    for hint in SCRATCH_HINTS:
+        if hint != avoid and _free(spans, hint, size):
+            return hint
+    for (_, end), (begin, _) in zip(spans, spans[1:], strict=False):  # any gap
+        candidate = round_up(end + (1 << 30), 1 << 21)
+        if candidate != avoid and candidate + size <= begin:
+            return candidate
+    raise RestoreError("no address range is free for the restorer in the template's layout")
+
+
+class _Builder:
+    """Writes the template-specific body of the restore program."""
+
+    def __init__(self, template: Template, mode: str, scratch: int, fd_base: int) -> None:
+        self.t, self.m, self.mode = template, template.manifest, mode
+        self.p = Program(scratch)
+        self.fd_base = fd_base
+        self.segment_fd = fd_base
+        self.base = template.segment.base
+        fds = template.restore_fds(mode)
+        self.nfds = len(fds)
+        self.shared_lazy = mode == "lazy" and template.shares_lazily
+        self.cache_fd = fd_base + len(fds) - 1 if self.shared_lazy else -1
+        self.cache_base = template.cache().base if self.shared_lazy else 0
+        self.uffd_fd = fd_base + len(fds) if mode == "lazy" else -1
+        self.ranges: list[tuple[int, int, int]] = []
+
+    def file_fd(self, index: int) -> int:
+        return self.fd_base + 1 + index
+
+    def build(self) -> _Plan:
+        if self.mode == "lazy":
+            self.userfaultfd()
+        for vma in self.m.vmas:
+            self.vma(vma)
+        if self.mode == "lazy":  # from here on the kernel and the blob touch registered pages
+            self.p.pause("waiting for the pager")
+        self.mm_and_signals()
+        self.fds()
+        self.thread_state()
+        self.credentials()
+        return _Plan(self.p.base, self.p, self.uffd_fd, self.ranges)
+
+    # each step ---------------------------------------------------------------------------------
+    def userfaultfd(self) -> None:
+        p = self.p
+        api = p.put(struct.pack("<QQQ", UFFD_API, UffdFeature.EVENT_FORK | UffdFeature.EVENT_REMAP, 0))
+        p.syscall(Syscall.USERFAULTFD, os.O_CLOEXEC | os.O_NONBLOCK, what="userfaultfd()", flags=SAVE)
+        p.syscall(Syscall.IOCTL, 0, UFFDIO_API, api, what="UFFDIO_API", flags=ARG0_SAVED)
+        p.syscall(Syscall.DUP3, 0, self.uffd_fd, os.O_CLOEXEC, what="moving the userfaultfd", flags=ARG0_SAVED)
+        p.syscall(Syscall.CLOSE, 0, what="closing the first userfaultfd", flags=ARG0_SAVED)
+
+    def vma(self, v: VmaRecord) -> None:
+        p, where = self.p, f"{v.start:#x}-{v.end:#x} {v.name}".rstrip()
+        private_fixed = MapFlag.PRIVATE | MapFlag.FIXED
+        anon = private_fixed | MapFlag.ANONYMOUS
+        if v.kind in ("file", "shared"):
+            flags = (MapFlag.SHARED | MapFlag.FIXED) if v.kind == "shared" else private_fixed
+            p.syscall(Syscall.MMAP, v.start, v.size, v.prot, flags, self.file_fd(v.file), v.file_offset,
+                      what=f"mmap of {self.m.files[v.file].path} at {where}")
+            return
+        by_copy = v.stack or self.mode == "copy" or (self.mode == "lazy" and not self.shared_lazy)
+        covered = sum(r.length for r in v.runs) == v.size
+        if by_copy or not covered:
+            prot = v.prot | Prot.WRITE if by_copy else v.prot
+            flags = anon | (MapFlag.GROWSDOWN if v.stack else 0)
+            p.syscall(Syscall.MMAP, v.start, v.size, prot, flags, -1, 0, what=f"anonymous mmap at {where}")
+        for run in v.runs:
+            self.run(v, run.start, run.length, run.offset, by_copy, where)
+        if by_copy and not v.prot & Prot.WRITE:
+            p.syscall(Syscall.MPROTECT, v.start, v.size, v.prot, what=f"mprotect of {where}")
+
+    def run(self, v: VmaRecord, start: int, length: int, offset: int, by_copy: bool, where: str) -> None:
+        p = self.p
+        if self.mode == "lazy" and not v.stack:
+            self.ranges.append((start, length, offset))
+            if self.shared_lazy:
+                p.syscall(Syscall.MMAP, start, length, v.prot, MapFlag.PRIVATE | MapFlag.FIXED, self.cache_fd,
+                          self.cache_base + offset, what=f"mmap of the cache segment at {where}")
+            reg = p.put(struct.pack("<QQQQ", start, length, UffdRegisterMode.MISSING, 0))
+            p.syscall(Syscall.IOCTL, self.uffd_fd, UFFDIO_REGISTER, reg, what=f"UFFDIO_REGISTER of {where}")
+        elif by_copy:
+            p.pread(self.segment_fd, start, length, self.base + offset, what=f"reading pages of {where}")
+        else:
+            p.syscall(Syscall.MMAP, start, length, v.prot, MapFlag.PRIVATE | MapFlag.FIXED, self.segment_fd,
+                      self.base + offset, what=f"mmap of the template segment at {where}")
+
+    def mm_and_signals(self) -> None:
+        p, m = self.p, self.m
+        auxv = p.put(m.auxv)
+        mm = m.mm
+        raw = _PRCTL_MM_MAP.pack(
+            mm.start_code, mm.end_code, mm.start_data, mm.end_data, mm.start_brk, mm.brk, mm.start_stack,
+            mm.arg_start, mm.arg_end, mm.env_start, mm.env_end, auxv, len(m.auxv), self.file_fd(m.exe),
+        )
+        p.syscall(Syscall.PRCTL, PR_SET_MM, PR_SET_MM_MAP, p.put(raw), len(raw), 0, what="PR_SET_MM_MAP")
+        p.syscall(Syscall.PERSONALITY, m.personality, what="personality")
+        for sig, act in sorted(m.sigactions.items()):
+            p.syscall(Syscall.RT_SIGACTION, sig, p.put(act), 0, 8, what=f"rt_sigaction({signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else sig})")
+        sp, flags, size = m.altstack
+        if not flags & SS_DISABLE:
+            p.syscall(Syscall.SIGALTSTACK, p.put(struct.pack("<QiiQ", sp, flags & ~SS_ONSTACK, 0, size)), 0,
+                      what="sigaltstack")
+
+    def fds(self) -> None:
+        for rec in self.m.fds:
+            self.p.open_fd(rec.path, rec.flags, rec.fd, rec.pos, what=f"reopening fd {rec.fd} ({rec.path})")
+        self.p.syscall(Syscall.CLOSE_RANGE, self.fd_base, self.fd_base + self.nfds - 1, 0,
+                       what="closing the restore fds")
+
+    def thread_state(self) -> None:
+        p, m = self.p, self.m
+        if m.tid_address:  # glibc caches the tid where set_tid_address points: give it the new one
+            p.syscall(Syscall.SET_TID_ADDRESS, m.tid_address, what="set_tid_address", flags=STORE32,
+                      store=m.tid_address)
+        head, length = m.robust_list
+        if head:
+            p.syscall(Syscall.SET_ROBUST_LIST, head, length, what="set_robust_list")
+        pointer, size, signature = m.rseq
+        if pointer:
+            p.syscall(Syscall.RSEQ, pointer, size, 0, signature, what="registering rseq")
+        p.syscall(Syscall.PRCTL, Prctl.SET_NAME, p.cstr(m.comm[:15]), what="PR_SET_NAME")
+
+    def credentials(self) -> None:
+        p, c = self.p, self.m.credentials
+        for cap in range(_cap_last_cap() + 1):
+            p.syscall(Syscall.PRCTL, Prctl.CAPBSET_DROP, cap, what=f"dropping capability {cap}", flags=ALLOW_ERROR)
+        groups = p.put(struct.pack(f"<{len(c.groups)}I", *c.groups)) if c.groups else 0
+        p.syscall(Syscall.SETGROUPS, len(c.groups), groups, what="setgroups")
+        p.syscall(Syscall.SETRESGID, *c.gid, what=f"setresgid{c.gid}")
+        p.syscall(Syscall.SETRESUID, *c.uid, what=f"setresuid{c.uid}")
+        header = p.put(struct.pack("<Ii", CAPABILITY_VERSION_3, 0))
+        p.syscall(Syscall.CAPSET, header, p.put(bytes(24)), what="clearing capabilities")
+        p.syscall(Syscall.PRCTL, Prctl.SET_NO_NEW_PRIVS, 1, 0, 0, 0, what="PR_SET_NO_NEW_PRIVS")
+        p.syscall(Syscall.PRCTL, Prctl.SET_DUMPABLE, self.m.dumpable, what="PR_SET_DUMPABLE")
+
+
+def _cap_last_cap() -> int:
+    return int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+
+
+def _plan(template: Template, mode: str, fd_base: int, avoid: int = 0) -> _Plan:
+    key = (mode, fd_base)
+    plans = _plans(template)
+    plan = plans.get(key)
+    if plan is not None and plan.scratch != avoid:
+        return plan
+    spans = _intervals(template.manifest)
+    specials = sum(end - start for start, end in template.manifest.specials.values())
+    estimate = _Builder(template, mode, 0, fd_base).build()  # sizes do not depend on the address
+    image, _, _ = estimate.program.finish()
+    image_size = round_up(len(image) + 256 * 80, PAGE)  # room for the per-stub prologue's ops
+    size = image_size + STACK_SIZE + round_up(specials, PAGE)
+    scratch = _scratch_address(spans, size, avoid)
+    plan = _Builder(template, mode, scratch, fd_base).build()
+    plan.size, plan.stack_top, plan.park = size, scratch + image_size + STACK_SIZE, scratch + image_size + STACK_SIZE
+    plans[key] = plan
+    return plan
+
+
+# -- the per-stub part --------------------------------------------------------------------------
+def _prologue(plan: _Plan, template: Template, stub_maps: list[procfs.Vma], stub_rseq: ptrace.RseqConfig) -> Program:
+    """Ops that depend on the stub: unregister its rseq, unmap it, move its special mappings."""
+    pro = Program(0)
+    if stub_rseq.abi_pointer:
+        pro.syscall(Syscall.RSEQ, stub_rseq.abi_pointer, stub_rseq.abi_size, RSEQ_FLAG_UNREGISTER,
+                    stub_rseq.signature, what="unregistering the stub's rseq")
+    ours = {v.path: (v.start, v.end) for v in stub_maps if v.special and v.path != "[vsyscall]"}
+    theirs = template.manifest.specials
+    if {k: e - s for k, (s, e) in ours.items()} != {k: e - s for k, (s, e) in theirs.items()}:
+        raise RestoreError(
+            f"the kernel's special mappings differ from the template's ({sorted(ours)} vs {sorted(theirs)}): "
+            "it was captured under another kernel"
+        )
+    keep = sorted([*ours.values(), (plan.scratch, plan.scratch + plan.size)])
+    cursor = 0
+    for start, end in keep:
+        if start > cursor:
+            pro.syscall(Syscall.MUNMAP, cursor, start - cursor, what=f"unmapping the stub at {cursor:#x}")
+        cursor = max(cursor, end)
+    pro.syscall(Syscall.MUNMAP, cursor, TASK_TOP - cursor, what=f"unmapping the stub at {cursor:#x}")
+    _move_specials(pro, ours, theirs, plan.park)
+    return pro
+
+
+def _move_specials(
+    pro: Program, ours: dict[str, tuple[int, int]], theirs: dict[str, tuple[int, int]], park: int
+) -> None:
+    if all(ours[k][0] == theirs[k][0] for k in ours):
+        return
+    overlap = any(not (oe <= ts or os_ >= te) for os_, oe in ours.values() for ts, te in theirs.values())
+    moves = []
+    if overlap:  # mremap cannot move onto itself: go through the park area at the scratch's end
+        cursor = park
+        for name, (start, end) in sorted(ours.items(), key=lambda kv: kv[1]):
+            moves.append((name, start, end - start, cursor))
+            ours = {**ours, name: (cursor, cursor + end - start)}
+            cursor += end - start
+    for name, (start, end) in sorted(ours.items(), key=lambda kv: kv[1]):
+        moves.append((name, start, end - start, theirs[name][0]))
+    for name, start, size, target in moves:
+        pro.syscall(Syscall.MREMAP, start, size, size, MremapFlag.MAYMOVE | MremapFlag.FIXED, target,
+                    what=f"moving {name} to {target:#x}")
+
+
+# -- restore ------------------------------------------------------------------------------------
+def restore(template: Template, stub: Stub, mode: str = "cow") -> Instance:
+    """Turn `stub` into an instance of `template`. On any failure the stub is killed and
+    RestoreError (or FileChanged) says what failed."""
+    if mode not in MODES:
+        raise ValueError(f"restore mode must be one of {', '.join(MODES)}, not {mode!r}")
+    t0, trips0 = time.perf_counter(), ptrace.round_trips()
+    pagers: list[Pager] = []  # a pager started before a failure must go with the stub
+    try:
+        template.check_files()
+        instance = _restore(template, stub, mode, pagers)
+    except BaseException as e:
+        _kill(stub)
+        for pager in pagers:
+            pager.close()
+        if isinstance(e, FileChanged | RestoreError):
+            raise
+        if isinstance(e, OSError | InjectionError):
+            raise RestoreError(f"restoring {template.name!r} into pid {stub.pid} failed: {e}") from e
+        raise
+    instance.timings["restore_ms"] = (time.perf_counter() - t0) * 1e3
+    instance.round_trips = ptrace.round_trips() - trips0
+    return instance
+
+
+def _kill(stub: Stub) -> None:
+    try:
+        stub.kill()
+        stub.wait(5.0)
+    except (OSError, ProcessLookupError):
+        pass
+
+
+def _restore(template: Template, stub: Stub, mode: str, pagers: list[Pager]) -> Instance:
+    pid = stub.pid
+    seize_stopped(pid)
+    stub_maps = procfs.read_maps(pid)
+    plan = _plan(template, mode, stub.fd_base)
+    if not _free([(v.start, v.end) for v in stub_maps], plan.scratch, plan.size):
+        plan = _plan(template, mode, stub.fd_base, avoid=plan.scratch)
+    prologue = _prologue(plan, template, stub_maps, ptrace.get_rseq_configuration(pid))
+    image, args_addr, what = plan.program.finish(prologue)
+    if len(image) > plan.stack_top - STACK_SIZE - plan.scratch:
+        raise RestoreError(f"the restore program ({len(image)} bytes) outgrew its scratch area")
+    with SyscallInjector(pid) as inj:
+        inj.call_ok(Syscall.MMAP, plan.scratch, plan.size, Prot.READ | Prot.WRITE | Prot.EXEC,
+                    MapFlag.PRIVATE | MapFlag.ANONYMOUS | MapFlag.FIXED_NOREPLACE, -1, 0,
+                    what="mapping the restorer's scratch area")
+        memory.process_vm_writev(pid, plan.scratch, image)
+        _start_blob(pid, inj.saved, plan.scratch, plan.stack_top, args_addr)
+        if mode == "lazy":
+            _wait_blob(pid, args_addr, what, paused=True)
+            pagers.append(_start_pager(template, pid, plan))
+            ptrace.cont(pid)
+        _wait_blob(pid, args_addr, what, paused=False)
+    manifest = template.manifest
+    with SyscallInjector(pid, insn=manifest.syscall_insn) as inj:
+        if plan.uffd_fd >= 0:
+            inj.call_ok(Syscall.CLOSE, plan.uffd_fd, what="closing the stub's userfaultfd (the pager holds it)")
+        inj.call_ok(Syscall.MUNMAP, plan.scratch, plan.size, what="unmapping the restorer")
+    ptrace.setsigmask(pid, manifest.sigmask)
+    ptrace.setregs(pid, restart_fixup(Registers(**manifest.registers)))
+    ptrace.set_xstate(pid, manifest.xstate)
+    ptrace.detach(pid)
+    return Instance(pid, template, mode, stub, pagers[0] if pagers else None)
+
+
+def _start_blob(pid: int, regs: Registers, entry: int, stack_top: int, args_addr: int) -> None:
+    # rsp as if `entry` had been called (rsp % 16 == 8 at a function's first instruction)
+    start = dataclasses.replace(regs, rip=entry, rdi=args_addr, rsp=stack_top - 8, orig_rax=(1 << 64) - 1)
+    ptrace.setregs(pid, start)
+    ptrace.cont(pid)
+
+
+def _wait_blob(pid: int, args_addr: int, what: list[str], paused: bool) -> None:
+    """Wait for the restorer's int3: its pause (lazy) or its end. One round trip either way."""
+    stop = ptrace.wait(pid)
+    if stop is None or stop.exited or stop.signal != signal.SIGTRAP:
+        rip = ptrace.getregs(pid).rip if stop is not None and not stop.exited else 0
+        raise RestoreError(f"the restorer in pid {pid} stopped with {stop} at rip {rip:#x} instead of its int3")
+    outcome = Program.outcome(memory.read_exact(pid, args_addr, ARGS.size))
+    if not outcome.ok:
+        raise RestoreError(f"restore failed in pid {pid} at {Program.describe(outcome, what)}")
+    if paused != (outcome.done < len(what)):
+        raise RestoreError(f"the restorer in pid {pid} stopped after step {outcome.done} of {len(what)} unexpectedly")
+
+
+def _start_pager(template: Template, pid: int, plan: _Plan) -> Pager:
+    handle = pidfd.pidfd_open(pid)  # the uffd belongs to the stub's mm: pull it out to serve it
+    try:
+        uffd = pidfd.pidfd_getfd(handle, plan.uffd_fd)
+    finally:
+        os.close(handle)
+    cache = template.cache_address() if template.shares_lazily else None
+    try:
+        return Pager(uffd, plan.ranges, template.source_address(), template.segment.size, cache,
+                     prefetch=template.working_set())
+    except BaseException:
+        os.close(uffd)
+        raise
+
+
+def describe(instance: Instance) -> dict[str, Any]:
+    return {"pid": instance.pid, "template": instance.template.name, "mode": instance.mode, **instance.timings}

@@ -1,0 +1,197 @@
+"""A published template, opened for restoring: its segment, manifest and the files it re-maps.
+
+    template = Template.open(pool, "hello")     # checksums of every chunk + the manifest verified
+    fds = template.restore_fds("cow")           # what a stub must hold at fd 1000, 1001, ...
+    ...
+    template.close()
+
+Besides the template segment `NAME`, a template may own two more segments in the pool:
+`NAME.cache` (lazy restore's shared page cache, mutable) and `NAME.ws` (the recorded working set:
+segment page indices in first-fault order, little-endian uint32). `Template.delete` removes all.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from typing import Self
+
+from native import memory
+from shmpool import Pool, Segment, SegmentNotFound
+from snapshot.errors import FileChanged, TemplateCorrupt
+from snapshot.manifest import HEADER_SIZE, FileIdentity, Manifest, check_manifest, unpack_header
+
+MODES = ("cow", "copy", "lazy")
+FIRST_RESTORE_FD = 1000
+SEGMENT_SLOT = 0  # restore fd slots: the segment, then every file of the manifest, then the cache
+
+
+def cache_name(name: str) -> str:
+    return f"{name}.cache"
+
+
+def working_set_name(name: str) -> str:
+    return f"{name}.ws"
+
+
+class Template:
+    def __init__(self, pool: Pool, segment: Segment, manifest: Manifest, file_fds: list[int]) -> None:
+        self.pool, self.segment, self.manifest, self.file_fds = pool, segment, manifest, file_fds
+        self._cache: Segment | None = None
+        self._cache_view: mmap.mmap | None = None
+        self._source_view: mmap.mmap | None = None
+        self._working_set: list[int] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.segment.name
+
+    # -- opening ---------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, pool: Pool, name: str, verify: bool = True) -> Template:
+        """Open template `name`; with `verify` every chunk checksum is checked first."""
+        segment = pool.open_segment(name, verify=verify)
+        fds: list[int] = []
+        try:
+            if segment.record.kind != "template":
+                raise TemplateCorrupt(f"segment {name!r} is a {segment.record.kind}, not a template")
+            header = os.pread(segment.fd, HEADER_SIZE, segment.base)
+            offset, length, digest = unpack_header(header, segment.size)
+            manifest = check_manifest(os.pread(segment.fd, length, segment.base + offset), digest)
+            for ident in manifest.files:
+                fds.append(_open_identical(ident.path, ident))
+            return cls(pool, segment, manifest, fds)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            segment.close()
+            raise
+
+    def check_files(self) -> None:
+        """The files this template maps are still the captured ones (run at every restore)."""
+        for ident, fd in zip(self.manifest.files, self.file_fds, strict=True):
+            for st in (os.fstat(fd), _stat_or_none(ident.path)):
+                if st is None:
+                    raise FileChanged(f"{ident.path}, which template {self.name!r} maps, no longer exists")
+                change = ident.describe_change(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+                if change:
+                    raise FileChanged(f"template {self.name!r} cannot be restored: {change}")
+
+    # -- what a restore needs --------------------------------------------------------------------
+    def restore_fds(self, mode: str) -> list[int]:
+        """The fds a stub must hold, in order from fd 1000, for a restore in `mode`."""
+        if mode not in MODES:
+            raise ValueError(f"restore mode must be one of {', '.join(MODES)}, not {mode!r}")
+        fds = [self.segment.fd, *self.file_fds]
+        if mode == "lazy" and self.shares_lazily:
+            fds.append(self.cache().fd)
+        return fds
+
+    @property
+    def shares_lazily(self) -> bool:
+        """Lazy restores fill a shared cache segment (tmpfs) rather than private pages."""
+        caps = self.pool.caps
+        return caps.sparse and not caps.write_by_mmap and not caps.per_process
+
+    def cache(self) -> Segment:
+        if self._cache is None:
+            self._cache = self.pool.open_cache(cache_name(self.name), self.segment.size)
+        return self._cache
+
+    def cache_address(self) -> int:
+        """Where the cache segment is mapped (shared, writable) in this process, for the pager."""
+        if self._cache_view is None:
+            cache = self.cache()
+            writable = os.open(f"/proc/self/fd/{cache.fd}", os.O_RDWR | os.O_CLOEXEC)  # segments open read-only
+            try:
+                self._cache_view = mmap.mmap(
+                    writable, self.segment.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=cache.base
+                )
+            finally:
+                os.close(writable)
+        return memory.address_of(self._cache_view)
+
+    def source_address(self) -> int:
+        """Where the template segment is mapped (shared, read-only) in this process, for the pager."""
+        if self._source_view is None:
+            self._source_view = self.segment.map(private=False, writable=False)
+        return memory.address_of(self._source_view)
+
+    # -- working set -----------------------------------------------------------------------------
+    def working_set(self) -> list[int]:
+        """Segment page indices in first-fault order, as recorded by a lazy restore (or empty)."""
+        if self._working_set is None:
+            self._working_set = self._load_working_set()
+        return self._working_set
+
+    def _load_working_set(self) -> list[int]:
+        try:
+            with self.pool.open_segment(working_set_name(self.name)) as seg:
+                raw = b"".join(seg.read_chunk(i) for i in range(seg.chunk_count))[: seg.record.meta["count"] * 4]
+        except SegmentNotFound:
+            return []
+        return list(struct.unpack(f"<{len(raw) // 4}I", raw))
+
+    def save_working_set(self, pages: list[int]) -> None:
+        if not pages:
+            return
+        name = working_set_name(self.name)
+        try:
+            self.pool.delete(name)
+        except SegmentNotFound:
+            pass
+        raw = struct.pack(f"<{len(pages)}I", *pages)
+        with self.pool.create_segment(name, len(raw), kind="workingset") as writer:
+            writer.write(0, raw)
+            writer.publish(meta={"count": len(pages), "template": self.name})
+        self._working_set = list(pages)
+
+    # -- lifetime --------------------------------------------------------------------------------
+    def close(self) -> None:
+        for view in (self._cache_view, self._source_view):
+            if view is not None:
+                view.close()
+        self._cache_view = self._source_view = None
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
+        for fd in self.file_fds:
+            os.close(fd)
+        self.file_fds = []
+        self.segment.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @staticmethod
+    def delete(pool: Pool, name: str) -> None:
+        """Remove template `name` with its cache and working set (freed once no instance maps them)."""
+        for seg in (working_set_name(name), cache_name(name), name):
+            try:
+                pool.delete(seg)
+            except SegmentNotFound:
+                pass
+
+
+def _stat_or_none(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _open_identical(path: str, ident: FileIdentity) -> int:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise FileChanged(f"{path}, which the template maps, no longer exists") from None
+    st = os.fstat(fd)
+    change = ident.describe_change(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if change:
+        os.close(fd)
+        raise FileChanged(f"the template cannot be used: {change}")
+    return fd
