@@ -29,7 +29,7 @@ from pathlib import Path
 
 from native import memory, ptrace
 from native.constants import Prctl, Prot, Syscall
-from shmpool import Pool
+from shmpool import Pool, UnsupportedMapping
 from shmpool.backends import round_up
 from snapshot import procfs
 from snapshot.errors import NotCapturable
@@ -59,6 +59,11 @@ _OPEN_ONLY_FLAGS = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY
 
 def capture(pid: int, pool: Pool, name: str) -> Template:
     """Capture the stopped, single-threaded process `pid` into template `name` of `pool`."""
+    if pool.config.page_size != PAGE:
+        raise UnsupportedMapping(
+            f"templates need a pool with {PAGE >> 10} KiB pages; the {pool.config.backend} pool has "
+            f"{pool.config.page_size >> 10} KiB pages (use a tmpfs, memfd or devdax pool)"
+        )
     check_capturable(pid)
     with _seized(pid):
         manifest = _read_process(pid)

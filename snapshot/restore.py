@@ -358,6 +358,11 @@ def restore(template: Template, stub: Stub, mode: str = "cow") -> Instance:
     RestoreError (or FileChanged) says what failed."""
     if mode not in MODES:
         raise ValueError(f"restore mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if mode == "cow" and not template.pool.caps.private_cow:
+        _kill(stub)
+        raise RestoreError(
+            f"the {template.pool.config.backend} backend cannot map pages copy-on-write: restore with copy or lazy"
+        )
     t0, trips0 = time.perf_counter(), ptrace.round_trips()
     pagers: list[Pager] = []  # a pager started before a failure must go with the stub
     try:

@@ -319,3 +319,100 @@ def test_failed_restore_kills_the_stub(workload: Template) -> None:
         restore(workload, stub, "cow")
     assert stub.wait(10) is not None
 
+
+
+BIG_GUEST = """
+import random
+RNG = random.Random(1)
+BIG = bytearray(b"".join(RNG.randbytes(1 << 20) for _ in range(256)))
+def handle(event, context):
+    return {"sum": sum(BIG[::4096]), "pid": context.pid}
+"""
+
+
+def _memory(pid: int) -> tuple[int, int]:
+    """(Rss, Pss) in bytes from smaps_rollup."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, value = line.split(":", 1)
+        fields[key] = int(value.split()[0]) * 1024
+    return fields["Rss"], fields["Pss"]
+
+
+@pytest.mark.slow
+def test_eight_cow_instances_share_the_template(pool: Pool, tmp_path: Path) -> None:
+    fn = tmp_path / "big"
+    fn.mkdir()
+    (fn / "handler.py").write_text(BIG_GUEST)
+    with captured(pool, fn, "big") as template:
+        instances = []
+        try:
+            for _ in range(8):
+                instances.append(thawed(template, "cow"))
+            sums, pids = set(), []
+            for ctx in instances:
+                instance, stub = ctx.__enter__()
+                assert stub.control is not None
+                sums.add(request(stub.control)["sum"])  # touches every page of the 256 MiB
+                pids.append(instance.pid)
+            assert len(sums) == 1
+            rss, pss = zip(*(_memory(pid) for pid in pids), strict=True)
+            assert min(rss) > 256 << 20
+            assert sum(pss) < 2 * rss[0], f"Pss {[p >> 20 for p in pss]} MiB vs Rss {rss[0] >> 20} MiB"
+        finally:
+            for ctx in instances:
+                ctx.__exit__(None, None, None)
+    Template.delete(pool, "big")
+
+
+MODEL_GUEST = """
+import torch
+torch.manual_seed(0)
+MODEL = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 8))
+INPUT = torch.randn(4, 64)
+with torch.no_grad():
+    EXPECTED = MODEL(INPUT).tolist()
+def handle(event, context):
+    torch.set_num_threads(2)   # thread pools may start after the restore
+    with torch.no_grad():
+        return {"out": MODEL(INPUT).tolist(), "expected": EXPECTED}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+def test_torch_model_guest_computes_the_same_outputs(pool: Pool, tmp_path: Path, mode: str) -> None:
+    pytest.importorskip("torch", reason="torch is installed by scripts/test (extra 'lora')")
+    fn = tmp_path / "model"
+    fn.mkdir()
+    (fn / "handler.py").write_text(MODEL_GUEST)
+    with captured(pool, fn, f"model-{mode}") as template:
+        with thawed(template, mode) as (_, stub):
+            assert stub.control is not None
+            result = request(stub.control)
+            assert result["out"] == result["expected"]
+    Template.delete(pool, f"model-{mode}")
+
+
+def test_memfd_pool_restores_in_every_mode(pool_root: Path, workload_dir: Path) -> None:
+    env = {"THAW_TEST_FILE": str(workload_dir / "data.txt")}
+    memfd_pool = Pool.create(pool_root, backend="memfd", node=0, size=256 << 20)
+    try:
+        with captured(memfd_pool, workload_dir, "memfd-workload", env) as template:
+            for mode in MODES:  # lazy here copies pages privately: a sealed memfd has no cache
+                with thawed(template, mode) as (_, stub):
+                    assert stub.control is not None
+                    assert request(stub.control, "/verify")["big"]
+    finally:
+        memfd_pool.destroy()
+
+
+def test_hugetlbfs_pool_refuses_templates(hugetlbfs_pool: Pool, tmp_path: Path) -> None:
+    from shmpool import UnsupportedMapping
+
+    guest = start_guest(_function(tmp_path, "X = 1"))
+    try:
+        with pytest.raises(UnsupportedMapping, match="templates need a pool with 4 KiB pages"):
+            capture(guest.pid, hugetlbfs_pool, "huge")
+    finally:
+        guest.kill()
