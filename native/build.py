@@ -60,7 +60,8 @@ CONSTANTS = {
     "mman": """
         PROT_NONE PROT_READ PROT_WRITE PROT_EXEC MAP_SHARED MAP_PRIVATE MAP_SHARED_VALIDATE
         MAP_FIXED MAP_FIXED_NOREPLACE MAP_ANONYMOUS MAP_NORESERVE MAP_POPULATE MAP_HUGETLB
-        MAP_SYNC MAP_GROWSDOWN MREMAP_MAYMOVE MREMAP_FIXED MFD_CLOEXEC MFD_ALLOW_SEALING MFD_HUGETLB MFD_HUGE_2MB MFD_HUGE_1GB
+        MAP_SYNC MAP_GROWSDOWN MREMAP_MAYMOVE MREMAP_FIXED
+        MFD_CLOEXEC MFD_ALLOW_SEALING MFD_HUGETLB MFD_HUGE_2MB MFD_HUGE_1GB
     """,
     "syscall": """
         SYS_read SYS_mmap SYS_munmap SYS_mprotect SYS_mremap SYS_madvise SYS_brk SYS_rt_sigaction
@@ -70,7 +71,8 @@ CONSTANTS = {
         SYS_personality SYS_getpid SYS_kill
     """,
     "restorer": """
-        THAW_RESTORER_MAGIC THAW_OP_SYSCALL THAW_OP_PREAD THAW_OP_OPEN_FD THAW_OP_PAUSE THAW_OPF_ALLOW_ERROR THAW_OPF_SAVE
+        THAW_RESTORER_MAGIC THAW_OP_SYSCALL THAW_OP_PREAD THAW_OP_OPEN_FD THAW_OP_PAUSE
+        THAW_OPF_ALLOW_ERROR THAW_OPF_SAVE
         THAW_OPF_ARG0_SAVED THAW_OPF_STORE32
     """,
     "misc": """
@@ -193,8 +195,17 @@ HEADERS = """
 # The restorer blob must be a flat, relocation-free image: no libc, no stack protector (no TLS
 # canary: the stub's TLS is gone mid-restore), no CET landing pads, no unwind tables.
 BLOB_CFLAGS = [
-    "-Os", "-fpie", "-nostdlib", "-ffreestanding", "-fno-builtin", "-fno-stack-protector",
-    "-fno-asynchronous-unwind-tables", "-fcf-protection=none", "-Wall", "-Wextra", "-Werror",
+    "-Os",
+    "-fpie",
+    "-nostdlib",
+    "-ffreestanding",
+    "-fno-builtin",
+    "-fno-stack-protector",
+    "-fno-asynchronous-unwind-tables",
+    "-fcf-protection=none",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
 ]
 BLOB_SOURCE = SRC / "restorer_blob.gen.c"
 STUB = Path("native") / "thaw-stub"

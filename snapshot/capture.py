@@ -26,6 +26,7 @@ import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from native import memory, ptrace
 from native.constants import Prctl, Prot, Syscall
@@ -188,13 +189,13 @@ def _mm_fields(pid: int, brk: int) -> MmFields:
 
 
 def _credentials(pid: int) -> Credentials:
-    status = dict(
-        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
-    )
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
     uid = [int(x) for x in status["Uid"].split()]
     gid = [int(x) for x in status["Gid"].split()]
     return Credentials(
-        uid=(uid[0], uid[1], uid[2]), gid=(gid[0], gid[1], gid[2]), groups=tuple(int(g) for g in status["Groups"].split())
+        uid=(uid[0], uid[1], uid[2]),
+        gid=(gid[0], gid[1], gid[2]),
+        groups=tuple(int(g) for g in status["Groups"].split()),
     )
 
 
@@ -205,7 +206,9 @@ def _identity(stat_path: str, path: str) -> FileIdentity:
 
 # -- VMAs ---------------------------------------------------------------------------------------
 def _prot(vma: procfs.Vma) -> int:
-    return (Prot.READ if vma.readable else 0) | (Prot.WRITE if vma.writable else 0) | (Prot.EXEC if vma.executable else 0)
+    return (
+        (Prot.READ if vma.readable else 0) | (Prot.WRITE if vma.writable else 0) | (Prot.EXEC if vma.executable else 0)
+    )
 
 
 def _regular_file(pid: int, vma: procfs.Vma) -> bool:
@@ -250,7 +253,7 @@ def _plan_vmas(
             specials[vma.path] = (vma.start, vma.end)
             continue
         regular = _regular_file(pid, vma)
-        common = {"start": vma.start, "end": vma.end, "prot": _prot(vma), "name": vma.path}
+        common: dict[str, Any] = {"start": vma.start, "end": vma.end, "prot": _prot(vma), "name": vma.path}
         if vma.shared:
             if vma.writable:
                 raise NotCapturable(f"pid {pid} has a writable shared mapping {vma.start:#x}-{vma.end:#x} {vma.path}")

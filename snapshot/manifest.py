@@ -152,24 +152,22 @@ class Manifest:
                 xstate=base64.b64decode(d["xstate"]),
                 sigactions={int(k): base64.b64decode(v) for k, v in d["sigactions"].items()},
                 sigmask=d["sigmask"],
-                altstack=tuple(d["altstack"]),  # type: ignore[arg-type]
+                altstack=tuple(d["altstack"]),
                 tid_address=d["tid_address"],
-                robust_list=tuple(d["robust_list"]),  # type: ignore[arg-type]
-                rseq=tuple(d["rseq"]),  # type: ignore[arg-type]
+                robust_list=tuple(d["robust_list"]),
+                rseq=tuple(d["rseq"]),
                 personality=d["personality"],
                 dumpable=d["dumpable"],
                 syscall_insn=d["syscall_insn"],
                 mm=MmFields(**d["mm"]),
                 auxv=base64.b64decode(d["auxv"]),
                 specials={k: (v[0], v[1]) for k, v in d["specials"].items()},
-                vmas=tuple(
-                    VmaRecord(**{**v, "runs": tuple(Run(**r) for r in v["runs"])}) for v in d["vmas"]
-                ),
+                vmas=tuple(VmaRecord(**{**v, "runs": tuple(Run(**r) for r in v["runs"])}) for v in d["vmas"]),
                 files=tuple(FileIdentity(**f) for f in d["files"]),
                 fds=tuple(FdRecord(**f) for f in d["fds"]),
                 credentials=Credentials(
-                    uid=tuple(d["credentials"]["uid"]),  # type: ignore[arg-type]
-                    gid=tuple(d["credentials"]["gid"]),  # type: ignore[arg-type]
+                    uid=tuple(d["credentials"]["uid"]),
+                    gid=tuple(d["credentials"]["gid"]),
                     groups=tuple(d["credentials"]["groups"]),
                 ),
                 source_pid=d["source_pid"],

@@ -24,6 +24,7 @@ All calls for one stub must come from one thread (see `Tracer`). A failed restor
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import signal
 import struct
@@ -150,7 +151,7 @@ def _scratch_address(spans: list[tuple[int, int]], size: int, avoid: int = 0) ->
     for hint in SCRATCH_HINTS:
         if hint != avoid and _free(spans, hint, size):
             return hint
-    for (_, end), (begin, _) in zip(spans, spans[1:], strict=False):  # any gap
+    for (_, end), (begin, _) in itertools.pairwise(spans):  # any gap
         candidate = round_up(end + (1 << 30), 1 << 21)
         if candidate != avoid and candidate + size <= begin:
             return candidate
@@ -205,8 +206,16 @@ class _Builder:
         anon = private_fixed | MapFlag.ANONYMOUS
         if v.kind in ("file", "shared"):
             flags = (MapFlag.SHARED | MapFlag.FIXED) if v.kind == "shared" else private_fixed
-            p.syscall(Syscall.MMAP, v.start, v.size, v.prot, flags, self.file_fd(v.file), v.file_offset,
-                      what=f"mmap of {self.m.files[v.file].path} at {where}")
+            p.syscall(
+                Syscall.MMAP,
+                v.start,
+                v.size,
+                v.prot,
+                flags,
+                self.file_fd(v.file),
+                v.file_offset,
+                what=f"mmap of {self.m.files[v.file].path} at {where}",
+            )
             return
         by_copy = v.stack or self.mode == "copy" or (self.mode == "lazy" and not self.shared_lazy)
         covered = sum(r.length for r in v.runs) == v.size
@@ -224,44 +233,85 @@ class _Builder:
         if self.mode == "lazy" and not v.stack:
             self.ranges.append((start, length, offset))
             if self.shared_lazy:
-                p.syscall(Syscall.MMAP, start, length, v.prot, MapFlag.PRIVATE | MapFlag.FIXED, self.cache_fd,
-                          self.cache_base + offset, what=f"mmap of the cache segment at {where}")
+                p.syscall(
+                    Syscall.MMAP,
+                    start,
+                    length,
+                    v.prot,
+                    MapFlag.PRIVATE | MapFlag.FIXED,
+                    self.cache_fd,
+                    self.cache_base + offset,
+                    what=f"mmap of the cache segment at {where}",
+                )
             reg = p.put(struct.pack("<QQQQ", start, length, UffdRegisterMode.MISSING, 0))
             p.syscall(Syscall.IOCTL, self.uffd_fd, UFFDIO_REGISTER, reg, what=f"UFFDIO_REGISTER of {where}")
         elif by_copy:
             p.pread(self.segment_fd, start, length, self.base + offset, what=f"reading pages of {where}")
         else:
-            p.syscall(Syscall.MMAP, start, length, v.prot, MapFlag.PRIVATE | MapFlag.FIXED, self.segment_fd,
-                      self.base + offset, what=f"mmap of the template segment at {where}")
+            p.syscall(
+                Syscall.MMAP,
+                start,
+                length,
+                v.prot,
+                MapFlag.PRIVATE | MapFlag.FIXED,
+                self.segment_fd,
+                self.base + offset,
+                what=f"mmap of the template segment at {where}",
+            )
 
     def mm_and_signals(self) -> None:
         p, m = self.p, self.m
         auxv = p.put(m.auxv)
         mm = m.mm
         raw = _PRCTL_MM_MAP.pack(
-            mm.start_code, mm.end_code, mm.start_data, mm.end_data, mm.start_brk, mm.brk, mm.start_stack,
-            mm.arg_start, mm.arg_end, mm.env_start, mm.env_end, auxv, len(m.auxv), self.file_fd(m.exe),
+            mm.start_code,
+            mm.end_code,
+            mm.start_data,
+            mm.end_data,
+            mm.start_brk,
+            mm.brk,
+            mm.start_stack,
+            mm.arg_start,
+            mm.arg_end,
+            mm.env_start,
+            mm.env_end,
+            auxv,
+            len(m.auxv),
+            self.file_fd(m.exe),
         )
         p.syscall(Syscall.PRCTL, PR_SET_MM, PR_SET_MM_MAP, p.put(raw), len(raw), 0, what="PR_SET_MM_MAP")
         p.syscall(Syscall.PERSONALITY, m.personality, what="personality")
         for sig, act in sorted(m.sigactions.items()):
-            p.syscall(Syscall.RT_SIGACTION, sig, p.put(act), 0, 8, what=f"rt_sigaction({signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else sig})")
+            p.syscall(
+                Syscall.RT_SIGACTION,
+                sig,
+                p.put(act),
+                0,
+                8,
+                what=f"rt_sigaction({signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else sig})",
+            )
         sp, flags, size = m.altstack
         if not flags & SS_DISABLE:
-            p.syscall(Syscall.SIGALTSTACK, p.put(struct.pack("<QiiQ", sp, flags & ~SS_ONSTACK, 0, size)), 0,
-                      what="sigaltstack")
+            p.syscall(
+                Syscall.SIGALTSTACK,
+                p.put(struct.pack("<QiiQ", sp, flags & ~SS_ONSTACK, 0, size)),
+                0,
+                what="sigaltstack",
+            )
 
     def fds(self) -> None:
         for rec in self.m.fds:
             self.p.open_fd(rec.path, rec.flags, rec.fd, rec.pos, what=f"reopening fd {rec.fd} ({rec.path})")
-        self.p.syscall(Syscall.CLOSE_RANGE, self.fd_base, self.fd_base + self.nfds - 1, 0,
-                       what="closing the restore fds")
+        self.p.syscall(
+            Syscall.CLOSE_RANGE, self.fd_base, self.fd_base + self.nfds - 1, 0, what="closing the restore fds"
+        )
 
     def thread_state(self) -> None:
         p, m = self.p, self.m
         if m.tid_address:  # glibc caches the tid where set_tid_address points: give it the new one
-            p.syscall(Syscall.SET_TID_ADDRESS, m.tid_address, what="set_tid_address", flags=STORE32,
-                      store=m.tid_address)
+            p.syscall(
+                Syscall.SET_TID_ADDRESS, m.tid_address, what="set_tid_address", flags=STORE32, store=m.tid_address
+            )
         head, length = m.robust_list
         if head:
             p.syscall(Syscall.SET_ROBUST_LIST, head, length, what="set_robust_list")
@@ -312,8 +362,14 @@ def _prologue(plan: _Plan, template: Template, stub_maps: list[procfs.Vma], stub
     """Ops that depend on the stub: unregister its rseq, unmap it, move its special mappings."""
     pro = Program(0)
     if stub_rseq.abi_pointer:
-        pro.syscall(Syscall.RSEQ, stub_rseq.abi_pointer, stub_rseq.abi_size, RSEQ_FLAG_UNREGISTER,
-                    stub_rseq.signature, what="unregistering the stub's rseq")
+        pro.syscall(
+            Syscall.RSEQ,
+            stub_rseq.abi_pointer,
+            stub_rseq.abi_size,
+            RSEQ_FLAG_UNREGISTER,
+            stub_rseq.signature,
+            what="unregistering the stub's rseq",
+        )
     ours = {v.path: (v.start, v.end) for v in stub_maps if v.special and v.path != "[vsyscall]"}
     theirs = template.manifest.specials
     if {k: e - s for k, (s, e) in ours.items()} != {k: e - s for k, (s, e) in theirs.items()}:
@@ -348,8 +404,15 @@ def _move_specials(
     for name, (start, end) in sorted(ours.items(), key=lambda kv: kv[1]):
         moves.append((name, start, end - start, theirs[name][0]))
     for name, start, size, target in moves:
-        pro.syscall(Syscall.MREMAP, start, size, size, MremapFlag.MAYMOVE | MremapFlag.FIXED, target,
-                    what=f"moving {name} to {target:#x}")
+        pro.syscall(
+            Syscall.MREMAP,
+            start,
+            size,
+            size,
+            MremapFlag.MAYMOVE | MremapFlag.FIXED,
+            target,
+            what=f"moving {name} to {target:#x}",
+        )
 
 
 # -- restore ------------------------------------------------------------------------------------
@@ -402,9 +465,16 @@ def _restore(template: Template, stub: Stub, mode: str, pagers: list[Pager]) -> 
     if len(image) > plan.stack_top - STACK_SIZE - plan.scratch:
         raise RestoreError(f"the restore program ({len(image)} bytes) outgrew its scratch area")
     with SyscallInjector(pid) as inj:
-        inj.call_ok(Syscall.MMAP, plan.scratch, plan.size, Prot.READ | Prot.WRITE | Prot.EXEC,
-                    MapFlag.PRIVATE | MapFlag.ANONYMOUS | MapFlag.FIXED_NOREPLACE, -1, 0,
-                    what="mapping the restorer's scratch area")
+        inj.call_ok(
+            Syscall.MMAP,
+            plan.scratch,
+            plan.size,
+            Prot.READ | Prot.WRITE | Prot.EXEC,
+            MapFlag.PRIVATE | MapFlag.ANONYMOUS | MapFlag.FIXED_NOREPLACE,
+            -1,
+            0,
+            what="mapping the restorer's scratch area",
+        )
         memory.process_vm_writev(pid, plan.scratch, image)
         _start_blob(pid, inj.saved, plan.scratch, plan.stack_top, args_addr)
         if mode == "lazy":
@@ -452,8 +522,9 @@ def _start_pager(template: Template, pid: int, plan: _Plan) -> Pager:
         os.close(handle)
     cache = template.cache_address() if template.shares_lazily else None
     try:
-        return Pager(uffd, plan.ranges, template.source_address(), template.segment.size, cache,
-                     prefetch=template.working_set())
+        return Pager(
+            uffd, plan.ranges, template.source_address(), template.segment.size, cache, prefetch=template.working_set()
+        )
     except BaseException:
         os.close(uffd)
         raise

@@ -13,6 +13,7 @@ so the instance is not pid 1 (pid 1 ignores its own SIGSTOP and dies with every 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -85,10 +86,8 @@ def _waiter(popen: subprocess.Popen[bytes], in_pid_namespace: bool) -> Any:
 def _killer(popen: subprocess.Popen[bytes], pid: int) -> Any:
     def kill() -> None:
         for target in {pid, popen.pid}:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(target, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     return kill
 

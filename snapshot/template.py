@@ -12,6 +12,7 @@ segment page indices in first-fault order, little-endian uint32). `Template.dele
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
@@ -69,14 +70,17 @@ class Template:
             raise
 
     def check_files(self) -> None:
-        """The files this template maps are still the captured ones (run at every restore)."""
-        for ident, fd in zip(self.manifest.files, self.file_fds, strict=True):
-            for st in (os.fstat(fd), _stat_or_none(ident.path)):
-                if st is None:
-                    raise FileChanged(f"{ident.path}, which template {self.name!r} maps, no longer exists")
-                change = ident.describe_change(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-                if change:
-                    raise FileChanged(f"template {self.name!r} cannot be restored: {change}")
+        """The files this template maps are still the captured ones (run at every restore).
+
+        One stat of each path: a file modified in place shows a new size/mtime there as well as
+        on the fd we hold, and a file replaced under its name shows another device/inode."""
+        for ident in self.manifest.files:
+            st = _stat_or_none(ident.path)
+            if st is None:
+                raise FileChanged(f"{ident.path}, which template {self.name!r} maps, no longer exists")
+            change = ident.describe_change(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            if change:
+                raise FileChanged(f"template {self.name!r} cannot be restored: {change}")
 
     # -- what a restore needs --------------------------------------------------------------------
     def restore_fds(self, mode: str) -> list[int]:
@@ -137,10 +141,8 @@ class Template:
         if not pages:
             return
         name = working_set_name(self.name)
-        try:
+        with contextlib.suppress(SegmentNotFound):
             self.pool.delete(name)
-        except SegmentNotFound:
-            pass
         raw = struct.pack(f"<{len(pages)}I", *pages)
         with self.pool.create_segment(name, len(raw), kind="workingset") as writer:
             writer.write(0, raw)
@@ -171,10 +173,8 @@ class Template:
     def delete(pool: Pool, name: str) -> None:
         """Remove template `name` with its cache and working set (freed once no instance maps them)."""
         for seg in (working_set_name(name), cache_name(name), name):
-            try:
+            with contextlib.suppress(SegmentNotFound):
                 pool.delete(seg)
-            except SegmentNotFound:
-                pass
 
 
 def _stat_or_none(path: str) -> os.stat_result | None:

@@ -53,7 +53,7 @@ def start_guest(function_dir: Path, env: dict[str, str] | None = None, timeout: 
     ours, theirs = socket.socketpair()
     popen = subprocess.Popen(
         ["sh", "-c", 'exec "$@" 3<&0 </dev/null', "sh", sys.executable, "-m", "sandbox.guest", str(function_dir)],
-        stdin=theirs,
+        stdin=theirs.fileno(),
         cwd=REPO,
         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
     )
@@ -73,7 +73,9 @@ def start_guest(function_dir: Path, env: dict[str, str] | None = None, timeout: 
 def request(sock: socket.socket, path: str = "/", body: Any = None) -> Any:
     """One invocation; returns the decoded JSON body (or raises with the guest's error)."""
     raw = json.dumps(body).encode() if body is not None else b""
-    protocol.send(sock.fileno(), {"type": "request", "id": 1, "path": path, "method": "POST", "body": protocol.b64(raw)})
+    protocol.send(
+        sock.fileno(), {"type": "request", "id": 1, "path": path, "method": "POST", "body": protocol.b64(raw)}
+    )
     reply = recv(sock)
     assert reply is not None, "the instance closed its control socket"
     if reply["type"] == "error":

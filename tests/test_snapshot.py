@@ -14,20 +14,20 @@ import psutil
 import pytest
 
 from native.constants import CloneFlag
+from sandbox.guest import protocol
 from shmpool import Pool, SegmentCorrupt
+from snapshot import procfs
 from snapshot.capture import capture
 from snapshot.errors import FileChanged, NotCapturable, RestoreError
 from snapshot.restore import restore
 from snapshot.stub import launch_stub
 from snapshot.template import Template
-from sandbox.guest import protocol
-from snapshot import procfs
 from tests.guests import captured, recv, request, start_guest, thawed
 
 pytestmark = pytest.mark.privileged
 MODES = ["cow", "copy", "lazy"]
 
-WORKLOAD = '''
+WORKLOAD = """
 import ctypes, decimal, fractions, hashlib, json, os, random, signal, threading, time
 import email.parser, xml.dom.minidom                      # imported modules must survive
 BIG = bytearray(random.Random(7).randbytes(24 << 20))      # a large buffer, varied content
@@ -96,7 +96,7 @@ def handle(event, context):
     if what == "/exit":
         os._exit(int(event.body or b"0"))
     return {"unknown": what}
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -267,13 +267,14 @@ def test_changed_library_is_refused_and_stub_killed(pool: Pool, workload_dir: Pa
     fn = tmp_path / "fn"
     fn.mkdir()
     (fn / "handler.py").write_text(
-        f"import ctypes\nLIB = ctypes.CDLL({str(lib)!r})\ndef handle(event, context):\n    return LIB.zlibVersion() != 0\n"
+        f"import ctypes\nLIB = ctypes.CDLL({str(lib)!r})\n"
+        "def handle(event, context):\n    return LIB.zlibVersion() != 0\n"
     )
     with captured(pool, fn, "libchange") as template:
         with open(lib, "ab") as f:
             f.write(b"\0")  # the library changes under the template
         stub = launch_stub(template.restore_fds("cow"))
-        with pytest.raises(FileChanged, match="libcopy.so was modified"):
+        with pytest.raises(FileChanged, match=r"libcopy\.so was modified"):
             restore(template, stub, "cow")
         assert stub.wait(10) is not None  # the stub was killed and reaped
         assert stub.pid not in _children()
@@ -290,8 +291,10 @@ def _function(tmp_path: Path, body: str) -> Path:
 @pytest.mark.parametrize(
     ("init", "message"),
     [
-        ("import threading, time\nthreading.Thread(target=time.sleep, args=(600,), name='sleeper').start()",
-         r"has 2 threads: \d+ \(python\), \d+ \(python\); a template holds one thread"),
+        (
+            "import threading, time\nthreading.Thread(target=time.sleep, args=(600,), name='sleeper').start()",
+            r"has 2 threads: \d+ \(python\), \d+ \(python\); a template holds one thread",
+        ),
         ("import os\nPIPE = os.pipe()", r"fds a restore cannot recreate: fd \d+ -> pipe:\[\d+\]"),
         ("import mmap\nSHARED = mmap.mmap(-1, 4096)", r"writable shared mapping"),
     ],
@@ -315,10 +318,9 @@ def test_running_process_is_refused(pool: Pool) -> None:
 
 def test_failed_restore_kills_the_stub(workload: Template) -> None:
     stub = launch_stub(workload.restore_fds("cow")[:1])  # the library fds are missing
-    with pytest.raises(RestoreError, match="mmap of .* Bad file descriptor"):
+    with pytest.raises(RestoreError, match=r"mmap of .* Bad file descriptor"):
         restore(workload, stub, "cow")
     assert stub.wait(10) is not None
-
 
 
 BIG_GUEST = """
@@ -386,11 +388,10 @@ def test_torch_model_guest_computes_the_same_outputs(pool: Pool, tmp_path: Path,
     fn = tmp_path / "model"
     fn.mkdir()
     (fn / "handler.py").write_text(MODEL_GUEST)
-    with captured(pool, fn, f"model-{mode}") as template:
-        with thawed(template, mode) as (_, stub):
-            assert stub.control is not None
-            result = request(stub.control)
-            assert result["out"] == result["expected"]
+    with captured(pool, fn, f"model-{mode}") as template, thawed(template, mode) as (_, stub):
+        assert stub.control is not None
+        result = request(stub.control)
+        assert result["out"] == result["expected"]
     Template.delete(pool, f"model-{mode}")
 
 

@@ -1,0 +1,249 @@
+"""Restore benchmark (run it as `scripts/bench_restore`): how long until a function answers.
+
+For guests holding 64 MiB, 256 MiB and 1 GiB of initialized state (every page written with varied
+content; 4 GiB too with --large, one run only), on a tmpfs pool bound to node 0:
+
+- cold     spawn the guest, import, init (fill the state), first reply
+- copy     restore with anonymous memory filled from the template (what CRIU does), to first reply
+- lazy     restore with pages served on fault through userfaultfd, to first reply (the first
+           run records the working set; later runs find those pages in the shared cache segment)
+- cow      restore with the template's pages mapped copy-on-write, to first reply
+
+Restores start from a stub that is already stopped (a sandbox keeps them ready), so the time is
+restore() + RESTORED + one request and its reply. Rss/Pss are per instance after the first reply;
+cow at 256 MiB is also measured with 8 instances alive. Each figure is the median (and p90) of
+--reps runs. Prints a table with the ratios cold/cow and copy/cow; `--json PATH` writes the rows
+(`size_mib`, `mode`, `median_ms`, `p90_ms`, `pss_mib`, `rss_mib`, plus `instances`, `runs`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import select
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from sandbox.guest import protocol
+from shmpool import Pool
+from snapshot import procfs
+from snapshot.capture import capture
+from snapshot.restore import Instance, restore
+from snapshot.stub import LaunchedStub, launch_stub
+from snapshot.template import Template
+
+REPO = Path(__file__).resolve().parents[1]
+GUEST = """
+import os, random
+RNG = random.Random(int(os.environ["BENCH_SEED"]))
+STATE = bytearray(b"".join(RNG.randbytes(1 << 20) for _ in range(int(os.environ["BENCH_MIB"]))))
+def handle(event, context):
+    return {"ok": True, "pid": context.pid}
+"""
+
+
+def _recv(sock: socket.socket, timeout: float = 600) -> Any:
+    if not select.select([sock], [], [], timeout)[0]:
+        raise RuntimeError(f"no answer within {timeout} s")
+    return protocol.recv(sock.fileno())
+
+
+def _first_reply(sock: socket.socket) -> None:
+    protocol.send(sock.fileno(), {"type": "request", "id": 1, "path": "/", "body": ""})
+    reply = _recv(sock)
+    if not reply or reply.get("type") != "response":
+        raise RuntimeError(f"the guest answered {reply}")
+
+
+def _spawn(function_dir: Path, mib: int) -> tuple[subprocess.Popen[bytes], socket.socket]:
+    ours, theirs = socket.socketpair()
+    env = {**os.environ, "BENCH_MIB": str(mib), "BENCH_SEED": "1", "OMP_NUM_THREADS": "1"}
+    popen = subprocess.Popen(
+        ["sh", "-c", 'exec "$@" 3<&0 </dev/null', "sh", sys.executable, "-m", "sandbox.guest", str(function_dir)],
+        stdin=theirs.fileno(),
+        cwd=REPO,
+        env=env,
+    )
+    theirs.close()
+    return popen, ours
+
+
+def _parked(popen: subprocess.Popen[bytes], sock: socket.socket) -> None:
+    if _recv(sock) != {"type": "ready"}:
+        raise RuntimeError("the guest did not say READY")
+    while procfs.state(popen.pid) != "T":
+        time.sleep(0.0002)
+
+
+def cold_start(function_dir: Path, mib: int) -> float:
+    t0 = time.perf_counter()
+    popen, sock = _spawn(function_dir, mib)
+    try:
+        _parked(popen, sock)
+        os.kill(popen.pid, signal.SIGCONT)  # a cold start does not stop: resume at once
+        _recv(sock)  # RESTORED (the guest says it after any stop)
+        _first_reply(sock)
+        return (time.perf_counter() - t0) * 1e3
+    finally:
+        popen.kill()
+        popen.wait()
+        sock.close()
+
+
+def _memory(pid: int) -> tuple[float, float]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, value = line.split(":", 1)
+        fields[key] = int(value.split()[0]) / 1024
+    return fields["Rss"], fields["Pss"]
+
+
+def thaw(template: Template, mode: str) -> tuple[float, Instance, LaunchedStub]:
+    stub = launch_stub(template.restore_fds(mode))
+    assert stub.control is not None
+    t0 = time.perf_counter()
+    instance = restore(template, stub, mode)
+    _recv(stub.control)  # RESTORED
+    _first_reply(stub.control)
+    return (time.perf_counter() - t0) * 1e3, instance, stub
+
+
+def _close(instance: Instance, stub: LaunchedStub) -> None:
+    instance.close()
+    if stub.control is not None:
+        stub.control.close()
+
+
+def _row(mib: int, mode: str, times: list[float], mem: tuple[float, float], instances: int = 1) -> dict[str, Any]:
+    ordered = sorted(times)
+    return {
+        "size_mib": mib,
+        "mode": mode,
+        "median_ms": round(statistics.median(ordered), 3),
+        "p90_ms": round(ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], 3),
+        "rss_mib": round(mem[0], 1),
+        "pss_mib": round(mem[1], 1),
+        "instances": instances,
+        "runs": len(ordered),
+    }
+
+
+def measure_restores(template: Template, mib: int, mode: str, reps: int) -> dict[str, Any]:
+    times, mem = [], (0.0, 0.0)
+    for _ in range(reps):
+        elapsed, instance, stub = thaw(template, mode)
+        times.append(elapsed)
+        mem = _memory(instance.pid)
+        _close(instance, stub)
+    return _row(mib, mode, times, mem)
+
+
+def measure_shared(template: Template, mib: int, count: int) -> dict[str, Any]:
+    """`count` cow instances alive at once, each having touched all of its state."""
+    alive, times = [], []
+    try:
+        for _ in range(count):
+            elapsed, instance, stub = thaw(template, "cow")
+            times.append(elapsed)
+            alive.append((instance, stub))
+        for instance, _ in alive:  # read every page: Rss is the whole state, Pss its share
+            with open(f"/proc/{instance.pid}/mem", "rb") as mem:
+                for vma in procfs.read_maps(instance.pid):
+                    if vma.size >= mib << 20:
+                        mem.seek(vma.start)
+                        mem.read(vma.size)
+        usage = [_memory(instance.pid) for instance, _ in alive]
+        return _row(
+            mib, "cow", times, (statistics.mean(u[0] for u in usage), statistics.mean(u[1] for u in usage)), count
+        )
+    finally:
+        for instance, stub in alive:
+            _close(instance, stub)
+
+
+def bench_size(pool: Pool, function_dir: Path, mib: int, reps: int) -> list[dict[str, Any]]:
+    rows = [_row(mib, "cold", [cold_start(function_dir, mib) for _ in range(reps)], (0.0, 0.0))]
+    popen, sock = _spawn(function_dir, mib)
+    try:
+        _parked(popen, sock)
+        rows[0]["rss_mib"], rows[0]["pss_mib"] = (round(x, 1) for x in _memory(popen.pid))
+        template = capture(popen.pid, pool, f"bench-{mib}")
+    finally:
+        popen.kill()
+        popen.wait()
+        sock.close()
+    try:
+        for mode in ("copy", "lazy", "cow"):
+            rows.append(measure_restores(template, mib, mode, reps))
+            print(f"  {mib} MiB {mode}: {rows[-1]['median_ms']} ms", file=sys.stderr)
+        if mib == 256:
+            rows.append(measure_shared(template, mib, 8))
+    finally:
+        template.close()
+        Template.delete(pool, f"bench-{mib}")
+    cow = rows[3]["median_ms"]
+    for row in rows[:3]:
+        row["ratio_vs_cow"] = round(row["median_ms"] / cow, 1)
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        f"{'size':>7} {'mode':>5} {'n':>2} {'median ms':>10} {'p90 ms':>9} {'x cow':>7} {'Rss MiB':>8} {'Pss MiB':>8}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        ratio = f"{r['ratio_vs_cow']:>7}" if "ratio_vs_cow" in r and r["mode"] != "lazy" else " " * 7
+        lines.append(
+            f"{r['size_mib']:>4} MiB {r['mode']:>5} {r['instances']:>2} {r['median_ms']:>10.2f} {r['p90_ms']:>9.2f} "
+            f"{ratio} {r['rss_mib']:>8.1f} {r['pss_mib']:>8.1f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/bench_restore", description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="64,256,1024", help="state sizes in MiB (default 64,256,1024)")
+    parser.add_argument("--reps", type=int, default=10, help="runs per figure (default 10)")
+    parser.add_argument("--large", action="store_true", help="also 4 GiB, one run per mode")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
+    args = parser.parse_args(argv)
+    if os.geteuid() != 0:
+        print("bench_restore: needs root (it mounts a pool and restores with ptrace)", file=sys.stderr)
+        return 2
+    sizes = [(int(s), args.reps) for s in args.sizes.split(",")] + ([(4096, 1)] if args.large else [])
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="thaw-bench-") as tmp:
+        function_dir = Path(tmp) / "fn"
+        function_dir.mkdir()
+        (function_dir / "handler.py").write_text(GUEST)
+        capacity = max(mib for mib, _ in sizes) * 3 << 20
+        pool = Pool.create(Path(tmp) / "pool", backend="tmpfs", node=0, size=capacity + (256 << 20))
+        try:
+            for mib, reps in sizes:
+                rows.extend(bench_size(pool, function_dir, mib, reps))
+        finally:
+            pool.destroy()
+    print(table(rows))
+    print(
+        f"host: {platform.node()} {platform.machine()} kernel {platform.release()}, {os.cpu_count()} CPUs; "
+        "tmpfs pool on node 0"
+    )
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""`python -m snapshot`: see snapshot.cli."""
+
+import sys
+
+from snapshot.cli import main
+
+sys.exit(main())
