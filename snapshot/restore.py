@@ -32,10 +32,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from native import memory, pidfd, ptrace
 from native.constants import (
+    PR_SET_MM_MAP,
     UFFDIO_API,
     UFFDIO_REGISTER,
     MapFlag,
@@ -48,7 +48,7 @@ from native.constants import (
 )
 from native.pager import Pager, PagerStats
 from native.ptrace import Registers
-from native.restorer import ALLOW_ERROR, ARG0_SAVED, ARGS, SAVE, STORE32, Program
+from native.restorer import ALLOW_ERROR, ARG0_SAVED, ARGS, OP, SAVE, STORE32, Program
 from shmpool.backends import round_up
 from snapshot import procfs
 from snapshot.errors import FileChanged, RestoreError
@@ -65,8 +65,7 @@ SS_DISABLE = 2
 SS_ONSTACK = 1
 RSEQ_FLAG_UNREGISTER = 1
 CAPABILITY_VERSION_3 = 0x20080522
-PR_SET_MM_MAP = 14
-PR_SET_MM = 35
+PROLOGUE_ROOM = 256  # ops: the stub-specific prologue (rseq, unmaps, special mappings) is far shorter
 _PRCTL_MM_MAP = struct.Struct("<11QQII")
 
 
@@ -128,14 +127,6 @@ class _Plan:
     size: int = 0
     stack_top: int = 0
     park: int = 0
-
-
-def _plans(template: Template) -> dict[tuple[str, int], _Plan]:
-    cache: dict[tuple[str, int], _Plan] | None = getattr(template, "_restore_plans", None)
-    if cache is None:
-        cache = {}
-        template._restore_plans = cache  # type: ignore[attr-defined]
-    return cache
 
 
 def _intervals(manifest: Manifest) -> list[tuple[int, int]]:
@@ -279,7 +270,7 @@ class _Builder:
             len(m.auxv),
             self.file_fd(m.exe),
         )
-        p.syscall(Syscall.PRCTL, PR_SET_MM, PR_SET_MM_MAP, p.put(raw), len(raw), 0, what="PR_SET_MM_MAP")
+        p.syscall(Syscall.PRCTL, Prctl.SET_MM, PR_SET_MM_MAP, p.put(raw), len(raw), 0, what="PR_SET_MM_MAP")
         p.syscall(Syscall.PERSONALITY, m.personality, what="personality")
         for sig, act in sorted(m.sigactions.items()):
             p.syscall(
@@ -340,15 +331,15 @@ def _cap_last_cap() -> int:
 
 def _plan(template: Template, mode: str, fd_base: int, avoid: int = 0) -> _Plan:
     key = (mode, fd_base)
-    plans = _plans(template)
-    plan = plans.get(key)
+    plans = template.restore_plans
+    plan: _Plan | None = plans.get(key)
     if plan is not None and plan.scratch != avoid:
         return plan
     spans = _intervals(template.manifest)
     specials = sum(end - start for start, end in template.manifest.specials.values())
     estimate = _Builder(template, mode, 0, fd_base).build()  # sizes do not depend on the address
     image, _, _ = estimate.program.finish()
-    image_size = round_up(len(image) + 256 * 80, PAGE)  # room for the per-stub prologue's ops
+    image_size = round_up(len(image) + PROLOGUE_ROOM * OP.size, PAGE)
     size = image_size + STACK_SIZE + round_up(specials, PAGE)
     scratch = _scratch_address(spans, size, avoid)
     plan = _Builder(template, mode, scratch, fd_base).build()
@@ -528,7 +519,3 @@ def _start_pager(template: Template, pid: int, plan: _Plan) -> Pager:
     except BaseException:
         os.close(uffd)
         raise
-
-
-def describe(instance: Instance) -> dict[str, Any]:
-    return {"pid": instance.pid, "template": instance.template.name, "mode": instance.mode, **instance.timings}

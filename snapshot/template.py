@@ -16,7 +16,7 @@ import contextlib
 import mmap
 import os
 import struct
-from typing import Self
+from typing import Any, Self
 
 from native import memory
 from shmpool import Pool, Segment, SegmentNotFound
@@ -43,6 +43,8 @@ class Template:
         self._cache_view: mmap.mmap | None = None
         self._source_view: mmap.mmap | None = None
         self._working_set: list[int] | None = None
+        # restore.py's per-template restore programs, built once per (mode, fd base)
+        self.restore_plans: dict[tuple[str, int], Any] = {}
 
     @property
     def name(self) -> str:
