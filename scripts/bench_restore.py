@@ -22,18 +22,16 @@ import argparse
 import json
 import os
 import platform
-import select
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from sandbox.guest import protocol
+from sandbox.guest.launch import ParkedGuest, invoke, recv, start_parked
 from shmpool import Pool
 from snapshot import procfs
 from snapshot.capture import capture
@@ -51,52 +49,26 @@ def handle(event, context):
 """
 
 
-def _recv(sock: socket.socket, timeout: float = 600) -> Any:
-    if not select.select([sock], [], [], timeout)[0]:
-        raise RuntimeError(f"no answer within {timeout} s")
-    return protocol.recv(sock.fileno())
-
-
 def _first_reply(sock: socket.socket) -> None:
-    protocol.send(sock.fileno(), {"type": "request", "id": 1, "path": "/", "body": ""})
-    reply = _recv(sock)
-    if not reply or reply.get("type") != "response":
+    reply = invoke(sock, timeout=600)
+    if reply.get("type") != "response":
         raise RuntimeError(f"the guest answered {reply}")
 
 
-def _spawn(function_dir: Path, mib: int) -> tuple[subprocess.Popen[bytes], socket.socket]:
-    ours, theirs = socket.socketpair()
-    env = {**os.environ, "BENCH_MIB": str(mib), "BENCH_SEED": "1", "OMP_NUM_THREADS": "1"}
-    popen = subprocess.Popen(
-        ["sh", "-c", 'exec "$@" 3<&0 </dev/null', "sh", sys.executable, "-m", "sandbox.guest", str(function_dir)],
-        stdin=theirs.fileno(),
-        cwd=REPO,
-        env=env,
-    )
-    theirs.close()
-    return popen, ours
-
-
-def _parked(popen: subprocess.Popen[bytes], sock: socket.socket) -> None:
-    if _recv(sock) != {"type": "ready"}:
-        raise RuntimeError("the guest did not say READY")
-    while procfs.state(popen.pid) != "T":
-        time.sleep(0.0002)
+def _start(function_dir: Path, mib: int) -> ParkedGuest:
+    return start_parked(function_dir, {"BENCH_MIB": str(mib), "BENCH_SEED": "1"}, cwd=REPO, timeout=600)
 
 
 def cold_start(function_dir: Path, mib: int) -> float:
     t0 = time.perf_counter()
-    popen, sock = _spawn(function_dir, mib)
+    guest = _start(function_dir, mib)
     try:
-        _parked(popen, sock)
-        os.kill(popen.pid, signal.SIGCONT)  # a cold start does not stop: resume at once
-        _recv(sock)  # RESTORED (the guest says it after any stop)
-        _first_reply(sock)
+        os.kill(guest.pid, signal.SIGCONT)  # a cold start does not stop: resume at once
+        recv(guest.control)  # RESTORED (the guest says it after any stop)
+        _first_reply(guest.control)
         return (time.perf_counter() - t0) * 1e3
     finally:
-        popen.kill()
-        popen.wait()
-        sock.close()
+        guest.kill()
 
 
 def _memory(pid: int) -> tuple[float, float]:
@@ -112,7 +84,7 @@ def thaw(template: Template, mode: str) -> tuple[float, Instance, LaunchedStub]:
     assert stub.control is not None
     t0 = time.perf_counter()
     instance = restore(template, stub, mode)
-    _recv(stub.control)  # RESTORED
+    recv(stub.control)  # RESTORED
     _first_reply(stub.control)
     return (time.perf_counter() - t0) * 1e3, instance, stub
 
@@ -172,15 +144,12 @@ def measure_shared(template: Template, mib: int, count: int) -> dict[str, Any]:
 
 def bench_size(pool: Pool, function_dir: Path, mib: int, reps: int) -> list[dict[str, Any]]:
     rows = [_row(mib, "cold", [cold_start(function_dir, mib) for _ in range(reps)], (0.0, 0.0))]
-    popen, sock = _spawn(function_dir, mib)
+    guest = _start(function_dir, mib)
     try:
-        _parked(popen, sock)
-        rows[0]["rss_mib"], rows[0]["pss_mib"] = (round(x, 1) for x in _memory(popen.pid))
-        template = capture(popen.pid, pool, f"bench-{mib}")
+        rows[0]["rss_mib"], rows[0]["pss_mib"] = (round(x, 1) for x in _memory(guest.pid))
+        template = capture(guest.pid, pool, f"bench-{mib}")
     finally:
-        popen.kill()
-        popen.wait()
-        sock.close()
+        guest.kill()
     try:
         for mode in ("copy", "lazy", "cow"):
             rows.append(measure_restores(template, mib, mode, reps))

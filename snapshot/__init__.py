@@ -8,7 +8,7 @@
 - `stub`      launch_stub: thaw's own stub launcher for restores without a sandbox
 - `procfs`    mappings, present pages (pagemap), threads and run state of a process
 - `inject`    seizing a parked process and running syscalls inside it with ptrace
-- `cli`, `demo`  python -m snapshot (demo | show)
+- `cli`       python -m snapshot show NAME
 
 Uses shmpool and native only; never imports sandbox or daemon. All ptrace calls for one process
 must come from one thread (the one that seized it).

@@ -12,9 +12,8 @@ import os
 import sys
 
 from shmpool import Pool, PoolError
-from shmpool.cli import human, parse_size
+from shmpool.cli import human
 from shmpool.pool import DEFAULT_ROOT
-from snapshot.demo import run_demo
 from snapshot.errors import SnapshotError
 from snapshot.template import Template
 
@@ -55,22 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m snapshot", description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=DEFAULT_ROOT, help=f"pool directory (default {DEFAULT_ROOT})")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="capture a function and thaw instances in every mode")
-    demo.add_argument("--node", type=int, default=0, help="NUMA node of a new pool (default 0)")
-    demo.add_argument("--size", type=parse_size, default=parse_size("8G"), help="size of a new pool (default 8G)")
-    demo.add_argument("--runs", type=int, default=5, help="instances per mode (default 5)")
     shower = sub.add_parser("show", help="what a template holds")
     shower.add_argument("name")
     shower.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
-        print("python -m snapshot: needs root (ptrace, pool mounts)", file=sys.stderr)
+        print("python -m snapshot: needs root (the pool's catalog and segments)", file=sys.stderr)
         return 2
     try:
-        if args.command == "demo":
-            run_demo(args.root, args.node, args.size, args.runs)
-        else:
-            show(args.root, args.name, args.json)
+        show(args.root, args.name, args.json)
     except (SnapshotError, PoolError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

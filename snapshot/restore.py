@@ -224,31 +224,17 @@ class _Builder:
         if self.mode == "lazy" and not v.stack:
             self.ranges.append((start, length, offset))
             if self.shared_lazy:
-                p.syscall(
-                    Syscall.MMAP,
-                    start,
-                    length,
-                    v.prot,
-                    MapFlag.PRIVATE | MapFlag.FIXED,
-                    self.cache_fd,
-                    self.cache_base + offset,
-                    what=f"mmap of the cache segment at {where}",
-                )
+                self.map_private(v, start, length, self.cache_fd, self.cache_base + offset, "the cache segment", where)
             reg = p.put(struct.pack("<QQQQ", start, length, UffdRegisterMode.MISSING, 0))
             p.syscall(Syscall.IOCTL, self.uffd_fd, UFFDIO_REGISTER, reg, what=f"UFFDIO_REGISTER of {where}")
         elif by_copy:
             p.pread(self.segment_fd, start, length, self.base + offset, what=f"reading pages of {where}")
         else:
-            p.syscall(
-                Syscall.MMAP,
-                start,
-                length,
-                v.prot,
-                MapFlag.PRIVATE | MapFlag.FIXED,
-                self.segment_fd,
-                self.base + offset,
-                what=f"mmap of the template segment at {where}",
-            )
+            self.map_private(v, start, length, self.segment_fd, self.base + offset, "the template segment", where)
+
+    def map_private(self, v: VmaRecord, start: int, length: int, fd: int, offset: int, source: str, where: str) -> None:
+        flags = MapFlag.PRIVATE | MapFlag.FIXED
+        self.p.syscall(Syscall.MMAP, start, length, v.prot, flags, fd, offset, what=f"mmap of {source} at {where}")
 
     def mm_and_signals(self) -> None:
         p, m = self.p, self.m

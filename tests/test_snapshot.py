@@ -198,7 +198,8 @@ def test_sixteen_concurrent_restores(workload: Template, mode: str) -> None:
         randoms = set()
         for stub in stubs:
             assert stub.control is not None
-            assert recv(stub.control)["type"] == "restored"
+            hello = recv(stub.control)
+            assert hello is not None and hello["type"] == "restored"
             state = request(stub.control, "/verify")
             assert state["big"] and state["graph"]
             randoms.add(state["random"])
