@@ -27,6 +27,8 @@ ALLOW_ERROR = int(lib.THAW_OPF_ALLOW_ERROR)
 SAVE = int(lib.THAW_OPF_SAVE)
 ARG0_SAVED = int(lib.THAW_OPF_ARG0_SAVED)
 STORE32 = int(lib.THAW_OPF_STORE32)
+STUB_SCRATCH = int(lib.THAW_STUB_SCRATCH)  # where stubs pre-map the restorer's scratch area
+STUB_SCRATCH_SIZE = int(lib.THAW_STUB_SCRATCH_SIZE)
 
 
 def blob() -> bytes:

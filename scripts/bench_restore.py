@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sandbox.guest.launch import ParkedGuest, invoke, recv, start_parked
+from sandbox.guest import protocol
+from sandbox.guest.launch import ParkedGuest, recv, start_parked
 from shmpool import Pool
 from snapshot import procfs
 from snapshot.capture import capture
@@ -50,9 +51,12 @@ def handle(event, context):
 
 
 def _first_reply(sock: socket.socket) -> None:
-    reply = invoke(sock, timeout=600)
-    if reply.get("type") != "response":
-        raise RuntimeError(f"the guest answered {reply}")
+    """Send the request at once, as the daemon does (it waits in the socket while the guest
+    says RESTORED), then read RESTORED and the reply."""
+    protocol.send(sock.fileno(), {"type": "request", "id": 1, "path": "/", "method": "POST", "body": ""})
+    restored, reply = recv(sock, 600), recv(sock, 600)
+    if restored is None or restored.get("type") != "restored" or reply is None or reply.get("type") != "response":
+        raise RuntimeError(f"the guest answered {restored} and {reply}")
 
 
 def _start(function_dir: Path, mib: int) -> ParkedGuest:
@@ -64,8 +68,7 @@ def cold_start(function_dir: Path, mib: int) -> float:
     guest = _start(function_dir, mib)
     try:
         os.kill(guest.pid, signal.SIGCONT)  # a cold start does not stop: resume at once
-        recv(guest.control)  # RESTORED (the guest says it after any stop)
-        _first_reply(guest.control)
+        _first_reply(guest.control)  # RESTORED (the guest says it after any stop), then the reply
         return (time.perf_counter() - t0) * 1e3
     finally:
         guest.kill()
@@ -84,7 +87,6 @@ def thaw(template: Template, mode: str) -> tuple[float, Instance, LaunchedStub]:
     assert stub.control is not None
     t0 = time.perf_counter()
     instance = restore(template, stub, mode)
-    recv(stub.control)  # RESTORED
     _first_reply(stub.control)
     return (time.perf_counter() - t0) * 1e3, instance, stub
 

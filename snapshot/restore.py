@@ -48,7 +48,17 @@ from native.constants import (
 )
 from native.pager import Pager, PagerStats
 from native.ptrace import Registers
-from native.restorer import ALLOW_ERROR, ARG0_SAVED, ARGS, OP, SAVE, STORE32, Program
+from native.restorer import (
+    ALLOW_ERROR,
+    ARG0_SAVED,
+    ARGS,
+    OP,
+    SAVE,
+    STORE32,
+    STUB_SCRATCH,
+    STUB_SCRATCH_SIZE,
+    Program,
+)
 from shmpool.backends import round_up
 from snapshot import procfs
 from snapshot.errors import FileChanged, RestoreError
@@ -59,7 +69,7 @@ from snapshot.template import FIRST_RESTORE_FD, MODES, Template
 PAGE = procfs.PAGE
 STACK_SIZE = 64 << 10
 TASK_TOP = (1 << 47) - PAGE
-SCRATCH_HINTS = (0x2000_0000_0000, 0x1000_0000_0000, 0x3000_0000_0000, 0x0800_0000_0000)
+SCRATCH_HINTS = (STUB_SCRATCH, 0x1000_0000_0000, 0x3000_0000_0000, 0x0800_0000_0000)
 UFFD_API = 0xAA
 SS_DISABLE = 2
 SS_ONSTACK = 1
@@ -434,31 +444,27 @@ def _restore(template: Template, stub: Stub, mode: str, pagers: list[Pager]) -> 
     pid = stub.pid
     seize_stopped(pid)
     stub_maps = procfs.read_maps(pid)
+    premapped = _premapped_scratch(stub_maps)
+    taken = [(v.start, v.end) for v in stub_maps if v.start != premapped]
     plan = _plan(template, mode, stub.fd_base)
-    if not _free([(v.start, v.end) for v in stub_maps], plan.scratch, plan.size):
+    if not _free(taken, plan.scratch, plan.size):
         plan = _plan(template, mode, stub.fd_base, avoid=plan.scratch)
     prologue = _prologue(plan, template, stub_maps, ptrace.get_rseq_configuration(pid))
     image, args_addr, what = plan.program.finish(prologue)
     if len(image) > plan.stack_top - STACK_SIZE - plan.scratch:
         raise RestoreError(f"the restore program ({len(image)} bytes) outgrew its scratch area")
-    with SyscallInjector(pid) as inj:
-        inj.call_ok(
-            Syscall.MMAP,
-            plan.scratch,
-            plan.size,
-            Prot.READ | Prot.WRITE | Prot.EXEC,
-            MapFlag.PRIVATE | MapFlag.ANONYMOUS | MapFlag.FIXED_NOREPLACE,
-            -1,
-            0,
-            what="mapping the restorer's scratch area",
-        )
-        memory.process_vm_writev(pid, plan.scratch, image)
-        _start_blob(pid, inj.saved, plan.scratch, plan.stack_top, args_addr)
-        if mode == "lazy":
-            _wait_blob(pid, args_addr, what, paused=True)
-            pagers.append(_start_pager(template, pid, plan))
-            ptrace.cont(pid)
-        _wait_blob(pid, args_addr, what, paused=False)
+    if plan.scratch == premapped and plan.size <= STUB_SCRATCH_SIZE:
+        regs = ptrace.getregs(pid)  # the stub mapped the area: the prologue unmaps what is left over
+    else:  # replacing the stub's area where it is in the way (it was too small)
+        in_the_way = not _free([(premapped, premapped + STUB_SCRATCH_SIZE)], plan.scratch, plan.size)
+        regs = _map_scratch(pid, plan, replace=in_the_way)
+    memory.process_vm_writev(pid, plan.scratch, image)
+    _start_blob(pid, regs, plan.scratch, plan.stack_top, args_addr)
+    if mode == "lazy":
+        _wait_blob(pid, args_addr, what, paused=True)
+        pagers.append(_start_pager(template, pid, plan))
+        ptrace.cont(pid)
+    _wait_blob(pid, args_addr, what, paused=False)
     manifest = template.manifest
     with SyscallInjector(pid, insn=manifest.syscall_insn) as inj:
         if plan.uffd_fd >= 0:
@@ -469,6 +475,31 @@ def _restore(template: Template, stub: Stub, mode: str, pagers: list[Pager]) -> 
     ptrace.set_xstate(pid, manifest.xstate)
     ptrace.detach(pid)
     return Instance(pid, template, mode, stub, pagers[0] if pagers else None)
+
+
+def _premapped_scratch(stub_maps: list[procfs.Vma]) -> int:
+    """STUB_SCRATCH if the stub mapped its scratch area there as restorer.h says, else -1."""
+    for v in stub_maps:
+        if v.start == STUB_SCRATCH and v.size == STUB_SCRATCH_SIZE and v.perms.startswith("rwx") and not v.path:
+            return STUB_SCRATCH
+    return -1
+
+
+def _map_scratch(pid: int, plan: _Plan, replace: bool) -> Registers:
+    """Map the scratch area by an injected mmap; returns the stub's registers from before."""
+    fixed = MapFlag.FIXED if replace else MapFlag.FIXED_NOREPLACE
+    with SyscallInjector(pid) as inj:
+        inj.call_ok(
+            Syscall.MMAP,
+            plan.scratch,
+            plan.size,
+            Prot.READ | Prot.WRITE | Prot.EXEC,
+            MapFlag.PRIVATE | MapFlag.ANONYMOUS | fixed,
+            -1,
+            0,
+            what="mapping the restorer's scratch area",
+        )
+    return inj.saved
 
 
 def _start_blob(pid: int, regs: Registers, entry: int, stack_top: int, args_addr: int) -> None:

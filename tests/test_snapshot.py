@@ -13,12 +13,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-from native.constants import CloneFlag
+from native import ptrace
+from native.constants import CloneFlag, Syscall
+from native.restorer import STUB_SCRATCH, STUB_SCRATCH_SIZE
 from sandbox.guest import protocol
 from shmpool import Pool, SegmentCorrupt
 from snapshot import procfs
 from snapshot.capture import capture
 from snapshot.errors import FileChanged, NotCapturable, RestoreError
+from snapshot.inject import SyscallInjector, seize_stopped
 from snapshot.restore import restore
 from snapshot.stub import launch_stub
 from snapshot.template import Template
@@ -86,6 +89,10 @@ def handle(event, context):
         before = heap_end()
         keep = [bytearray(2000) for _ in range(20000)]   # malloc-sized: grows the brk heap
         return {"grew": heap_end() > before, "kept": len(keep)}
+    if what == "/gc":
+        import gc
+        gc.collect()
+        return {"frozen": gc.get_freeze_count()}
     if what == "/time":
         return {"now": time.time(), "monotonic": time.monotonic()}
     if what == "/write":
@@ -173,6 +180,24 @@ def test_instances_are_isolated_and_template_untouched(workload: Template, mode:
         assert request(c.control, "/read")["head"] == original
 
 
+def _anonymous_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Anonymous:"):
+            return int(line.split()[1])
+    raise AssertionError("no Anonymous line in smaps_rollup")
+
+
+def test_full_gc_in_an_instance_keeps_sharing_the_heap(workload: Template) -> None:
+    """The guest freezes its heap before capture: a full collection in an instance does not
+    write into (and so copy) every object of the template's ~20 MB object graph."""
+    with thawed(workload, "cow") as (instance, stub):
+        assert stub.control is not None
+        request(stub.control, "/time")
+        before = _anonymous_kib(instance.pid)
+        assert request(stub.control, "/gc")["frozen"] > 20000
+        assert _anonymous_kib(instance.pid) - before < 2048
+
+
 def test_instances_draw_different_random_numbers(workload: Template) -> None:
     with thawed(workload, "cow") as (_, a), thawed(workload, "cow") as (_, b):
         assert a.control is not None and b.control is not None
@@ -242,6 +267,37 @@ def test_restore_round_trips_do_not_grow_with_vmas(pool: Pool, workload_dir: Pat
             Template.delete(pool, f"vmas-{extra}")
     assert trips[1000][1] >= trips[0][1] + 1000
     assert trips[1000][0] == trips[0][0]
+
+
+def _unmap_premapped_scratch(pid: int) -> None:
+    """Make a stub like one that did not map the scratch area itself; leave it stopped."""
+    seize_stopped(pid)
+    with SyscallInjector(pid) as inj:
+        inj.call_ok(Syscall.MUNMAP, STUB_SCRATCH, STUB_SCRATCH_SIZE, what="munmap")
+    ptrace.detach(pid, signal.SIGSTOP)
+    while procfs.state(pid) != "T":
+        time.sleep(0.001)
+
+
+def test_restore_maps_the_scratch_area_when_the_stub_did_not(workload: Template) -> None:
+    trips = {}
+    for premapped in (True, False):
+        stub = launch_stub(workload.restore_fds("cow"))
+        assert stub.control is not None
+        assert any(v.start == STUB_SCRATCH for v in procfs.read_maps(stub.pid))
+        if not premapped:
+            _unmap_premapped_scratch(stub.pid)
+        instance = restore(workload, stub, "cow")
+        try:
+            hello = recv(stub.control)
+            assert hello is not None and hello["type"] == "restored"
+            assert request(stub.control, "/verify")["big"]
+            assert not any(v.start == STUB_SCRATCH for v in procfs.read_maps(instance.pid))
+            trips[premapped] = instance.round_trips
+        finally:
+            instance.close()
+            stub.control.close()
+    assert trips[False] == trips[True] + 1  # the injected mmap is the one round trip saved
 
 
 # -- bad inputs ---------------------------------------------------------------------------------

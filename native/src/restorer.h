@@ -10,6 +10,12 @@
 
 #include <stdint.h>
 
+/* A stub may map the restorer's scratch area itself before it stops (anonymous, read/write/exec,
+ * exactly here and this large): a restore whose plan chose this address then skips one injected
+ * mmap, a ptrace round trip. Both stubs thaw ships (thaw-stub and the sandbox agent's) do. */
+#define THAW_STUB_SCRATCH 0x200000000000ULL
+#define THAW_STUB_SCRATCH_SIZE (4ULL << 20)
+
 #define THAW_RESTORER_MAGIC 0x74686177726f7031ULL /* "thawrop1" */
 
 enum thaw_restorer_op_kind {

@@ -18,9 +18,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+#include "restorer.h"
 
 #define FIRST_RESTORER_FD 1000
 #define CONTROL_FD 3
@@ -74,6 +77,9 @@ static int become_stub(int nmoves, char **moves)
     }
     syscall(SYS_close_range, 4, FIRST_RESTORER_FD - 1, 0);
     syscall(SYS_close_range, top + 1, ~0U, 0);
+    /* Best effort: without it the restore maps the scratch area by an injected syscall. */
+    mmap((void *)THAW_STUB_SCRATCH, THAW_STUB_SCRATCH_SIZE, PROT_READ | PROT_WRITE | PROT_EXEC,
+         MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
     /* A direct kill(2): the stub then rests right after a `syscall` instruction, where the
      * tracer's first injected syscall can reuse it. */
     syscall(SYS_kill, getpid(), SIGSTOP);

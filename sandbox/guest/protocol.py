@@ -74,6 +74,11 @@ def recv(fd: int, max_frame: int = DEFAULT_MAX_FRAME) -> Message | None:
     data = _read_exact(fd, size)
     if data is None:
         raise ProtocolError("peer closed the connection between a frame's header and its body")
+    return decode(data)
+
+
+def decode(data: bytes) -> Message:
+    """A frame's body as a message."""
     try:
         message = json.loads(data)
     except ValueError as e:
