@@ -75,6 +75,11 @@ CONSTANTS = {
         THAW_OPF_ALLOW_ERROR THAW_OPF_SAVE
         THAW_OPF_ARG0_SAVED THAW_OPF_STORE32 THAW_STUB_SCRATCH THAW_STUB_SCRATCH_SIZE
     """,
+    "agent": """
+        THAW_AGENT_PING THAW_AGENT_STUB THAW_AGENT_SPAWN THAW_AGENT_MOUNT_FUNCTION THAW_AGENT_FRESH_TMP
+        THAW_AGENT_HOSTNAME THAW_AGENT_NETLINK THAW_AGENT_CGROUPS THAW_AGENT_OK THAW_AGENT_ERROR
+        THAW_AGENT_EXITED THAW_AGENT_READY THAW_AGENT_MAX_PAYLOAD THAW_AGENT_MAX_FDS
+    """,
     "misc": """
         CLOSE_RANGE_UNSHARE CLOSE_RANGE_CLOEXEC ADDR_NO_RANDOMIZE READ_IMPLIES_EXEC
         PIDFD_NONBLOCK
@@ -131,6 +136,7 @@ int mount(const char *source, const char *target, const char *fstype, unsigned l
           const void *data);
 int umount2(const char *target, int flags);
 int thaw_pivot_root(const char *new_root, const char *put_old);
+int thaw_detached_bind(const char *path, int readonly);
 long thaw_prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4, unsigned long a5);
 int close_range(unsigned int first, unsigned int last, int flags);
 int personality(unsigned long persona);
@@ -190,6 +196,7 @@ HEADERS = """
 #include <unistd.h>
 #include "thaw_native.h"
 #include "restorer.h"
+#include "agent.h"
 """
 
 # The restorer blob must be a flat, relocation-free image: no libc, no stack protector (no TLS
@@ -209,6 +216,7 @@ BLOB_CFLAGS = [
 ]
 BLOB_SOURCE = SRC / "restorer_blob.gen.c"
 STUB = Path("native") / "thaw-stub"
+AGENT = Path("native") / "thaw-agent"
 
 
 def _run(*argv: str | Path) -> str:
@@ -237,8 +245,13 @@ def build_stub() -> None:
     _run("cc", "-O2", "-Wall", "-Wextra", "-Werror", SRC / "stub.c", "-o", STUB)
 
 
+def build_agent() -> None:
+    _run("cc", "-O2", "-Wall", "-Wextra", "-Werror", SRC / "agent.c", "-o", AGENT)
+
+
 build_restorer_blob()
 build_stub()
+build_agent()
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)

@@ -1,4 +1,4 @@
-"""mount(2), umount2(2), pivot_root(2) and the filesystem type of a path (statfs f_type)."""
+"""mount(2), umount2(2), pivot_root(2), detached bind mounts (open_tree) and a path's filesystem type."""
 
 from __future__ import annotations
 
@@ -37,6 +37,12 @@ def umount2(target: str, flags: int = 0) -> None:
 
 def pivot_root(new_root: str, put_old: str) -> None:
     check(lib.thaw_pivot_root(new_root.encode(), put_old.encode()), "pivot_root", f"{new_root} ({put_old})")
+
+
+def detached_bind(path: str, readonly: bool = True) -> int:
+    """A detached bind mount of `path` (open_tree OPEN_TREE_CLONE; read-only, nosuid, nodev by
+    default), as an fd that a process in another mount namespace attaches with move_mount."""
+    return check(lib.thaw_detached_bind(path.encode(), int(readonly)), "open_tree", path)
 
 
 def statfs_type(path: str) -> int:

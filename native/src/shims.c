@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/mount.h>
 #include <linux/userfaultfd.h>
 #include <stdarg.h>
 #include <string.h>
@@ -99,6 +100,21 @@ long thaw_move_pages(pid_t pid, unsigned long count, const uintptr_t *pages, con
 int thaw_pivot_root(const char *new_root, const char *put_old)
 {
     return (int)syscall(SYS_pivot_root, new_root, put_old);
+}
+
+int thaw_detached_bind(const char *path, int readonly)
+{
+    int fd = (int)syscall(SYS_open_tree, AT_FDCWD, path, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC);
+    if (fd < 0 || !readonly)
+        return fd;
+    struct mount_attr attr = {.attr_set = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV};
+    if (syscall(SYS_mount_setattr, fd, "", AT_EMPTY_PATH, &attr, sizeof attr) < 0) {
+        int err = errno;
+        close(fd);
+        errno = err;
+        return -1;
+    }
+    return fd;
 }
 
 long thaw_prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4, unsigned long a5)

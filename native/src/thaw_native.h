@@ -41,6 +41,9 @@ long thaw_get_mempolicy(int *mode, unsigned long *nodemask, unsigned long maxnod
 long thaw_move_pages(pid_t pid, unsigned long count, const uintptr_t *pages, const int *nodes,
                      int *status, int flags);
 int thaw_pivot_root(const char *new_root, const char *put_old);
+/* open_tree(OPEN_TREE_CLONE) of `path`, made read-only/nosuid/nodev: a detached mount to hand to
+ * another mount namespace (move_mount there). */
+int thaw_detached_bind(const char *path, int readonly);
 long thaw_prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4, unsigned long a5);
 long thaw_statfs_type(const char *path);
 

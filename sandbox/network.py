@@ -1,0 +1,158 @@
+"""Sandbox networking with pyroute2: a bridge, and per sandbox a veth pair and an address.
+
+    host:     bridge thaw0 (gateway, first address of the subnet) <- thv<id> (veth)
+    sandbox:  lo up; eth0 (the veth's peer) with its own address; default route via the gateway
+
+The sandbox side is configured through a NETLINK_ROUTE socket the sandbox's agent opens in its
+network namespace and hands over (pyroute2 `IPRoute(fileno=...)`): the multi-threaded daemon
+never enters another namespace, and pyroute2's netns helpers (which fork) are not used.
+
+Egress is off unless configured: thaw never enables forwarding or NAT itself, so a sandbox
+reaches the host's bridge address and nothing beyond, unless the host routes for it (with
+`egress=True`, thaw turns on IPv4 forwarding; NAT for the subnet is the host's firewall's job).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyroute2 import IPRoute
+
+from sandbox.errors import SandboxError, SubnetExhausted
+
+IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    bridge: str = "thaw0"
+    subnet: str = "10.88.0.0/16"
+    egress: bool = False
+
+    def network(self) -> ipaddress.IPv4Network:
+        try:
+            net = ipaddress.IPv4Network(self.subnet)
+        except ValueError as e:
+            raise SandboxError(f"subnet {self.subnet!r} is not an IPv4 network: {e}") from e
+        if net.num_addresses < 4:
+            raise SandboxError(f"subnet {self.subnet} is too small: it needs the gateway and one sandbox address")
+        if not 1 <= len(self.bridge) <= 15:
+            raise SandboxError(f"bridge name {self.bridge!r} must be 1 to 15 characters")
+        return net
+
+
+@dataclass(frozen=True)
+class Lease:
+    host_ifname: str
+    address: ipaddress.IPv4Address
+    gateway: ipaddress.IPv4Address
+    prefixlen: int
+
+
+class Network:
+    def __init__(self, config: NetworkConfig) -> None:
+        self.config = config
+        self.net = config.network()
+        self.gateway = next(self.net.hosts())
+        self.in_use: set[ipaddress.IPv4Address] = set()
+        self.lock = threading.Lock()
+        self.created_bridge = False
+        self.ipr = IPRoute()
+
+    def setup(self) -> None:
+        """Create the bridge with the gateway address unless it exists; turn on forwarding for egress."""
+        name = self.config.bridge
+        if not self.ipr.link_lookup(ifname=name):
+            self.ipr.link("add", ifname=name, kind="bridge")
+            self.created_bridge = True
+        index = self.ipr.link_lookup(ifname=name)[0]
+        have = {a.get("IFA_ADDRESS") for a in self.ipr.get_addr(index=index)}
+        if str(self.gateway) not in have:
+            self.ipr.addr("add", index=index, address=str(self.gateway), prefixlen=self.net.prefixlen)
+        self.ipr.link("set", index=index, state="up")
+        if self.config.egress:
+            IP_FORWARD.write_text("1")
+
+    def _allocate(self) -> ipaddress.IPv4Address:
+        with self.lock:
+            for address in self.net.hosts():
+                if address != self.gateway and address not in self.in_use:
+                    self.in_use.add(address)
+                    return address
+        raise SubnetExhausted(f"every address of subnet {self.config.subnet} is in use ({len(self.in_use)} sandboxes)")
+
+    def _free(self, address: ipaddress.IPv4Address) -> None:
+        with self.lock:
+            self.in_use.discard(address)
+
+    def attach(self, sandbox_id: str, agent_pid: int, netlink_fd: int) -> Lease:
+        """Give the sandbox (its agent's network namespace) eth0 on the bridge. All or nothing.
+        Takes ownership of `netlink_fd` (a NETLINK_ROUTE socket inside the sandbox)."""
+        inside = IPRoute(fileno=netlink_fd)
+        try:
+            address = self._allocate()
+            lease = Lease(f"thv{sandbox_id}"[:15], address, self.gateway, self.net.prefixlen)
+            try:
+                self._create_veth(lease, agent_pid)
+                self._configure_inside(lease, inside)
+            except BaseException:
+                self.detach(lease)
+                raise
+            return lease
+        finally:
+            inside.close()
+
+    def _create_veth(self, lease: Lease, agent_pid: int) -> None:
+        ipr = self.ipr
+        try:
+            ipr.link("add", ifname=lease.host_ifname, kind="veth", peer={"ifname": "eth0", "net_ns_pid": agent_pid})
+        except Exception as e:
+            raise SandboxError(f"creating veth {lease.host_ifname} for the sandbox: {e}") from e
+        index = ipr.link_lookup(ifname=lease.host_ifname)[0]
+        bridge = ipr.link_lookup(ifname=self.config.bridge)
+        if not bridge:
+            raise SandboxError(f"bridge {self.config.bridge} is gone (was Network.setup() called?)")
+        ipr.link("set", index=index, master=bridge[0], state="up")
+
+    @staticmethod
+    def _configure_inside(lease: Lease, inside: IPRoute) -> None:
+        try:
+            inside.link("set", index=inside.link_lookup(ifname="lo")[0], state="up")
+            eth0 = inside.link_lookup(ifname="eth0")[0]
+            inside.addr("add", index=eth0, address=str(lease.address), prefixlen=lease.prefixlen)
+            inside.link("set", index=eth0, state="up")
+            inside.route("add", dst="default", gateway=str(lease.gateway))
+        except Exception as e:
+            raise SandboxError(f"configuring eth0 {lease.address} inside the sandbox: {e}") from e
+
+    def detach(self, lease: Lease) -> None:
+        """Delete the veth pair (its peer goes with it) and free the address."""
+        try:
+            for index in self.ipr.link_lookup(ifname=lease.host_ifname):
+                self.ipr.link("del", index=index)
+        finally:
+            self._free(lease.address)
+
+    def stale_veths(self) -> list[str]:
+        """Host ends of veths left on the bridge by a previous run."""
+        bridge = self.ipr.link_lookup(ifname=self.config.bridge)
+        if not bridge:
+            return []
+        return [link.get("IFLA_IFNAME") for link in self.ipr.get_links() if link.get("IFLA_MASTER") == bridge[0]]
+
+    def remove_veth(self, ifname: str) -> None:
+        for index in self.ipr.link_lookup(ifname=ifname):
+            self.ipr.link("del", index=index)
+
+    def teardown(self) -> None:
+        """Delete the bridge if this Network created it; close the netlink socket."""
+        try:
+            if self.created_bridge:
+                for index in self.ipr.link_lookup(ifname=self.config.bridge):
+                    self.ipr.link("del", index=index)
+                self.created_bridge = False
+        finally:
+            self.ipr.close()

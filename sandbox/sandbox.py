@@ -1,0 +1,285 @@
+"""One type-agnostic sandbox: namespaces held by an agent, two cgroups, a veth, a rootfs.
+
+    sandbox = Sandbox.create(config, tree, network)     # ~tens of ms: namespaces, rootfs, veth
+    sandbox.repurpose(spec)                              # < 1 ms: limits, /function, /tmp, hostname
+    guest = sandbox.spawn([python, "-m", "sandbox.guest", "/function"], control_fd=...)
+    stub = sandbox.spawn_stub(restore_fds, control_fd=...)  # stopped, for snapshot.restore
+    sandbox.release()                                    # kill instances, scrub; the agent stays
+    sandbox.destroy()
+
+The agent (pid 1 inside) lives in the sandbox's *agent* cgroup; guests and stubs join the
+*instance* cgroup, which carries the limits and which release() kills. Every process inside
+runs as the configured unprivileged uid/gid (a stub gets its uid from the template it becomes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+import shutil
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from native import mounts, pidfd
+from sandbox import rootfs
+from sandbox.agent import Agent, AgentOptions
+from sandbox.cgroups import Cgroup, CgroupTree, Limits
+from sandbox.errors import AgentError, InvalidSpec, SandboxError
+from sandbox.network import Lease, Network
+
+FUNCTION_DIR = "/function"
+FIRST_RESTORE_FD = 1000
+_HOSTNAME = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$")
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    runtime_dir: Path = Path("/run/thaw/sandboxes")  # where the (empty) rootfs mount points go
+    uid: int = 65534
+    gid: int = 65534
+    tmp_options: str = "mode=1777,size=64m"
+    extra_leaves: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """What a function needs of a sandbox."""
+
+    function_dir: Path
+    limits: Limits = field(default_factory=Limits)
+    env: dict[str, str] = field(default_factory=dict)
+    hostname: str = ""
+
+    def validate(self) -> SandboxSpec:
+        self.limits.validate()
+        if not self.function_dir.is_dir():
+            raise InvalidSpec(f"function directory {self.function_dir} does not exist or is not a directory")
+        if self.hostname and not _HOSTNAME.match(self.hostname):
+            raise InvalidSpec(f"hostname {self.hostname!r} is not a valid host name")
+        if any("=" in k or "\0" in k + v for k, v in self.env.items()):
+            raise InvalidSpec("environment names must not contain '=' and nothing may contain NUL bytes")
+        return self
+
+
+@dataclass
+class ProcessExit:
+    code: int | None  # exit code, or None when killed by a signal
+    signal: int | None
+    oom_killed: bool
+
+    def describe(self) -> str:
+        if self.oom_killed:
+            return "killed by the OOM killer (memory limit reached)"
+        if self.signal is not None:
+            return f"killed by {signal.Signals(self.signal).name}"
+        return f"exited with {self.code}"
+
+
+class SandboxProcess:
+    """A guest or stub inside a sandbox. The agent is its parent; exits come from the agent."""
+
+    def __init__(self, sandbox: Sandbox, inner_pid: int, pid: int) -> None:
+        self.sandbox, self.inner_pid, self.pid = sandbox, inner_pid, pid
+        self.pidfd = pidfd.pidfd_open(pid)
+        self.oom_before = sandbox.instance_cgroup.oom_kills()
+        self.exit: ProcessExit | None = None
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Exit code (or -signal) once the process is gone; None while it runs."""
+        result = self.wait_exit(timeout)
+        if result is None:
+            return None
+        return result.code if result.code is not None else -(result.signal or 0)
+
+    def wait_exit(self, timeout: float | None = None) -> ProcessExit | None:
+        if self.exit is None:
+            status = self.sandbox.agent.wait_exit(self.inner_pid, timeout)
+            if status is None:
+                return None
+            killed = os.WIFSIGNALED(status)
+            oom = (
+                killed
+                and os.WTERMSIG(status) == signal.SIGKILL
+                and self.sandbox.instance_cgroup.oom_kills() > self.oom_before
+            )
+            self.exit = ProcessExit(
+                os.WEXITSTATUS(status) if os.WIFEXITED(status) else None, os.WTERMSIG(status) if killed else None, oom
+            )
+            os.close(self.pidfd)
+        return self.exit
+
+    def kill(self) -> None:
+        if self.exit is None:
+            with contextlib.suppress(ProcessLookupError):
+                pidfd.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+
+
+class Sandbox:
+    def __init__(
+        self, sandbox_id: str, config: SandboxConfig, agent: Agent, agent_cgroup: Cgroup, instance_cgroup: Cgroup
+    ) -> None:
+        self.id, self.config, self.agent = sandbox_id, config, agent
+        self.agent_cgroup, self.instance_cgroup = agent_cgroup, instance_cgroup
+        self.lease: Lease | None = None
+        self.network: Network | None = None
+        self.spec: SandboxSpec | None = None
+        self.hostname = f"sbx-{sandbox_id}"
+        self.processes: list[SandboxProcess] = []
+
+    # -- building ------------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, config: SandboxConfig, tree: CgroupTree, network: Network | None = None) -> Sandbox:
+        """Build a sandbox; on failure everything built so far is taken down again."""
+        sandbox_id = secrets.token_hex(4)
+        undo: list[object] = []
+        root = config.runtime_dir / sandbox_id
+        try:
+            agent_cgroup = tree.create(f"agent-{sandbox_id}")
+            undo.append(agent_cgroup)
+            instance_cgroup = tree.create(f"sbx-{sandbox_id}")
+            undo.append(instance_cgroup)
+            root.mkdir(parents=True)
+            options = AgentOptions(
+                root=root,
+                leaves=tuple(rootfs.default_leaves(config.extra_leaves)),
+                hostname=f"sbx-{sandbox_id}",
+                uid=config.uid,
+                gid=config.gid,
+                tmp_options=config.tmp_options,
+            )
+            agent = Agent.start(options, agent_cgroup.procs_files())
+            sandbox = cls(sandbox_id, config, agent, agent_cgroup, instance_cgroup)
+            undo.append(sandbox)
+            root.rmdir()  # a mount point only inside the sandbox's mount namespace: free on the host
+            agent.set_cgroups(instance_cgroup.procs_files())
+            if network is not None:
+                sandbox.lease = network.attach(sandbox_id, agent.pid, agent.netlink())
+                sandbox.network = network
+            return sandbox
+        except BaseException:
+            for thing in reversed(undo):
+                if isinstance(thing, Sandbox):
+                    thing.agent.close()
+                elif isinstance(thing, Cgroup):
+                    thing.kill_and_wait()
+                    thing.remove()
+            shutil.rmtree(root, ignore_errors=True)
+            raise
+
+    # -- use -----------------------------------------------------------------------------------------
+    def repurpose(self, spec: SandboxSpec) -> None:
+        """Make this sandbox the given function's: limits, /function, a fresh /tmp, hostname, env."""
+        spec.validate()
+        self.instance_cgroup.set_limits(spec.limits)
+        mount = mounts.detached_bind(str(spec.function_dir))
+        try:
+            self.agent.mount_function(mount)
+        finally:
+            os.close(mount)
+        self.agent.fresh_tmp(self.config.tmp_options)
+        hostname = spec.hostname or f"sbx-{self.id}"
+        if hostname != self.hostname:
+            self.agent.hostname(hostname)
+            self.hostname = hostname
+        self.spec = spec
+
+    def spawn(
+        self, argv: list[str], control_fd: int | None = None, log_fd: int | None = None, cwd: str = "/"
+    ) -> SandboxProcess:
+        """Exec `argv` inside (an absolute path: there is no PATH search) with the spec's env, as the
+        sandbox uid/gid. fd 3 is `control_fd`, fds 0-2 are `log_fd` (default /dev/null)."""
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "HOSTNAME": self.hostname}
+        env.update(self.spec.env if self.spec else {})
+        with _fds(control_fd, log_fd) as (control, log):
+            inner, pid = self.agent.spawn(argv, env, cwd, self.config.uid, self.config.gid, log, control)
+        return self._track(inner, pid)
+
+    def spawn_stub(
+        self, restore_fds: list[int], control_fd: int | None = None, log_fd: int | None = None
+    ) -> SandboxProcess:
+        """A stopped stub in the instance cgroup holding `restore_fds` from fd 1000 (DESIGN.md, stub hand-off)."""
+        with _fds(control_fd, log_fd) as (control, log):
+            inner, pid = self.agent.stub(log, control, restore_fds, FIRST_RESTORE_FD)
+        return self._track(inner, pid)
+
+    def _track(self, inner: int, pid: int) -> SandboxProcess:
+        if not pid:
+            raise AgentError(f"the agent did not say the host pid of its child {inner}")
+        process = SandboxProcess(self, inner, pid)
+        self.processes = [p for p in self.processes if p.exit is None] + [process]
+        return process
+
+    @property
+    def root(self) -> str:
+        """The sandbox's root as the host sees it (paths of files inside, for the snapshot engine)."""
+        return f"/proc/{self.agent.pid}/root"
+
+    # -- giving back ---------------------------------------------------------------------------------
+    def release(self) -> None:
+        """Kill every instance process, check the cgroup is empty, scrub /function, /tmp, hostname
+        and env. The agent survives; SandboxError if the sandbox cannot be made clean."""
+        self.instance_cgroup.kill_and_wait()
+        for process in self.processes:
+            process.wait_exit(timeout=5.0)
+        self.processes = []
+        self.agent.mount_function(None)
+        self.agent.fresh_tmp(self.config.tmp_options)
+        default = f"sbx-{self.id}"
+        if self.hostname != default:
+            self.agent.hostname(default)
+            self.hostname = default
+        self.instance_cgroup.set_limits(Limits())
+        self.spec = None
+
+    def destroy(self) -> None:
+        """Take everything down: processes, agent, veth, cgroups."""
+        errors: list[str] = []
+        for step in (self.instance_cgroup.kill_and_wait, self.agent.close, self._detach, self.instance_cgroup.remove):
+            try:
+                step()
+            except (OSError, SandboxError) as e:
+                errors.append(str(e))
+        for process in self.processes:
+            if process.exit is None:
+                os.close(process.pidfd)
+                process.exit = ProcessExit(None, signal.SIGKILL, False)
+        try:
+            self.agent_cgroup.kill_and_wait()
+            self.agent_cgroup.remove()
+        except (OSError, SandboxError) as e:
+            errors.append(str(e))
+        if errors:
+            raise SandboxError(f"destroying sandbox {self.id}: " + "; ".join(errors))
+
+    def _detach(self) -> None:
+        if self.network is not None and self.lease is not None:
+            self.network.detach(self.lease)
+            self.lease = None
+
+    def alive(self) -> bool:
+        return self.agent.alive()
+
+
+class _fds:
+    """The control and log fds for a new process: the caller's, or /dev/null."""
+
+    def __init__(self, control: int | None, log: int | None) -> None:
+        self.control, self.log = control, log
+        self.opened: list[int] = []
+
+    def __enter__(self) -> tuple[int, int]:
+        def pick(fd: int | None) -> int:
+            if fd is not None:
+                return fd
+            null = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+            self.opened.append(null)
+            return null
+
+        return pick(self.control), pick(self.log)
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self.opened:
+            os.close(fd)

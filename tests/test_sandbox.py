@@ -1,0 +1,327 @@
+"""Sandboxes on the real kernel: isolation, limits, repurposing, release, leaks and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from pyroute2 import IPRoute
+
+from sandbox.cgroups import CgroupTree, Limits, detect
+from sandbox.errors import InvalidLimits, InvalidSpec, SandboxError, SubnetExhausted
+from sandbox.network import NetworkConfig
+from sandbox.pool import PoolSettings, SandboxPool
+from sandbox.sandbox import ProcessExit, Sandbox, SandboxConfig, SandboxSpec
+
+pytestmark = pytest.mark.privileged
+BRIDGE = "thawt0"
+SUBNET = "10.231.0.0/24"
+TREE = "thaw-test"
+
+
+def _function(directory: Path, body: str = "def handle(event, context):\n    return {'ok': True}\n") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o755)
+    (directory / "handler.py").write_text(body)
+    (directory / "handler.py").chmod(0o644)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("sandboxes")
+
+
+@pytest.fixture(scope="module")
+def pool(runtime: Path) -> Iterator[SandboxPool]:
+    pool = SandboxPool(
+        PoolSettings(prewarm=1, max_size=6, cgroup_tree=TREE),
+        SandboxConfig(runtime_dir=runtime),
+        NetworkConfig(bridge=BRIDGE, subnet=SUBNET),
+    )
+    yield pool
+    pool.destroy()
+
+
+@pytest.fixture
+def fn_a(tmp_path: Path) -> Path:
+    return _function(tmp_path / "fn-a")
+
+
+def run(sandbox: Sandbox, code: str, timeout: float = 30) -> tuple[ProcessExit, str]:
+    """Run Python `code` inside; returns how it ended and what it printed."""
+    read, write = os.pipe()
+    try:
+        process = sandbox.spawn([sys.executable, "-c", textwrap.dedent(code)], log_fd=write)
+    finally:
+        os.close(write)
+    chunks = []
+    while chunk := os.read(read, 65536):
+        chunks.append(chunk)
+    os.close(read)
+    ended = process.wait_exit(timeout)
+    assert ended is not None, "the process did not end"
+    return ended, b"".join(chunks).decode()
+
+
+def run_json(sandbox: Sandbox, code: str) -> dict[str, object]:
+    ended, out = run(sandbox, "import json\n" + textwrap.dedent(code))
+    assert ended.code == 0, out
+    result: dict[str, object] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+# -- isolation -----------------------------------------------------------------------------------------
+def test_inside_is_isolated(pool: SandboxPool, fn_a: Path, tmp_path: Path) -> None:
+    listener = socket.create_server(("10.231.0.1", 0))
+    port = listener.getsockname()[1]
+    accepted: list[str] = []
+    threading.Thread(target=lambda: accepted.append(listener.accept()[1][0]), daemon=True).start()
+    sandbox = pool.acquire(SandboxSpec(fn_a, hostname="fn-a"))
+    try:
+        seen = run_json(
+            sandbox,
+            f"""
+            import os, socket
+            def writable(path):
+                try:
+                    open(path, "w").close()
+                    return True
+                except OSError:
+                    return False
+            with socket.create_connection(("10.231.0.1", {port}), timeout=5):
+                pass
+            status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+            print(json.dumps({{
+                "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+                "me": os.getpid(),
+                "hostname": socket.gethostname(),
+                "links": sorted(name for _, name in socket.if_nameindex()),
+                "visible": [p for p in {[str(tmp_path), "/work/main/native", "/root/.bashrc", "/run/thaw", "/sys",
+                                         str(pool.config.runtime_dir), "/etc/shadow"]!r} if os.path.exists(p)],
+                "function": sorted(os.listdir("/function")),
+                "root_writable": writable("/x"),
+                "tmp_writable": writable("/tmp/x"),
+                "uid": [os.getuid(), os.getgid()],
+                "cap_eff": status["CapEff"].strip(),
+                "no_new_privs": status["NoNewPrivs"].strip(),
+            }}))
+            """,
+        )
+    finally:
+        pool.release(sandbox)
+        listener.close()
+    assert seen["pids"] == [1, seen["me"]]  # the agent and us, nothing of the host
+    assert seen["hostname"] == "fn-a"
+    assert seen["links"] == ["eth0", "lo"]
+    assert seen["visible"] == []
+    assert seen["function"] == ["handler.py"]
+    assert seen["root_writable"] is False and seen["tmp_writable"] is True
+    assert seen["uid"] == [65534, 65534]
+    assert seen["cap_eff"] == "0000000000000000" and seen["no_new_privs"] == "1"
+    assert sandbox.lease is not None and accepted == [str(sandbox.lease.address)]
+
+
+def test_eth0_has_the_assigned_address(pool: SandboxPool, fn_a: Path) -> None:
+    sandbox = pool.acquire(SandboxSpec(fn_a))
+    try:
+        inside = IPRoute(fileno=sandbox.agent.netlink())
+        try:
+            addresses = {(a.get_attr("IFA_LABEL"), a.get_attr("IFA_ADDRESS")) for a in inside.get_addr(family=2)}
+        finally:
+            inside.close()
+    finally:
+        pool.release(sandbox)
+    assert sandbox.lease is not None
+    assert addresses == {("lo", "127.0.0.1"), ("eth0", str(sandbox.lease.address))}
+
+
+# -- limits --------------------------------------------------------------------------------------------
+def test_memory_hog_is_oom_killed_and_reported(pool: SandboxPool, fn_a: Path) -> None:
+    sandbox = pool.acquire(SandboxSpec(fn_a, Limits(memory=48 << 20)))
+    try:
+        ended, _ = run(sandbox, "blocks = [bytearray(1 << 20) for _ in range(400)]\nprint('survived')")
+    finally:
+        pool.release(sandbox)
+    assert ended.oom_killed, ended
+    assert "OOM" in ended.describe()
+
+
+def test_fork_bomb_stops_at_pids_max(pool: SandboxPool, fn_a: Path) -> None:
+    sandbox = pool.acquire(SandboxSpec(fn_a, Limits(pids=12)))
+    try:
+        ended, out = run(
+            sandbox,
+            """
+            import os, time
+            children, refused = [], 0
+            for _ in range(60):
+                try:
+                    pid = os.fork()
+                except BlockingIOError:
+                    refused += 1
+                    continue
+                if pid == 0:
+                    os.closerange(0, 3)  # let the test read our parent's output to its end
+                    time.sleep(30)
+                    os._exit(0)
+                children.append(pid)
+            print(len(children), refused, flush=True)
+            """,
+        )
+        in_cgroup = len(sandbox.instance_cgroup.pids())
+    finally:
+        pool.release(sandbox)
+    made, refused = map(int, out.split())
+    assert ended.code == 0
+    assert made == 11 and refused == 49  # 12 = the python that forks + 11 children
+    assert in_cgroup == 11  # the parent has exited; its children remain until release
+
+
+def test_invalid_limits_are_refused_before_anything_changes(pool: SandboxPool, fn_a: Path) -> None:
+    idle = len(pool.idle)
+    for limits, words in [
+        (Limits(memory=1000), "memory limit"),
+        (Limits(cpu=0), "cpu limit"),
+        (Limits(pids=0), "pids limit"),
+        (Limits(cpuset_mems="zero"), "cpuset_mems"),
+    ]:
+        with pytest.raises(InvalidLimits, match=words):
+            pool.acquire(SandboxSpec(fn_a, limits))
+    with pytest.raises(InvalidSpec, match="does not exist"):
+        pool.acquire(SandboxSpec(fn_a / "missing"))
+    with pytest.raises(InvalidSpec, match="hostname"):
+        pool.acquire(SandboxSpec(fn_a, hostname="not a name"))
+    assert len(pool.idle) == idle and not pool.busy
+
+
+# -- repurposing and release ---------------------------------------------------------------------------
+def test_repurpose_leaves_nothing_of_the_previous_function(pool: SandboxPool, tmp_path: Path) -> None:
+    fn_b = _function(tmp_path / "fn-b")
+    (fn_b / "b-only.txt").write_text("b")
+    fn_a = _function(tmp_path / "fn-a")
+    a = pool.acquire(SandboxSpec(fn_a, hostname="fn-a", env={"A_SECRET": "1"}))
+    sleeper = a.spawn(["/bin/sh", "-c", "echo a > /tmp/a-file; exec sleep 60"])
+    first = a.id
+    pool.release(a)
+    b = pool.acquire(SandboxSpec(fn_b, hostname="fn-b", env={"B_SETTING": "2"}))
+    try:
+        assert b.id == first  # the same sandbox, repurposed
+        seen = run_json(
+            b,
+            """
+            import os, socket
+            print(json.dumps({
+                "tmp": os.listdir("/tmp"), "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+                "me": os.getpid(), "env": sorted(k for k in os.environ if k.endswith(("_SECRET", "_SETTING"))),
+                "hostname": socket.gethostname(), "function": sorted(os.listdir("/function")),
+            }))
+            """,
+        )
+    finally:
+        pool.release(b)
+    assert sleeper.wait_exit(0) is not None
+    assert seen == {
+        "tmp": [],
+        "pids": [1, seen["me"]],
+        "me": seen["me"],
+        "env": ["B_SETTING"],
+        "hostname": "fn-b",
+        "function": ["b-only.txt", "handler.py"],
+    }
+
+
+def test_release_kills_instances_and_the_agent_survives(pool: SandboxPool, fn_a: Path) -> None:
+    sandbox = pool.acquire(SandboxSpec(fn_a))
+    sleepers = [sandbox.spawn(["/bin/sleep", "60"]) for _ in range(3)]
+    stub = sandbox.spawn_stub([])
+    host_pids = [p.pid for p in [*sleepers, stub]]
+    assert all(psutil.pid_exists(pid) for pid in host_pids)
+    assert psutil.Process(stub.pid).status() == psutil.STATUS_STOPPED
+    pool.release(sandbox)
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in host_pids)
+    assert all(p.wait_exit(0) is not None for p in sleepers)
+    assert sandbox.alive() and psutil.pid_exists(sandbox.agent.pid)
+    sandbox.agent.ping()
+    assert sandbox.instance_cgroup.pids() == set()
+
+
+def test_spawn_of_a_missing_program_says_so(pool: SandboxPool, fn_a: Path) -> None:
+    sandbox = pool.acquire(SandboxSpec(fn_a))
+    try:
+        with pytest.raises(SandboxError, match=r"execve of /no/such/program failed: No such file"):
+            sandbox.spawn(["/no/such/program"])
+        sandbox.agent.ping()
+    finally:
+        pool.release(sandbox)
+
+
+# -- leaks and exhaustion ------------------------------------------------------------------------------
+def _counts() -> dict[str, int]:
+    """What a sandbox creates on the host (processes: not kernel threads, which come and go)."""
+    netns = set()
+    for pid in psutil.pids():
+        try:
+            netns.add(os.stat(f"/proc/{pid}/ns/net").st_ino)
+        except OSError:
+            pass
+    with IPRoute() as ipr:
+        links = len(ipr.get_links())
+    tree = CgroupTree(TREE)
+    return {
+        "mounts": len(Path("/proc/self/mountinfo").read_text().splitlines()),
+        "netns": len(netns),
+        "links": links,
+        "cgroups": len(tree.children()),
+        "processes": sum(1 for p in psutil.process_iter(["ppid"]) if p.pid != 2 and p.info["ppid"] != 2),
+    }
+
+
+def test_fifty_sandboxes_leave_nothing_behind(runtime: Path) -> None:
+    before = _counts()
+    pool = SandboxPool(
+        PoolSettings(prewarm=0, max_size=50, cgroup_tree=TREE),
+        SandboxConfig(runtime_dir=runtime),
+        NetworkConfig(bridge="thawt1", subnet="10.232.0.0/24"),
+    )
+    try:
+        sandboxes = [Sandbox.create(pool.config, pool.tree, pool.network) for _ in range(50)]
+        during = _counts()
+        for sandbox in sandboxes:
+            sandbox.destroy()
+    finally:
+        pool.destroy()
+    assert during["netns"] >= before["netns"] + 50 and during["links"] >= before["links"] + 51
+    assert _counts() == before
+    assert list(runtime.iterdir()) == []
+
+
+def test_exhausted_subnet_is_a_clear_error_and_nothing_is_left(runtime: Path) -> None:
+    before = _counts()
+    pool = SandboxPool(
+        PoolSettings(prewarm=1, max_size=3, cgroup_tree=TREE),
+        SandboxConfig(runtime_dir=runtime),
+        NetworkConfig(bridge="thawt2", subnet="10.233.0.0/30"),  # the gateway and one sandbox
+    )
+    try:
+        with pytest.raises(SubnetExhausted, match="10.233.0.0/30"):
+            Sandbox.create(pool.config, pool.tree, pool.network)
+        assert len(pool.tree.children()) == before["cgroups"] + 2  # the first sandbox's two cgroups
+    finally:
+        pool.destroy()
+    assert _counts() == before
+
+
+def test_cgroup_mode_is_detected() -> None:
+    h = detect()
+    assert h.mode in ("v1", "v2", "hybrid")
+    if h.mode != "v2":
+        assert set(h.v1) >= {"memory", "pids"}
