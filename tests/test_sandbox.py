@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -105,8 +106,17 @@ def test_inside_is_isolated(pool: SandboxPool, fn_a: Path, tmp_path: Path) -> No
                 "me": os.getpid(),
                 "hostname": socket.gethostname(),
                 "links": sorted(name for _, name in socket.if_nameindex()),
-                "visible": [p for p in {[str(tmp_path), "/work/main/native", "/root/.bashrc", "/run/thaw", "/sys",
-                                         str(pool.config.runtime_dir), "/etc/shadow"]!r} if os.path.exists(p)],
+                "visible": [p for p in {
+                [
+                    str(tmp_path),
+                    "/work/main/native",
+                    "/root/.bashrc",
+                    "/run/thaw",
+                    "/sys",
+                    str(pool.config.runtime_dir),
+                    "/etc/shadow",
+                ]!r
+            } if os.path.exists(p)],
                 "function": sorted(os.listdir("/function")),
                 "root_writable": writable("/x"),
                 "tmp_writable": writable("/tmp/x"),
@@ -269,10 +279,8 @@ def _counts() -> dict[str, int]:
     """What a sandbox creates on the host (processes: not kernel threads, which come and go)."""
     netns = set()
     for pid in psutil.pids():
-        try:
+        with contextlib.suppress(OSError):
             netns.add(os.stat(f"/proc/{pid}/ns/net").st_ino)
-        except OSError:
-            pass
     with IPRoute() as ipr:
         links = len(ipr.get_links())
     tree = CgroupTree(TREE)
@@ -312,7 +320,7 @@ def test_exhausted_subnet_is_a_clear_error_and_nothing_is_left(runtime: Path) ->
         NetworkConfig(bridge="thawt2", subnet="10.233.0.0/30"),  # the gateway and one sandbox
     )
     try:
-        with pytest.raises(SubnetExhausted, match="10.233.0.0/30"):
+        with pytest.raises(SubnetExhausted, match=r"10\.233\.0\.0/30"):
             Sandbox.create(pool.config, pool.tree, pool.network)
         assert len(pool.tree.children()) == before["cgroups"] + 2  # the first sandbox's two cgroups
     finally:
