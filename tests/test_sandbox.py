@@ -9,6 +9,7 @@ import socket
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,9 +19,15 @@ from pyroute2 import IPRoute
 
 from sandbox.cgroups import CgroupTree, Limits, detect
 from sandbox.errors import InvalidLimits, InvalidSpec, SandboxError, SubnetExhausted
+from sandbox.guest.launch import recv
 from sandbox.network import NetworkConfig
 from sandbox.pool import PoolSettings, SandboxPool
 from sandbox.sandbox import ProcessExit, Sandbox, SandboxConfig, SandboxSpec
+from shmpool import Pool
+from snapshot import procfs
+from snapshot.capture import capture
+from snapshot.restore import Stub, restore
+from tests.guests import REPO, request
 
 pytestmark = pytest.mark.privileged
 BRIDGE = "thawt0"
@@ -86,6 +93,16 @@ def test_inside_is_isolated(pool: SandboxPool, fn_a: Path, tmp_path: Path) -> No
     port = listener.getsockname()[1]
     accepted: list[str] = []
     threading.Thread(target=lambda: accepted.append(listener.accept()[1][0]), daemon=True).start()
+    hidden = [
+        str(tmp_path),
+        str(REPO / "native"),
+        str(REPO / "README.md"),
+        "/root/.bashrc",
+        "/run/thaw",
+        "/sys",
+        str(pool.config.runtime_dir),
+    ]
+    hidden.append("/etc/shadow")
     sandbox = pool.acquire(SandboxSpec(fn_a, hostname="fn-a"))
     try:
         seen = run_json(
@@ -106,17 +123,7 @@ def test_inside_is_isolated(pool: SandboxPool, fn_a: Path, tmp_path: Path) -> No
                 "me": os.getpid(),
                 "hostname": socket.gethostname(),
                 "links": sorted(name for _, name in socket.if_nameindex()),
-                "visible": [p for p in {
-                [
-                    str(tmp_path),
-                    "/work/main/native",
-                    "/root/.bashrc",
-                    "/run/thaw",
-                    "/sys",
-                    str(pool.config.runtime_dir),
-                    "/etc/shadow",
-                ]!r
-            } if os.path.exists(p)],
+                "visible": [p for p in {hidden!r} if os.path.exists(p)],
                 "function": sorted(os.listdir("/function")),
                 "root_writable": writable("/x"),
                 "tmp_writable": writable("/tmp/x"),
@@ -272,6 +279,45 @@ def test_spawn_of_a_missing_program_says_so(pool: SandboxPool, fn_a: Path) -> No
         sandbox.agent.ping()
     finally:
         pool.release(sandbox)
+
+
+def test_guest_and_restored_stub_run_as_the_sandbox_uid(pool: SandboxPool, tmp_path: Path) -> None:
+    """Deploy and invoke as the daemon wires them: a guest captured in one sandbox, an instance
+    restored from its template into a stub of another."""
+    body = "import os\ndef handle(event, context):\n    return {'uid': os.getuid(), 'host': context.hostname}\n"
+    fn = _function(tmp_path / "fn-s", body)
+    templates = Pool.create(tmp_path / "pool", backend="tmpfs", node=0, size=256 << 20)
+    try:
+        guest_box = pool.acquire(SandboxSpec(fn, hostname="deploy"))
+        ours, theirs = socket.socketpair()
+        with ours:
+            guest = guest_box.spawn([sys.executable, "-m", "sandbox.guest", "/function"], control_fd=theirs.fileno())
+            theirs.close()
+            assert (recv(ours) or {}).get("type") == "ready"
+            while procfs.state(guest.pid) != "T":
+                time.sleep(0.001)
+            guest_uid = Path(f"/proc/{guest.pid}/status").read_text().split("Uid:")[1].split()[0]
+            template = capture(guest.pid, templates, "in-sandbox")
+            pool.release(guest_box)
+        instance_box = pool.acquire(SandboxSpec(fn, hostname="serve"))
+        ours, theirs = socket.socketpair()
+        with ours, template:
+            stub = instance_box.spawn_stub(template.restore_fds("cow"), control_fd=theirs.fileno())
+            theirs.close()
+            instance = restore(template, Stub(stub.pid, stub.wait, stub.kill), "cow")
+            try:
+                assert (recv(ours) or {}).get("type") == "restored"
+                reply = request(ours, "/")
+                status = Path(f"/proc/{instance.pid}/status").read_text()
+                assert instance.pid in instance_box.instance_cgroup.pids()
+            finally:
+                pool.release(instance_box)
+        assert stub.wait_exit(5) is not None
+    finally:
+        templates.destroy()
+    assert guest_uid == "65534"
+    assert reply == {"uid": 65534, "host": "serve"}
+    assert "Uid:\t65534" in status and "CapEff:\t0000000000000000" in status
 
 
 # -- leaks and exhaustion ------------------------------------------------------------------------------
