@@ -64,6 +64,7 @@ struct config {
 };
 
 static int control = -1;
+static const struct config *settings;
 static int instance_cgroups[MAX_CGROUPS];
 static int ninstance_cgroups;
 
@@ -300,9 +301,6 @@ static int build_rootfs(const struct config *cfg)
         return fail("making / private");
     if (mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=16m") < 0)
         return fail("tmpfs on %s", root);
-    for (int i = 0; i < cfg->nro; i++)
-        if (add_leaf(root, cfg->ro[i], 1) < 0)
-            return -1;
     static const char *const dirs[] = {THAW_AGENT_FUNCTION_DIR, "/tmp", "/proc", "/.oldroot"};
     for (size_t i = 0; i < sizeof dirs / sizeof *dirs; i++) {
         snprintf(path, sizeof path, "%s%s", root, dirs[i]);
@@ -310,8 +308,12 @@ static int build_rootfs(const struct config *cfg)
             return -1;
     }
     snprintf(path, sizeof path, "%s/tmp", root);
-    if (mount_tmp(path, cfg->tmp_options) < 0 || build_dev(root) < 0 ||
-        build_etc(root, cfg->uid, cfg->gid, cfg->hostname) < 0)
+    if (mount_tmp(path, cfg->tmp_options) < 0) /* first: leaves under /tmp (a checkout there) go on it */
+        return -1;
+    for (int i = 0; i < cfg->nro; i++)
+        if (add_leaf(root, cfg->ro[i], 1) < 0)
+            return -1;
+    if (build_dev(root) < 0 || build_etc(root, cfg->uid, cfg->gid, cfg->hostname) < 0)
         return -1;
     snprintf(path, sizeof path, "%s/proc", root);
     if (mount("proc", path, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
@@ -467,12 +469,59 @@ static void do_mount_function(const int *fds, int nfds)
     reply_ok(0, 0);
 }
 
+static int under_tmp(const char *path) { return strncmp(path, "/tmp/", 5) == 0; }
+
+/* A new tmpfs on /tmp. Leaves that live under /tmp on the host (thaw checked out there) are
+ * carried over: cloned (open_tree) before the old tmpfs goes, attached (move_mount) on the new. */
 static void do_fresh_tmp(const char *options)
 {
+    int clones[MAX_PATHS];
+    static char links[MAX_PATHS][256];
+    int n = settings->nro;
+    for (int i = 0; i < n; i++) {
+        clones[i] = -1;
+        links[i][0] = 0;
+        struct stat st;
+        if (!under_tmp(settings->ro[i]) || lstat(settings->ro[i], &st) < 0)
+            continue;
+        if (S_ISLNK(st.st_mode)) {
+            ssize_t len = readlink(settings->ro[i], links[i], sizeof links[i] - 1);
+            links[i][len > 0 ? len : 0] = 0;
+        } else {
+            clones[i] = (int)syscall(SYS_open_tree, AT_FDCWD, settings->ro[i], OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC);
+        }
+    }
+    int err = 0;
+    const char *what = "";
     if (umount2("/tmp", MNT_DETACH) < 0)
-        return reply_error(errno, "unmounting /tmp");
-    if (mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, options) < 0)
-        return reply_error(errno, "tmpfs on /tmp with %s", options);
+        err = errno, what = "unmounting /tmp";
+    else if (mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, options) < 0)
+        err = errno, what = "a new tmpfs on /tmp";
+    for (int i = 0; i < n && !err; i++) {
+        if (!under_tmp(settings->ro[i]))
+            continue;
+        char dir[4096];
+        snprintf(dir, sizeof dir, "%s", settings->ro[i]);
+        *strrchr(dir, '/') = 0;
+        struct stat st;
+        if (mkdirs(dir) < 0)
+            err = errno, what = failure;
+        else if (clones[i] < 0) { /* a symlink leaf: the same link again */
+            if (links[i][0] && symlink(links[i], settings->ro[i]) < 0)
+                err = errno, what = "a symlink leaf under /tmp";
+        } else if (fstat(clones[i], &st) < 0)
+            err = errno, what = "fstat of a leaf under /tmp";
+        else if (S_ISDIR(st.st_mode) ? mkdir(settings->ro[i], 0755) < 0
+                                     : close(open(settings->ro[i], O_WRONLY | O_CREAT | O_CLOEXEC, 0644)) < 0)
+            err = errno, what = "a mount point for a leaf under /tmp";
+        else if (syscall(SYS_move_mount, clones[i], "", AT_FDCWD, settings->ro[i], MOVE_MOUNT_F_EMPTY_PATH) < 0)
+            err = errno, what = "move_mount of a leaf under /tmp";
+    }
+    for (int i = 0; i < n; i++)
+        if (clones[i] >= 0)
+            close(clones[i]);
+    if (err)
+        return reply_error(err, "%s (fresh /tmp with %s)", what, options);
     reply_ok(0, 0);
 }
 
@@ -634,6 +683,7 @@ int main(int argc, char **argv)
     if (parse(argc, argv, &cfg) < 0)
         return 2;
     control = cfg.control;
+    settings = &cfg;
     for (int i = 0; i < cfg.ncgroups; i++) {
         if (pwrite(cfg.cgroup_fds[i], "0", 1, 0) != 1) {
             fail("joining the agent's cgroup");
