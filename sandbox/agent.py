@@ -196,10 +196,6 @@ class Agent:
             if deadline is not None and time.monotonic() >= deadline:
                 return None
 
-    def forget(self, inner_pid: int) -> None:
-        with self.lock:
-            self.exits.pop(inner_pid, None)
-
     def _drain(self, timeout: float) -> None:
         """Read whatever events arrive within `timeout` seconds (the lock is held)."""
         while select.select([self.sock], [], [], timeout)[0]:

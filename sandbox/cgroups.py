@@ -190,8 +190,8 @@ def _kill_pids(cgroup: Cgroup) -> None:
 
 
 class V2Cgroup(Cgroup):
-    def __init__(self, path: Path, name: str, controllers: bool = True) -> None:
-        self.path, self.name, self.controllers = path, name, controllers
+    def __init__(self, path: Path, name: str) -> None:
+        self.path, self.name = path, name
 
     def directories(self) -> list[Path]:
         return [self.path]
@@ -347,7 +347,7 @@ class CgroupTree:
             v1 = V1Cgroup(paths, name)
             if self.h.mode == "v1" or self.v2_root is None:
                 return v1
-            return HybridCgroup(v1, V2Cgroup(self._mkdir(self.v2_root / name, made), name, controllers=False))
+            return HybridCgroup(v1, V2Cgroup(self._mkdir(self.v2_root / name, made), name))
         except BaseException:
             for d in reversed(made):
                 _rmdir(d)
@@ -388,17 +388,8 @@ class CgroupTree:
         return (path / "cgroup.subtree_control").read_text().split()
 
     def children(self) -> list[str]:
-        """Names of the cgroups in thaw's tree (to clean up after a crash)."""
+        """Names of the cgroups in thaw's tree."""
         names: set[str] = set()
         for root in self.roots():
             names |= {p.name for p in root.iterdir() if p.is_dir()}
         return sorted(names)
-
-    def remove_stale(self, name: str) -> None:
-        """Kill what is left in cgroup `name` of a previous run and remove it."""
-        dirs = [root / name for root in self.roots() if (root / name).is_dir()]
-        for d in dirs:
-            for pid in _pids(d / "cgroup.procs"):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        _remove_dirs(dirs)

@@ -136,17 +136,6 @@ class Network:
         finally:
             self._free(lease.address)
 
-    def stale_veths(self) -> list[str]:
-        """Host ends of veths left on the bridge by a previous run."""
-        bridge = self.ipr.link_lookup(ifname=self.config.bridge)
-        if not bridge:
-            return []
-        return [link.get("IFLA_IFNAME") for link in self.ipr.get_links() if link.get("IFLA_MASTER") == bridge[0]]
-
-    def remove_veth(self, ifname: str) -> None:
-        for index in self.ipr.link_lookup(ifname=ifname):
-            self.ipr.link("del", index=index)
-
     def teardown(self) -> None:
         """Delete the bridge if this Network created it; close the netlink socket."""
         try:

@@ -212,11 +212,6 @@ class Sandbox:
         self.processes = [p for p in self.processes if p.exit is None] + [process]
         return process
 
-    @property
-    def root(self) -> str:
-        """The sandbox's root as the host sees it (paths of files inside, for the snapshot engine)."""
-        return f"/proc/{self.agent.pid}/root"
-
     # -- giving back ---------------------------------------------------------------------------------
     def release(self) -> None:
         """Kill every instance process, check the cgroup is empty, scrub /function, /tmp, hostname
