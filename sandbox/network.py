@@ -14,12 +14,14 @@ reaches the host's bridge address and nothing beyond, unless the host routes for
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from sandbox.errors import SandboxError, SubnetExhausted
 
@@ -132,7 +134,11 @@ class Network:
         """Delete the veth pair (its peer goes with it) and free the address."""
         try:
             for index in self.ipr.link_lookup(ifname=lease.host_ifname):
-                self.ipr.link("del", index=index)
+                try:
+                    self.ipr.link("del", index=index)
+                except NetlinkError as e:
+                    if e.code != errno.ENODEV:  # gone with its namespace meanwhile: what we wanted
+                        raise
         finally:
             self._free(lease.address)
 

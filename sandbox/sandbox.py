@@ -232,7 +232,9 @@ class Sandbox:
     def destroy(self) -> None:
         """Take everything down: processes, agent, veth, cgroups."""
         errors: list[str] = []
-        for step in (self.instance_cgroup.kill_and_wait, self.agent.close, self._detach, self.instance_cgroup.remove):
+        # The veth goes before the agent: the agent's death tears its netns down asynchronously,
+        # taking the veth pair with it while we might be deleting it.
+        for step in (self.instance_cgroup.kill_and_wait, self._detach, self.agent.close, self.instance_cgroup.remove):
             try:
                 step()
             except (OSError, SandboxError) as e:
