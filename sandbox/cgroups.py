@@ -26,6 +26,7 @@ import re
 import signal
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -337,21 +338,41 @@ class CgroupTree:
         """A new, empty cgroup (SandboxError if it exists: a leftover of a crash is removed first)."""
         made: list[Path] = []
         try:
-            if self.h.mode == "v2":
-                assert self.v2_root is not None
-                self._enable_v2_controllers()
-                return V2Cgroup(self._mkdir(self.v2_root / name, made), name)
-            paths = {c: self._mkdir(root / name, made) for c, root in self.v1_roots.items()}
-            if "cpuset" in paths:
-                _inherit_cpuset(paths["cpuset"])
-            v1 = V1Cgroup(paths, name)
-            if self.h.mode == "v1" or self.v2_root is None:
-                return v1
-            return HybridCgroup(v1, V2Cgroup(self._mkdir(self.v2_root / name, made), name))
+            return self._build(name, lambda path: self._mkdir(path, made), new=True)
         except BaseException:
             for d in reversed(made):
                 _rmdir(d)
             raise
+
+    def open(self, name: str) -> Cgroup:
+        """The existing cgroup `name` of thaw's tree (a leftover to kill and remove)."""
+        return self._build(name, lambda path: path, new=False)
+
+    def _build(self, name: str, directory: Callable[[Path], Path], new: bool) -> Cgroup:
+        if self.h.mode == "v2":
+            assert self.v2_root is not None
+            self._enable_v2_controllers()
+            return V2Cgroup(directory(self.v2_root / name), name)
+        paths = {c: directory(root / name) for c, root in self.v1_roots.items()}
+        if "cpuset" in paths and new:
+            _inherit_cpuset(paths["cpuset"])
+        v1 = V1Cgroup(paths, name)
+        if self.h.mode == "v1" or self.v2_root is None:
+            return v1
+        return HybridCgroup(v1, V2Cgroup(directory(self.v2_root / name), name))
+
+    def reap_orphans(self) -> list[str]:
+        """Kill and remove every cgroup in thaw's tree: what a daemon that died left behind (its
+        sandboxes' agents and instances). Returns their names."""
+        names = self.children()
+        for name in names:
+            cgroup = self.open(name)  # a crash may have left it in only some hierarchies: signal pids directly
+            deadline = time.monotonic() + EMPTY_TIMEOUT
+            while cgroup.pids() and time.monotonic() < deadline:
+                _kill_pids(cgroup)
+                time.sleep(0.001)
+            cgroup.remove()
+        return names
 
     @staticmethod
     def _mkdir(path: Path, made: list[Path]) -> Path:

@@ -1,0 +1,358 @@
+"""thaw: the command line of thawd. It talks only to the API on the Unix socket.
+
+Tables for people, `--json` for scripts, a spinner while a capture runs. Exit codes:
+0 done; 1 the daemon answered with an error (for `invoke`: the function failed); 2 bad usage;
+3 no such function; 4 timed out; 69 thawd cannot be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from rich.console import Console
+from rich.table import Table
+
+from shmpool.cli import parse_size
+
+DEFAULT_SOCKET = os.environ.get("THAW_SOCKET", "/run/thaw/thaw.sock")
+EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_UNREACHABLE = 1, 2, 3, 4, 69
+CAPTURE_TIMEOUT = 900.0
+
+out = Console()
+err = Console(stderr=True)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code = status, code
+
+    @property
+    def exit_code(self) -> int:
+        return {404: EXIT_NOT_FOUND, 504: EXIT_TIMEOUT}.get(self.status, EXIT_ERROR)
+
+
+class Unreachable(Exception):
+    pass
+
+
+class Client:
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+
+    async def request(
+        self, method: str, path: str, body: Any = None, data: bytes | None = None, timeout: float = 60.0
+    ) -> tuple[int, dict[str, str], bytes]:
+        connector = aiohttp.UnixConnector(path=self.socket_path)
+        try:
+            async with (
+                aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as session,
+                session.request(method, f"http://thawd{path}", json=body, data=data) as response,
+            ):
+                return response.status, dict(response.headers), await response.read()
+        except (aiohttp.ClientConnectionError, FileNotFoundError) as e:
+            raise Unreachable(f"cannot reach thawd at {self.socket_path}: {e} (is thawd running?)") from e
+        except TimeoutError:
+            raise ApiError(504, "timeout", f"thawd did not answer {method} {path} within {timeout:g} s") from None
+
+    async def call(self, method: str, path: str, body: Any = None, timeout: float = 60.0) -> Any:
+        status, _, payload = await self.request(method, path, body, timeout=timeout)
+        if status >= 400:
+            raise _api_error(status, payload)
+        return json.loads(payload) if payload else None
+
+    async def lines(self, path: str) -> Any:
+        connector = aiohttp.UnixConnector(path=self.socket_path)
+        try:
+            async with (
+                aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session,
+                session.get(f"http://thawd{path}") as response,
+            ):
+                if response.status >= 400:
+                    raise _api_error(response.status, await response.read())
+                async for line in response.content:
+                    yield json.loads(line)
+        except aiohttp.ClientConnectionError as e:
+            raise Unreachable(f"cannot reach thawd at {self.socket_path}: {e} (is thawd running?)") from e
+
+
+def _api_error(status: int, payload: bytes) -> ApiError:
+    try:
+        error = json.loads(payload)["error"]
+        return ApiError(status, error.get("code", ""), error.get("message", ""))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return ApiError(status, "http", payload.decode(errors="replace") or f"HTTP {status}")
+
+
+@contextmanager
+def progress(what: str, quiet: bool) -> Iterator[None]:
+    """A spinner with the elapsed time on stderr, for people watching a long capture."""
+    if quiet or not err.is_terminal:
+        yield
+        return
+    t0 = time.monotonic()
+    with err.status(what) as status:
+        task = asyncio.get_event_loop().create_task(_tick(status, what, t0))
+        try:
+            yield
+        finally:
+            task.cancel()
+
+
+async def _tick(status: Any, what: str, t0: float) -> None:
+    while True:
+        await asyncio.sleep(0.2)
+        status.update(f"{what} ({time.monotonic() - t0:.1f} s)")
+
+
+# -- output --------------------------------------------------------------------------------------
+def _size(n: int | None) -> str:
+    if not n:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("-" if v is None else str(v) for v in row))
+    out.print(table)
+
+
+def _show(data: Any, as_json: bool, render: Any) -> None:
+    if as_json:
+        print(json.dumps(data, indent=1))
+    else:
+        render(data)
+
+
+def _function_rows(functions: list[dict[str, Any]]) -> list[list[Any]]:
+    return [
+        [
+            f["name"],
+            f["status"],
+            f["handler"],
+            f["revision"],
+            f["mode"],
+            _size(f.get("memory")),
+            f"{f['timeout']:g} s" if f.get("timeout") else None,
+            f["instances"],
+            f["invocations"],
+            _size(f.get("template_bytes")),
+        ]
+        for f in functions
+    ]
+
+
+FUNCTION_COLUMNS = ["name", "status", "handler", "rev", "mode", "memory", "timeout", "instances", "invocations"]
+FUNCTION_COLUMNS += ["template"]
+INSTANCE_KEYS = ("id", "function", "revision", "pid", "sandbox", "address", "state", "mode", "invocations")
+
+
+# -- commands ----------------------------------------------------------------------------------
+async def cmd_deploy(client: Client, args: argparse.Namespace) -> int:
+    source = Path(args.dir).resolve()
+    name = args.name or source.name.lower().replace("_", "-")
+    body: dict[str, Any] = {"name": name, "source": str(source), "handler": args.handler, "mode": args.mode}
+    for key in ("memory", "cpu", "timeout", "max_instances", "idle_timeout"):
+        if getattr(args, key) is not None:
+            body[key] = getattr(args, key)
+    if args.env:
+        body["env"] = dict(_key_value(e) for e in args.env)
+    status, _, _ = await client.request("GET", f"/functions/{name}")
+    method, path = ("PUT", f"/functions/{name}") if status == 200 else ("POST", "/functions")
+    verb = "updating" if method == "PUT" else "deploying"
+    with progress(f"{verb} {name}: installing, initialising and capturing", args.json):
+        function = await client.call(method, path, body, timeout=CAPTURE_TIMEOUT)
+    _show(function, args.json, lambda f: out.print(_deployed_line(f)))
+    return 0
+
+
+def _deployed_line(f: dict[str, Any]) -> str:
+    return f"{f['name']}: revision {f['revision']} ready, template {f['template']} ({_size(f['template_bytes'])})"
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"thaw: --env takes NAME=VALUE, not {text!r}")
+    return key, value
+
+
+async def cmd_invoke(client: Client, args: argparse.Namespace) -> int:
+    data = sys.stdin.buffer.read() if args.data == "-" else (args.data or "").encode()
+    path = f"/functions/{args.name}/invoke{'/' + args.path.lstrip('/') if args.path else ''}"
+    status, headers, payload = await client.request(args.method, path, data=data, timeout=args.timeout)
+    if status >= 400 and headers.get("Content-Type", "").startswith("application/json"):
+        with _ignore_non_errors():
+            raise _api_error(status, payload)
+    if args.json:
+        print(json.dumps({"status": status, "headers": headers, "body": payload.decode(errors="replace")}))
+    else:
+        sys.stdout.buffer.write(payload + (b"" if payload.endswith(b"\n") else b"\n"))
+    return 0 if status < 400 else EXIT_ERROR
+
+
+@contextmanager
+def _ignore_non_errors() -> Iterator[None]:
+    """A handler may answer 4xx/5xx JSON of its own: only thawd's error body is an ApiError."""
+    try:
+        yield
+    except ApiError as e:
+        if e.code != "http":
+            raise
+
+
+async def cmd_ls(client: Client, args: argparse.Namespace) -> int:
+    data = await client.call("GET", "/functions")
+    _show(data, args.json, lambda d: _table("functions", FUNCTION_COLUMNS, _function_rows(d["functions"])))
+    return 0
+
+
+async def cmd_rm(client: Client, args: argparse.Namespace) -> int:
+    for name in args.names:
+        await client.call("DELETE", f"/functions/{name}")
+        if not args.json:
+            out.print(f"{name}: removed")
+    return 0
+
+
+async def cmd_snapshot(client: Client, args: argparse.Namespace) -> int:
+    with progress(f"capturing {args.name} again", args.json):
+        function = await client.call("POST", f"/functions/{args.name}/snapshot", timeout=CAPTURE_TIMEOUT)
+    _show(function, args.json, lambda f: out.print(_deployed_line(f)))
+    return 0
+
+
+async def cmd_instances(client: Client, args: argparse.Namespace) -> int:
+    query = f"?function={args.name}" if args.name else ""
+    data = await client.call("GET", f"/instances{query}")
+    columns = ["id", "function", "rev", "pid", "sandbox", "address", "state", "mode", "invocations", "restore"]
+    rows = [[*(i[k] for k in INSTANCE_KEYS), f"{i['restore_ms']:.2f} ms"] for i in data["instances"]]
+    _show(data, args.json, lambda d: _table("instances", columns, rows))
+    return 0
+
+
+async def cmd_pool(client: Client, args: argparse.Namespace) -> int:
+    data = await client.call("GET", "/pool")
+
+    def render(p: dict[str, Any]) -> None:
+        out.print(
+            f"pool {p['root']}: {p['backend']} on node {p['node']}, {_size(p['used'])} used of "
+            f"{_size(p['capacity'])}, {p['segments']} segments"
+        )
+        rows = [[t["name"], t["function"], _size(t["bytes"])] for t in p["templates"]]
+        _table("templates", ["template", "function", "pages"], rows)
+
+    _show(data, args.json, render)
+    return 0
+
+
+async def cmd_sandboxes(client: Client, args: argparse.Namespace) -> int:
+    data = await client.call("GET", "/sandboxes")
+    keys = ("id", "state", "function", "instance", "address", "agent_pid")
+    rows = [[s[k] for k in keys] for s in data["sandboxes"]]
+    title = f"sandboxes ({len(rows)} of at most {data['max']})"
+    _show(data, args.json, lambda d: _table(title, ["id", "state", "function", "instance", "address", "agent"], rows))
+    return 0
+
+
+async def cmd_logs(client: Client, args: argparse.Namespace) -> int:
+    query = f"?tail={args.tail}" + ("&follow=true" if args.follow else "")
+    async for entry in client.lines(f"/functions/{args.name}/logs{query}"):
+        if args.json:
+            print(json.dumps(entry), flush=True)
+        else:
+            print(f"{entry['timestamp']} {entry['instance']}: {entry['text']}", flush=True)
+    return 0
+
+
+# -- parsing ---------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="thaw",
+        description="Deploy and invoke functions on thawd (instances thawed from templates in a memory pool).",
+        epilog="exit codes: 0 done, 1 error answered (invoke: the function failed), 2 bad usage, "
+        "3 no such function, 4 timed out, 69 thawd unreachable",
+    )
+    parser.add_argument("--socket", default=DEFAULT_SOCKET, help=f"thawd's API socket (default {DEFAULT_SOCKET})")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts instead of tables")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("deploy", help="deploy (or update) a function from a directory; returns once it is captured")
+    p.add_argument("dir", help="the function's directory (its module, an optional requirements.txt)")
+    p.add_argument("--name", help="function name (default: the directory's name)")
+    p.add_argument("--handler", default="handler:handle", help="module:callable (default handler:handle)")
+    p.add_argument("--memory", type=parse_size, help="memory limit, e.g. 256M")
+    p.add_argument("--cpu", type=float, help="CPU limit in cores, e.g. 0.5")
+    p.add_argument("--timeout", type=float, help="seconds per invocation (default: thawd's)")
+    p.add_argument("--env", action="append", metavar="NAME=VALUE", help="environment variable (repeatable)")
+    p.add_argument("--mode", default="cow", choices=["cow", "copy", "lazy"], help="restore mode (default cow)")
+    p.add_argument("--max-instances", type=int, help="instances of this function at most")
+    p.add_argument("--idle-timeout", type=float, help="seconds an idle instance stays warm (0: release at once)")
+    p.set_defaults(run=cmd_deploy)
+
+    p = sub.add_parser("invoke", help="invoke a function; prints its reply body")
+    p.add_argument("name")
+    p.add_argument("--data", help="request body (JSON or any text), or - to read it from stdin")
+    p.add_argument("--path", default="", help="path after the function, seen by the handler as event.path")
+    p.add_argument("--method", default="POST", help="HTTP method seen by the handler (default POST)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the reply (default 300)")
+    p.set_defaults(run=cmd_invoke)
+
+    p = sub.add_parser("ls", help="list functions")
+    p.set_defaults(run=cmd_ls)
+    p = sub.add_parser("rm", help="delete functions (their instances and templates go too)")
+    p.add_argument("names", nargs="+", metavar="NAME")
+    p.set_defaults(run=cmd_rm)
+    p = sub.add_parser("snapshot", help="capture a function again from its deployed code")
+    p.add_argument("name")
+    p.set_defaults(run=cmd_snapshot)
+    p = sub.add_parser("instances", help="list live instances")
+    p.add_argument("name", nargs="?", help="only this function's")
+    p.set_defaults(run=cmd_instances)
+    p = sub.add_parser("pool", help="the memory pool and its templates")
+    p.set_defaults(run=cmd_pool)
+    p = sub.add_parser("sandboxes", help="list sandboxes")
+    p.set_defaults(run=cmd_sandboxes)
+    p = sub.add_parser("logs", help="a function's log (its instances' stdout and stderr)")
+    p.add_argument("name")
+    p.add_argument("--tail", type=int, default=100, help="lines from the end (default 100)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    p.set_defaults(run=cmd_logs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    client = Client(args.socket)
+    try:
+        return int(asyncio.run(args.run(client, args)))
+    except ApiError as e:
+        err.print(f"thaw {args.command}: {e} [{e.code}]", markup=False, highlight=False)
+        return e.exit_code
+    except Unreachable as e:
+        err.print(f"thaw: {e}", markup=False, highlight=False)
+        return EXIT_UNREACHABLE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

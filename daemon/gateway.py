@@ -1,0 +1,310 @@
+"""The FaaS gateway: the OpenFaaS provider API on TCP, so an OpenFaaS gateway (and faas-cli through
+it) drives thawd as it drives faasd.
+
+Routes (faas-provider's): GET/POST/PUT/DELETE /system/functions, GET /system/function/{name},
+POST /system/scale-function/{name}, GET /system/info, GET /system/logs (ndjson),
+GET /system/namespaces, and /function/{name}[/...] for invocations. /system/* wants Basic auth.
+
+How a FunctionDeployment maps onto a thaw function:
+- `service` is the function's name; `namespace` must be empty or "openfaas-fn" (thaw has one).
+- `image` names the function's directory on thawd's host: an absolute path, optionally written
+  `file:///path` or `dir:/path`. thaw runs no container images: the directory holds the handler
+  module and an optional requirements.txt, installed once at deploy.
+- `envProcess` is the handler, `module:callable` (empty: handler:handle, the python3-http one).
+- `envVars` is the environment; `labels` and `annotations` are kept and shown back.
+- `limits.memory` ("128Mi", "1G", ...) is the memory limit; `limits.cpu` ("500m", "1") the CPU
+  limit; `requests` is accepted and shown back (thaw reserves nothing ahead).
+- Annotations `com.thaw.timeout` (seconds) and `com.thaw.mode` (cow | copy | lazy) set those.
+- Replicas: `scale-function` sets how many instances stay warm; `availableReplicas` counts live
+  instances. A deployed function with none reports 0 (the gateway's scale-from-zero asks for 1 and
+  polls until it is there, a restore later), though an invocation works at any time.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime
+import hmac
+import re
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from daemon.errors import Conflict, Invalid, NotFound, ThawError, describe
+from daemon.instances import FunctionState, Manager
+from daemon.registry import FunctionSpec, InvalidFunction
+from daemon.server import VERSION, invocation_of, json_body, parse_since, parse_tail, reply_response, stream_logs
+
+NAMESPACE = "openfaas-fn"
+TIMEOUT_ANNOTATION = "com.thaw.timeout"
+MODE_ANNOTATION = "com.thaw.mode"
+INVOKE_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MANAGER: web.AppKey[Manager] = web.AppKey("gateway-manager", Manager)
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)([KMGTE]i?|[kmgte]|m)?$")
+_UNITS = {"": 1, "k": 1000, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4, "E": 1000**6}
+_UNITS |= {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "Ei": 1 << 60}
+
+
+# -- errors and auth ---------------------------------------------------------------------------
+def text_error(status: int, message: str) -> web.Response:
+    """faas-provider answers errors as plain text."""
+    return web.Response(status=status, text=message + "\n")
+
+
+def basic_auth(user: str, password: str) -> Any:
+    expected = f"{user}:{password}".encode()
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith("/system/") and not _authorised(request.headers.get("Authorization", ""), expected):
+            return web.Response(
+                status=401, text="unauthorized\n", headers={"WWW-Authenticate": 'Basic realm="thaw gateway"'}
+            )
+        try:
+            return await handler(request)
+        except ThawError as e:
+            return text_error(e.status, describe(e))
+
+    return middleware
+
+
+def _authorised(header: str, expected: bytes) -> bool:
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        given = base64.b64decode(encoded.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return hmac.compare_digest(given, expected)
+
+
+# -- FunctionDeployment <-> thaw ---------------------------------------------------------------
+def parse_quantity(text: str, what: str) -> float:
+    """A Kubernetes-style quantity: 128Mi, 1G, 500m (milli), 2."""
+    match = _QUANTITY.match(text.strip())
+    if not match:
+        raise Invalid(f"{what} {text!r} is not a quantity like 128Mi, 1G or 500m")
+    number, unit = float(match.group(1)), match.group(2) or ""
+    return number / 1000 if unit == "m" else number * _UNITS[unit]
+
+
+def image_directory(image: str) -> Path:
+    path = image.removeprefix("file://").removeprefix("dir:")
+    if not path.startswith("/"):
+        raise Invalid(
+            f"image {image!r}: thaw deploys a function from a directory on its host; give its absolute path "
+            "(or file:///path)"
+        )
+    return Path(path)
+
+
+def _check_namespace(namespace: Any) -> None:
+    if namespace not in (None, "", NAMESPACE):
+        raise Invalid(f"namespace not valid: {namespace!r} (thaw has one: {NAMESPACE})")
+
+
+def deployment_to_spec(body: dict[str, Any]) -> tuple[FunctionSpec, Path]:
+    service = body.get("service")
+    if not isinstance(service, str) or not service:
+        raise Invalid("service (the function's name) is required")
+    image = body.get("image")
+    if not isinstance(image, str) or not image:
+        raise Invalid("image (the function's directory on thawd's host) is required")
+    _check_namespace(body.get("namespace"))
+    limits = body.get("limits") or {}
+    annotations = dict(body.get("annotations") or {})
+    memory = parse_quantity(limits["memory"], "limits.memory") if limits.get("memory") else None
+    cpu = parse_quantity(limits["cpu"], "limits.cpu") if limits.get("cpu") else None
+    try:
+        timeout = float(annotations[TIMEOUT_ANNOTATION]) if TIMEOUT_ANNOTATION in annotations else None
+        spec = FunctionSpec(
+            name=service,
+            handler=body.get("envProcess") or "handler:handle",
+            memory=int(memory) if memory else None,
+            cpu=cpu,
+            timeout=timeout,
+            env=dict(body.get("envVars") or {}),
+            mode=annotations.get(MODE_ANNOTATION, "cow"),
+            image=image,
+            labels=dict(body.get("labels") or {}),
+            annotations=annotations,
+        ).validate()
+    except (InvalidFunction, ValueError, TypeError) as e:
+        raise Invalid(f"function {service}: {e}") from e
+    return spec, image_directory(image)
+
+
+def _format_memory(n: int | None) -> str | None:
+    if not n:
+        return None
+    for unit, size in (("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)):
+        if n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def _rfc3339(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+def function_status(fs: FunctionState) -> dict[str, Any]:
+    """faas-provider's FunctionStatus, its `omitempty` fields left out when empty (as Go does)."""
+    spec = fs.spec
+    limits = {k: v for k, v in (("memory", _format_memory(spec.memory)), ("cpu", _cpu(spec.cpu))) if v}
+    optional = {
+        "envProcess": spec.handler,
+        "envVars": spec.env,
+        "limits": limits,
+        "invocationCount": float(fs.invocations),
+        "replicas": max(fs.min_warm, len(fs.instances)),
+        "availableReplicas": len(fs.instances),
+    }
+    return {
+        "name": spec.name,
+        "image": spec.image,
+        "namespace": NAMESPACE,
+        "labels": spec.labels,
+        "annotations": spec.annotations,
+        "createdAt": _rfc3339(fs.deployed.created_at),
+        **{k: v for k, v in optional.items() if v},
+    }
+
+
+def _cpu(cores: float | None) -> str | None:
+    return f"{round(cores * 1000)}m" if cores else None
+
+
+# -- routes ------------------------------------------------------------------------------------
+def manager_of(request: web.Request) -> Manager:
+    return request.app[MANAGER]
+
+
+async def list_functions(request: web.Request) -> web.Response:
+    _check_namespace(request.query.get("namespace"))
+    return web.json_response([function_status(fs) for fs in manager_of(request).functions.values()])
+
+
+async def get_function(request: web.Request) -> web.Response:
+    _check_namespace(request.query.get("namespace"))
+    fs = manager_of(request).functions.get(request.match_info["name"])
+    if fs is None:
+        return web.Response(status=404)  # faasd: an empty 404
+    return web.json_response(function_status(fs))
+
+
+async def deploy(request: web.Request) -> web.Response:
+    spec, source = deployment_to_spec(await json_body(request))
+    try:
+        await manager_of(request).deploy(spec, source)
+    except Conflict as e:  # faasd answers a deploy over an existing function with 400
+        raise Invalid(str(e)) from e
+    return web.Response(status=200)
+
+
+async def update(request: web.Request) -> web.Response:
+    """faas-cli PUTs first and POSTs on 404."""
+    spec, source = deployment_to_spec(await json_body(request))
+    m = manager_of(request)
+    if spec.name not in m.functions:
+        raise NotFound(f"service {spec.name} not found")
+    await m.deploy(spec, source, update=True)
+    return web.Response(status=200)
+
+
+async def delete(request: web.Request) -> web.Response:
+    _check_namespace(request.query.get("namespace"))
+    name = (await json_body(request)).get("functionName")
+    if not isinstance(name, str) or not name:
+        raise Invalid("functionName is required")
+    m = manager_of(request)
+    if name not in m.functions:
+        raise NotFound(f"service {name} not found")
+    await m.delete(name)
+    return web.Response(status=200)
+
+
+async def scale(request: web.Request) -> web.Response:
+    """faasd scales the body's serviceName (the gateway sends the same name in the path)."""
+    _check_namespace(request.query.get("namespace"))
+    body = await json_body(request)
+    name = body.get("serviceName") or request.match_info["name"]
+    replicas = body.get("replicas")
+    if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
+        raise Invalid("replicas (a non-negative integer) is required")
+    m = manager_of(request)
+    if name not in m.functions:
+        raise NotFound(f"service {name} not found")
+    await m.scale(name, replicas)
+    return web.Response(status=200)
+
+
+async def info(request: web.Request) -> web.Response:
+    return web.json_response(
+        {"provider": "thaw", "orchestration": "thaw", "version": {"sha": "unknown", "release": VERSION}}
+    )
+
+
+async def namespaces(request: web.Request) -> web.Response:
+    return web.json_response([NAMESPACE])
+
+
+async def logs(request: web.Request) -> web.StreamResponse:
+    """faas-provider's logs.Request in the query; logs.Message as ndjson lines."""
+    name = request.query.get("name", "")
+    _check_namespace(request.query.get("namespace"))
+    try:
+        parse_tail(request.query.get("tail"))
+        parse_since(request.query.get("since"))
+    except Invalid:
+        return text_error(422, "could not parse the log request")
+    only = request.query.get("instance") or None
+
+    def shape(entry: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "name": name,
+            "namespace": NAMESPACE,
+            "instance": entry["instance"],
+            "timestamp": entry["timestamp"],
+            "text": entry["text"],
+        }
+
+    follow = request.query.get("follow", "") in ("1", "t", "T", "TRUE", "true", "True")
+    return await stream_logs(request, manager_of(request).get(name), shape, follow=follow, instance=only)
+
+
+async def invoke(request: web.Request) -> web.Response:
+    m = manager_of(request)
+    name = request.match_info["name"]
+    if request.method not in INVOKE_METHODS:
+        return text_error(405, f"method {request.method} not allowed")
+    if name not in m.functions:
+        return text_error(404, f"Cannot find service: {name}.")
+    body = await request.read()
+    path = "/" + request.match_info.get("tail", "")
+    try:
+        return reply_response(await m.invoke(name, invocation_of(request, body, path)))
+    except ThawError as e:
+        return text_error(e.status, describe(e))
+
+
+def build_gateway(manager: Manager, user: str, password: str) -> web.Application:
+    app = web.Application(middlewares=[basic_auth(user, password)], client_max_size=manager.config.max_frame + 1)
+    app[MANAGER] = manager
+    r = app.router
+    r.add_get("/system/functions", list_functions)
+    r.add_post("/system/functions", deploy)
+    r.add_put("/system/functions", update)
+    r.add_delete("/system/functions", delete)
+    r.add_get("/system/function/{name}", get_function)
+    r.add_post("/system/scale-function/{name}", scale)
+    r.add_get("/system/info", info)
+    r.add_get("/system/namespaces", namespaces)
+    r.add_get("/system/logs", logs)
+    r.add_route("*", "/function/{name}", invoke)
+    r.add_route("*", "/function/{name}/{tail:.*}", invoke)
+    return app

@@ -1,0 +1,725 @@
+"""The instance manager: functions, their templates and their live instances.
+
+Deploy: the function's guest starts in a sandbox, initialises, says READY and stops itself; it is
+captured into a template in the pool and its sandbox is released. Invoke: a warm instance of the
+function serves the request, else a new one is thawed from the template into a repurposed sandbox
+(scale-out on concurrency, up to the function's and the daemon's maximum). One invocation at a
+time per instance. Idle instances are kept warm for the idle timeout (or the scale target set by
+the gateway), then released.
+
+Threads: the event loop owns all state here. Blocking work goes to threads: every ptrace (capture,
+restore) on the one tracer thread (DESIGN.md, "Threading"); sandbox requests and releases on the
+default executor. A template is deleted from the pool once it is out of force and no instance
+uses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import shutil
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from daemon.config import DaemonConfig
+from daemon.errors import (
+    Conflict,
+    DeployFailed,
+    HandlerFailed,
+    InstanceCrashed,
+    Invalid,
+    InvocationTimeout,
+    NotFound,
+    PoolFull,
+    ThawError,
+    TooLarge,
+    Unavailable,
+)
+from daemon.logs import FunctionLog, follow_pipe
+from daemon.metrics import Metrics
+from daemon.registry import FUNCTION_MOUNT, Deployed, FunctionSpec, Registry, RegistryError, RequirementsFailed
+from sandbox.cgroups import Limits
+from sandbox.errors import SandboxError
+from sandbox.guest import protocol
+from sandbox.pool import SandboxPool
+from sandbox.sandbox import Sandbox, SandboxProcess, SandboxSpec
+from shmpool import Pool
+from shmpool.errors import PoolError
+from shmpool.errors import PoolFull as PoolIsFull
+from snapshot.capture import capture
+from snapshot.errors import SnapshotError
+from snapshot.restore import Instance as Restored
+from snapshot.restore import Stub, restore
+from snapshot.template import Template
+
+log = logging.getLogger("thawd")
+T = TypeVar("T")
+RESTORED_TIMEOUT = 10.0
+STOP_POLL = 0.001
+GUEST_ENV = {"OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+class Tracer:
+    """The one thread all ptrace work happens on."""
+
+    def __init__(self) -> None:
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="thaw-tracer")
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+
+
+class Channel:
+    """The daemon's end of a guest's fd 3: length-prefixed JSON frames, on the event loop."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, max_frame: int) -> None:
+        self.reader, self.writer, self.max_frame = reader, writer, max_frame
+
+    @classmethod
+    async def open(cls, sock: socket.socket, max_frame: int) -> Channel:
+        reader, writer = await asyncio.open_connection(sock=sock, limit=max_frame + 64)
+        return cls(reader, writer, max_frame)
+
+    def send(self, frame: bytes) -> None:
+        self.writer.write(frame)
+
+    async def recv(self) -> protocol.Message | None:
+        try:
+            header = await self.reader.readexactly(4)
+        except asyncio.IncompleteReadError as e:
+            if e.partial:
+                raise protocol.ProtocolError("the guest closed its channel inside a frame header") from e
+            return None
+        size = int.from_bytes(header, "big")
+        if size > self.max_frame:
+            raise protocol.FrameTooLarge(size, self.max_frame)
+        try:
+            return protocol.decode(await self.reader.readexactly(size))
+        except asyncio.IncompleteReadError as e:
+            raise protocol.ProtocolError("the guest closed its channel inside a frame") from e
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+@dataclass(eq=False)
+class TemplateRef:
+    """A template in force or retired, and how many instances use it."""
+
+    template: Template
+    revision_dir: Path | None = None  # removed with the template: a retired revision's instances still read it
+    users: int = 0
+    retired: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.template.name
+
+
+@dataclass(eq=False)
+class LiveInstance:
+    id: str
+    function: str
+    revision: int
+    template: TemplateRef
+    sandbox: Sandbox
+    process: SandboxProcess
+    restored: Restored
+    channel: Channel
+    log_task: asyncio.Task[None]
+    restore_ms: float
+    started_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.monotonic)
+    invocations: int = 0
+    busy: bool = False
+    retired: bool = False
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "function": self.function,
+            "revision": self.revision,
+            "pid": self.pid,
+            "sandbox": self.sandbox.id,
+            "address": str(self.sandbox.lease.address) if self.sandbox.lease else None,
+            "state": "busy" if self.busy else "idle",
+            "mode": self.restored.mode,
+            "template": self.template.name,
+            "started_at": self.started_at,
+            "idle_seconds": 0.0 if self.busy else round(time.monotonic() - self.last_used, 3),
+            "invocations": self.invocations,
+            "restore_ms": round(self.restore_ms, 3),
+        }
+
+
+@dataclass(eq=False)
+class FunctionState:
+    deployed: Deployed
+    template: TemplateRef | None
+    log: FunctionLog
+    instances: set[LiveInstance] = field(default_factory=set)
+    idle: list[LiveInstance] = field(default_factory=list)  # most recently used last
+    starting: int = 0
+    waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
+    min_warm: int = 0
+    invocations: int = 0
+    broken: str = ""  # why the function cannot start instances (its template is gone or corrupt)
+
+    @property
+    def name(self) -> str:
+        return self.deployed.spec.name
+
+    @property
+    def spec(self) -> FunctionSpec:
+        return self.deployed.spec
+
+
+@dataclass
+class Invocation:
+    method: str = "POST"
+    path: str = "/"
+    query: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+class Manager:
+    def __init__(self, config: DaemonConfig, pool: Pool, sandboxes: SandboxPool, metrics: Metrics) -> None:
+        self.config, self.pool, self.sandboxes, self.metrics = config, pool, sandboxes, metrics
+        self.registry = Registry(Path(config.state_dir))
+        self.tracer = Tracer()
+        self.functions: dict[str, FunctionState] = {}
+        self.deploying: dict[str, asyncio.Lock] = {}
+        self.ids = itertools.count(1)
+        self.request_ids = itertools.count(1)
+        self.starting = 0
+        self.closing = False
+        self.background: set[asyncio.Task[Any]] = set()
+
+    # -- start and stop --------------------------------------------------------------------------
+    async def load(self) -> None:
+        """Open every deployed function's template (verified); a function whose template is gone
+        or corrupt stays listed as broken until it is snapshotted again."""
+        for deployed in await asyncio.to_thread(self.registry.load):
+            fs = FunctionState(deployed, None, FunctionLog(deployed.log_path))
+            try:
+                template = await asyncio.to_thread(Template.open, self.pool, deployed.template_name)
+                fs.template = TemplateRef(template, deployed.revision_dir)
+            except (PoolError, SnapshotError) as e:
+                fs.broken = f"template {deployed.template_name} cannot be used ({e}): run `thaw snapshot {fs.name}`"
+                log.warning("%s: %s", fs.name, fs.broken)
+            self.functions[fs.name] = fs
+        self._spawn(self._keep_alive())
+
+    def in_flight(self) -> int:
+        return sum(1 for fs in self.functions.values() for i in fs.instances if i.busy)
+
+    async def close(self, drain_timeout: float) -> None:
+        """Wait up to `drain_timeout` for in-flight invocations, then release every instance."""
+        self.closing = True
+        deadline = time.monotonic() + drain_timeout
+        while self.in_flight() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for task in self.background:
+            task.cancel()
+        for fs in self.functions.values():
+            await asyncio.gather(*(self._retire(i) for i in list(fs.instances)), return_exceptions=True)
+            self._wake(fs)
+            if fs.template is not None:
+                fs.template.template.close()
+            fs.log.close()
+        self.tracer.close()
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    # -- functions ---------------------------------------------------------------------------------
+    def get(self, name: str) -> FunctionState:
+        fs = self.functions.get(name)
+        if fs is None:
+            raise NotFound(f"no function named {name!r}")
+        return fs
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self.deploying.setdefault(name, asyncio.Lock())
+
+    async def deploy(self, spec: FunctionSpec, source: Path, update: bool = False) -> FunctionState:
+        """Deploy a new function (update=False) or a new revision of one; returns once its template is in force."""
+        if self.closing:
+            raise Unavailable("thawd is shutting down")
+        async with self._lock(spec.name):
+            fs = self.functions.get(spec.name)
+            if fs is None and update:
+                raise NotFound(f"no function named {spec.name!r} to update")
+            if fs is not None and not update:
+                raise Conflict(f"function {spec.name!r} exists; update it instead")
+            previous = fs.deployed if fs else None
+            try:
+                staged = await asyncio.to_thread(self.registry.stage, spec, source, previous)
+            except RequirementsFailed as e:
+                raise DeployFailed(f"deploying {spec.name}: {e}") from e
+            except RegistryError as e:
+                raise Invalid(str(e)) from e
+            function_log = fs.log if fs else FunctionLog(staged.log_path)
+            try:
+                template = await self._capture(staged, function_log)
+            except BaseException:
+                await asyncio.to_thread(self.registry.discard, staged)
+                if fs is None:
+                    function_log.close()
+                raise
+            await asyncio.to_thread(self.registry.commit, staged)
+            return self._put_in_force(staged, TemplateRef(template, staged.revision_dir), fs, function_log)
+
+    def _put_in_force(
+        self, deployed: Deployed, ref: TemplateRef, fs: FunctionState | None, function_log: FunctionLog
+    ) -> FunctionState:
+        if fs is None:
+            fs = FunctionState(deployed, ref, function_log)
+            self.functions[deployed.spec.name] = fs
+            return fs
+        old, fs.template, fs.deployed, fs.broken = fs.template, ref, deployed, ""
+        if old is not None:
+            self._retire_template(old)
+        for instance in list(fs.idle):  # idle instances of the old revision go now, busy ones when done
+            self._spawn(self._retire(instance))
+        return fs
+
+    async def snapshot(self, name: str) -> FunctionState:
+        """Capture the function again from its code (a new revision of the same code and spec)."""
+        fs = self.get(name)
+        source = fs.deployed.revision_dir / "code"
+        return await self.deploy(fs.spec, source, update=True)
+
+    async def delete(self, name: str) -> None:
+        async with self._lock(name):
+            fs = self.get(name)
+            del self.functions[name]
+            await asyncio.gather(*(self._retire(i) for i in list(fs.instances)), return_exceptions=True)
+            self._wake(fs)
+            if fs.template is not None:
+                self._retire_template(fs.template)
+            fs.log.close()
+            await asyncio.to_thread(self.registry.remove, name)
+            self.metrics.forget(name)
+        self.deploying.pop(name, None)
+
+    def _retire_template(self, ref: TemplateRef) -> None:
+        ref.retired = True
+        if ref.users == 0:
+            ref.template.close()
+            Template.delete(self.pool, ref.name)
+            if ref.revision_dir is not None:
+                shutil.rmtree(ref.revision_dir, ignore_errors=True)
+
+    async def _capture(self, deployed: Deployed, function_log: FunctionLog) -> Template:
+        """Start the guest in a sandbox, wait for READY and its stop, capture it, release the sandbox."""
+        spec = deployed.spec
+        sandbox = await self._acquire(deployed)
+        ours, theirs = socket.socketpair()
+        log_read, log_write = os.pipe2(os.O_CLOEXEC)
+        logger = asyncio.ensure_future(follow_pipe(log_read, function_log, f"deploy-{deployed.revision}"))
+        channel: Channel | None = None
+        try:
+            argv = [sys.executable, "-m", "sandbox.guest", f"{FUNCTION_MOUNT}/code", "--handler", spec.handler]
+            argv += ["--site-dir", f"{FUNCTION_MOUNT}/site", "--max-frame", str(self.config.max_frame)]
+            guest = await asyncio.to_thread(sandbox.spawn, argv, theirs.fileno(), log_write)
+            theirs.close()
+            os.close(log_write)
+            log_write = -1
+            channel = await Channel.open(ours, self.config.max_frame)
+            await self._wait_parked(channel, guest, function_log)
+            name = deployed.template_name
+            await asyncio.to_thread(Template.delete, self.pool, name)  # a leftover of an interrupted deploy
+            t0 = time.perf_counter()
+            template = await self.tracer.run(capture, guest.pid, self.pool, name)
+            log.info("%s: captured revision %d in %.0f ms", spec.name, deployed.revision, _ms(t0))
+            self.metrics.starts.labels(spec.name, "cold").inc()
+            return template
+        except PoolIsFull as e:
+            raise PoolFull(f"capturing {spec.name}: the pool is full") from e
+        except (SnapshotError, PoolError, SandboxError) as e:
+            raise DeployFailed(f"capturing {spec.name} failed") from e
+        finally:
+            if channel is not None:
+                channel.close()
+            else:
+                ours.close()
+            theirs.close()
+            if log_write >= 0:
+                os.close(log_write)
+            await self._release_sandbox(sandbox)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(logger, 1.0)  # the guest's last words, before we say why it failed
+
+    async def _wait_parked(self, channel: Channel, guest: SandboxProcess, function_log: FunctionLog) -> None:
+        timeout = self.config.instances_deploy_timeout
+        try:
+            first = await asyncio.wait_for(channel.recv(), timeout)
+        except TimeoutError:
+            raise DeployFailed(f"the function's init did not finish within {timeout:g} s") from None
+        except protocol.ProtocolError as e:
+            raise DeployFailed(f"the guest broke the protocol: {e}") from e
+        if first != {"type": "ready"}:
+            exit_ = await asyncio.to_thread(guest.wait_exit, 5.0)
+            how = exit_.describe() if exit_ else f"said {first}"
+            await asyncio.sleep(0.05)  # let the log reader take the traceback in
+            tail = "\n".join(e["text"] for e in function_log.recent(tail=12) if e["instance"].startswith("deploy"))
+            raise DeployFailed(f"the function's init failed (the guest {how}):\n{tail}")
+        while _state(guest.pid) != "T":
+            if guest.wait(0) is not None:
+                raise DeployFailed("the guest exited after READY instead of stopping for capture")
+            await asyncio.sleep(STOP_POLL)
+
+    async def _acquire(self, deployed: Deployed) -> Sandbox:
+        spec = deployed.spec
+        limits = Limits(cpu=spec.cpu, memory=spec.memory)
+        env = {**GUEST_ENV, **spec.env}
+        box = SandboxSpec(deployed.revision_dir, limits, env, hostname=spec.name)
+        try:
+            return await asyncio.to_thread(self.sandboxes.acquire, box)
+        except SandboxError as e:
+            raise Unavailable(f"no sandbox for {spec.name}") from e
+
+    async def _release_sandbox(self, sandbox: Sandbox) -> None:
+        try:
+            await asyncio.to_thread(self.sandboxes.release, sandbox)
+        except SandboxError as e:
+            log.warning("releasing sandbox %s: %s", sandbox.id, e)
+
+    # -- invoking ----------------------------------------------------------------------------------
+    async def invoke(self, name: str, request: Invocation) -> Reply:
+        fs = self.get(name)
+        timeout = fs.spec.timeout or self.config.instances_default_timeout
+        message = {
+            "type": "request",
+            "id": next(self.request_ids),
+            "method": request.method,
+            "path": request.path,
+            "query": request.query,
+            "headers": request.headers,
+            "body": protocol.b64(request.body),
+        }
+        try:
+            frame = protocol.encode(message, self.config.max_frame)
+        except protocol.FrameTooLarge as e:
+            raise TooLarge(f"the request is too large: {e}") from e
+        t0 = time.perf_counter()
+        outcome = "error"
+        try:
+            async with asyncio.timeout(timeout):
+                instance = await self._checkout(fs)
+            reply = await self._exchange(fs, instance, frame, timeout)
+            outcome = "ok" if reply.status < 500 else "5xx"
+            return reply
+        except TimeoutError:
+            outcome = "timeout"
+            raise InvocationTimeout(f"no instance of {name} was free within the {timeout:g} s timeout") from None
+        except ThawError as e:
+            outcome = e.code
+            raise
+        finally:
+            fs.invocations += 1
+            self.metrics.invocations.labels(name, outcome).inc()
+            self.metrics.invocation_seconds.labels(name).observe(time.perf_counter() - t0)
+
+    async def _exchange(self, fs: FunctionState, instance: LiveInstance, frame: bytes, timeout: float) -> Reply:
+        instance.channel.send(frame)
+        try:
+            async with asyncio.timeout(timeout):
+                answer = await instance.channel.recv()
+        except TimeoutError:
+            self._spawn(self._retire(instance))
+            raise InvocationTimeout(
+                f"{fs.name} did not answer within its {timeout:g} s timeout; instance {instance.id} was killed"
+            ) from None
+        except (protocol.ProtocolError, ConnectionError) as e:
+            raise await self._crashed(fs, instance, str(e)) from None
+        if answer is None:
+            raise await self._crashed(fs, instance, "")
+        self._check_in(fs, instance)
+        if answer.get("type") == "error":
+            error = answer.get("error") or {}
+            raise HandlerFailed(
+                f"{error.get('type', 'Exception')}: {error.get('message', '')}", traceback=error.get("traceback", "")
+            )
+        try:
+            body = protocol.unb64(answer.get("body", ""))
+            headers = {str(k): str(v) for k, v in (answer.get("headers") or {}).items()}
+            return Reply(int(answer.get("statusCode", 200)), headers, body)
+        except (ValueError, TypeError) as e:
+            raise InstanceCrashed(f"{fs.name} sent a malformed response: {e}") from e
+
+    async def _crashed(self, fs: FunctionState, instance: LiveInstance, detail: str) -> InstanceCrashed:
+        exit_ = await asyncio.to_thread(instance.process.wait_exit, 2.0)
+        how = exit_.describe() if exit_ else f"closed its channel{': ' + detail if detail else ''}"
+        await self._retire(instance)
+        return InstanceCrashed(f"instance {instance.id} of {fs.name} died during the invocation: it {how}")
+
+    def _check_in(self, fs: FunctionState, instance: LiveInstance) -> None:
+        instance.busy = False
+        instance.invocations += 1
+        instance.last_used = time.monotonic()
+        if instance.template is not fs.template or self.closing:
+            self._spawn(self._retire(instance))
+            return
+        idle_timeout = fs.spec.idle_timeout
+        if idle_timeout == 0 and len(fs.instances) > fs.min_warm:
+            self._spawn(self._retire(instance))
+            return
+        fs.idle.append(instance)
+        self._wake(fs)
+
+    def _wake(self, fs: FunctionState) -> None:
+        while fs.waiters:
+            waiter = fs.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _wake_all(self) -> None:
+        for fs in self.functions.values():
+            self._wake(fs)
+
+    def _max_instances(self, fs: FunctionState) -> int:
+        return min(fs.spec.max_instances or self.config.instances_max_per_function, self.config.instances_max)
+
+    def total_instances(self) -> int:
+        return sum(len(fs.instances) for fs in self.functions.values()) + self.starting
+
+    async def _checkout(self, fs: FunctionState) -> LiveInstance:
+        while True:
+            if self.closing:
+                raise Unavailable("thawd is shutting down")
+            if fs.broken:
+                raise Unavailable(fs.broken)
+            if fs.idle:
+                instance = fs.idle.pop()
+                instance.busy = True
+                self.metrics.starts.labels(fs.name, "warm").inc()
+                return instance
+            if len(fs.instances) + fs.starting < self._max_instances(fs) and self._room_for_one():
+                instance = await self._start(fs)
+                instance.busy = True
+                return instance
+            waiter = asyncio.get_running_loop().create_future()
+            fs.waiters.append(waiter)
+            await waiter
+
+    def _room_for_one(self) -> bool:
+        """Under the daemon's maximum, making room by releasing the longest-idle instance if need be."""
+        if self.total_instances() < self.config.instances_max:
+            return True
+        idle = [i for fs in self.functions.values() for i in fs.idle]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda i: i.last_used)
+        self._unlist(oldest)
+        self._spawn(self._retire(oldest))
+        return True
+
+    async def _start(self, fs: FunctionState) -> LiveInstance:
+        """Thaw a new instance of `fs` from its template into a repurposed sandbox."""
+        ref = fs.template
+        assert ref is not None
+        ref.users += 1
+        fs.starting += 1
+        self.starting += 1
+        try:
+            instance = await self._thaw(fs, ref)
+        except BaseException:
+            ref.users -= 1
+            if ref.retired and ref.users == 0:
+                self._retire_template(ref)
+            raise
+        finally:
+            fs.starting -= 1
+            self.starting -= 1
+        fs.instances.add(instance)
+        self.metrics.instances.labels(fs.name).set(len(fs.instances))
+        self.metrics.starts.labels(fs.name, "restored").inc()
+        return instance
+
+    async def _thaw(self, fs: FunctionState, ref: TemplateRef) -> LiveInstance:
+        t0 = time.perf_counter()
+        deployed = fs.deployed
+        sandbox = await self._acquire(deployed)
+        ours, theirs = socket.socketpair()
+        log_read, log_write = os.pipe2(os.O_CLOEXEC)
+        instance_id = f"{fs.name}-{next(self.ids)}"
+        logger = asyncio.ensure_future(follow_pipe(log_read, fs.log, instance_id))
+        stub: SandboxProcess | None = None
+        try:
+            try:
+                stub, restored = await self.tracer.run(
+                    self._restore_in, sandbox, ref.template, fs.spec.mode, theirs.fileno(), log_write
+                )
+            finally:
+                theirs.close()
+                os.close(log_write)
+            channel = await Channel.open(ours, self.config.max_frame)
+            try:
+                hello = await asyncio.wait_for(channel.recv(), RESTORED_TIMEOUT)
+            except BaseException:
+                channel.close()
+                raise
+            if not hello or hello.get("type") != "restored":
+                channel.close()
+                raise InstanceCrashed(f"the restored instance said {hello} instead of RESTORED")
+        except BaseException as e:
+            ours.close()
+            logger.cancel()
+            await self._release_sandbox(sandbox)
+            if isinstance(e, PoolIsFull):
+                raise PoolFull(f"restoring {fs.name}: the pool is full") from e
+            if isinstance(e, SnapshotError | SandboxError | PoolError | TimeoutError):
+                raise Unavailable(f"restoring an instance of {fs.name} failed") from e
+            raise
+        assert stub is not None
+        elapsed = time.perf_counter() - t0
+        self.metrics.restore_seconds.observe(elapsed)
+        return LiveInstance(
+            instance_id, fs.name, deployed.revision, ref, sandbox, stub, restored, channel, logger, elapsed * 1e3
+        )
+
+    @staticmethod
+    def _restore_in(
+        sandbox: Sandbox, template: Template, mode: str, control_fd: int, log_fd: int
+    ) -> tuple[SandboxProcess, Restored]:
+        """On the tracer thread: a stub in the sandbox, restored into an instance of `template`."""
+        stub = sandbox.spawn_stub(template.restore_fds(mode), control_fd, log_fd)
+        return stub, restore(template, Stub(stub.pid, stub.wait, stub.kill), mode)
+
+    def _unlist(self, instance: LiveInstance) -> FunctionState | None:
+        fs = self.functions.get(instance.function)
+        if fs is None or instance not in fs.instances:
+            return None
+        fs.instances.discard(instance)
+        with contextlib.suppress(ValueError):
+            fs.idle.remove(instance)
+        self.metrics.instances.labels(fs.name).set(len(fs.instances))
+        return fs
+
+    async def _retire(self, instance: LiveInstance) -> None:
+        """Kill the instance, release its sandbox, and drop its template once nothing uses it."""
+        fs = self._unlist(instance)
+        if instance.retired:
+            return
+        instance.retired = True
+        instance.channel.close()
+        try:
+            await asyncio.to_thread(instance.restored.close)
+        except (OSError, SandboxError) as e:
+            log.warning("stopping instance %s: %s", instance.id, e)
+        await self._release_sandbox(instance.sandbox)
+        instance.log_task.cancel()
+        ref = instance.template
+        ref.users -= 1
+        if ref.retired and ref.users == 0:
+            self._retire_template(ref)
+        if fs is not None:
+            self._wake(fs)
+        self._wake_all()  # room under the daemon's maximum for any function
+
+    # -- scaling and keep-alive ------------------------------------------------------------------
+    async def scale(self, name: str, replicas: int) -> None:
+        """Keep `replicas` instances warm (the gateway's scale-function): thaw up to it, release above it."""
+        fs = self.get(name)
+        if replicas < 0:
+            raise Invalid(f"replicas must not be negative, not {replicas}")
+        fs.min_warm = min(replicas, self._max_instances(fs))
+        while len(fs.idle) and len(fs.instances) > fs.min_warm:
+            await self._retire(fs.idle[0])
+        missing = fs.min_warm - len(fs.instances) - fs.starting
+        started = await asyncio.gather(*(self._start(fs) for _ in range(missing)), return_exceptions=True)
+        for instance in started:
+            if isinstance(instance, LiveInstance):
+                instance.last_used = time.monotonic()
+                fs.idle.append(instance)
+                self._wake(fs)
+        errors = [e for e in started if isinstance(e, BaseException)]
+        if errors:
+            raise errors[0]
+
+    async def _keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for fs in list(self.functions.values()):
+                timeout = fs.spec.idle_timeout
+                timeout = self.config.instances_idle_timeout if timeout is None else timeout
+                for instance in list(fs.idle):
+                    if len(fs.instances) <= fs.min_warm:
+                        break
+                    if now - instance.last_used >= timeout:
+                        self._unlist(instance)
+                        self._spawn(self._retire(instance))
+            self.refresh_gauges()
+
+    def refresh_gauges(self) -> None:
+        with contextlib.suppress(PoolError, OSError):
+            status = self.pool.status()
+            self.metrics.pool_bytes.labels("capacity").set(status.capacity)
+            self.metrics.pool_bytes.labels("used").set(status.used)
+        self.metrics.sandboxes.labels("idle").set(len(self.sandboxes.idle))
+        self.metrics.sandboxes.labels("busy").set(len(self.sandboxes.busy))
+
+    # -- views -------------------------------------------------------------------------------------
+    def describe(self, fs: FunctionState) -> dict[str, Any]:
+        d = fs.deployed
+        return {
+            **fs.spec.to_json(),
+            "revision": d.revision,
+            "template": fs.template.name if fs.template else None,
+            "status": "broken" if fs.broken else "ready",
+            "error": fs.broken or None,
+            "created_at": d.created_at,
+            "updated_at": d.updated_at,
+            "instances": len(fs.instances),
+            "idle": len(fs.idle),
+            "min_warm": fs.min_warm,
+            "invocations": fs.invocations,
+            "template_bytes": fs.template.template.manifest.data_bytes if fs.template else 0,
+        }
+
+    def instances(self, name: str | None = None) -> list[dict[str, Any]]:
+        chosen = [self.get(name)] if name else list(self.functions.values())
+        return [i.describe() for fs in chosen for i in sorted(fs.instances, key=lambda i: i.started_at)]
+
+
+def _state(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return "X"
+    return stat[stat.rindex(")") + 2]
+
+
+def _ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1e3

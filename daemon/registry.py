@@ -1,0 +1,245 @@
+"""The function registry: what is deployed, on disk under the state directory.
+
+    <state_dir>/functions/<name>/function.json     the FunctionSpec and the current revision
+    <state_dir>/functions/<name>/rev-<N>/code/     a copy of the deployed directory
+    <state_dir>/functions/<name>/rev-<N>/site/     its requirements.txt, installed once at deploy
+    <state_dir>/functions/<name>/log               the instances' stdout and stderr
+
+A revision directory is what a sandbox sees at /function. Its template in the pool is named
+`fn.<name>.<N>`. function.json is replaced atomically (write, fsync, rename), so a crash during a
+deploy leaves the previous revision in force; revision directories nothing points at are removed
+at the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from snapshot.template import MODES
+
+NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+HANDLER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+FUNCTION_MOUNT = "/function"
+
+
+class RegistryError(Exception):
+    """A function cannot be deployed, found or removed; the message says why."""
+
+
+class InvalidFunction(RegistryError):
+    pass
+
+
+class FunctionNotFound(RegistryError):
+    pass
+
+
+class RequirementsFailed(RegistryError):
+    pass
+
+
+@dataclass
+class FunctionSpec:
+    name: str
+    handler: str = "handler:handle"
+    memory: int | None = None  # bytes
+    cpu: float | None = None  # cores
+    timeout: float | None = None  # seconds per invocation (None: the daemon's default)
+    env: dict[str, str] = field(default_factory=dict)
+    mode: str = "cow"
+    max_instances: int | None = None
+    idle_timeout: float | None = None  # seconds an idle instance stays warm (None: the daemon's default)
+    image: str = ""  # where it was deployed from (the OpenFaaS `image`)
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FunctionSpec:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidFunction(f"unknown function field(s): {', '.join(unknown)}")
+        try:
+            return cls(**data).validate()
+        except TypeError as e:
+            raise InvalidFunction(f"bad function description: {e}") from e
+
+    def validate(self) -> FunctionSpec:
+        if not isinstance(self.name, str) or not NAME.match(self.name):
+            raise InvalidFunction(
+                f"function name {self.name!r} must be 1-63 lowercase letters, digits or '-', not starting or ending "
+                "with '-'"
+            )
+        if not isinstance(self.handler, str) or not HANDLER.match(self.handler):
+            raise InvalidFunction(f"handler {self.handler!r} must be module:callable, e.g. handler:handle")
+        if self.mode not in MODES:
+            raise InvalidFunction(f"restore mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        _positive(self.memory, "memory", int)
+        _positive(self.cpu, "cpu", (int, float))
+        _positive(self.timeout, "timeout", (int, float))
+        _positive(self.max_instances, "max_instances", int)
+        if self.idle_timeout is not None:
+            _positive(self.idle_timeout + 1, "idle_timeout", (int, float))
+        if not isinstance(self.env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and ENV_NAME.match(k) and "\0" not in v
+            for k, v in self.env.items()
+        ):
+            raise InvalidFunction("env must map variable names ([A-Za-z_][A-Za-z0-9_]*) to strings")
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _positive(value: Any, what: str, kind: type | tuple[type, ...]) -> None:
+    if value is None:
+        return
+    number: Any = value
+    if isinstance(value, bool) or not isinstance(value, kind) or not number > 0:
+        raise InvalidFunction(f"{what} must be a positive number, not {value!r}")
+
+
+@dataclass
+class Deployed:
+    spec: FunctionSpec
+    revision: int
+    created_at: float
+    updated_at: float
+    directory: Path  # the function's directory in the registry
+
+    @property
+    def revision_dir(self) -> Path:
+        return self.directory / f"rev-{self.revision}"
+
+    @property
+    def template_name(self) -> str:
+        return template_name(self.spec.name, self.revision)
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / "log"
+
+
+def template_name(name: str, revision: int) -> str:
+    return f"fn.{name}.{revision}"
+
+
+class Registry:
+    def __init__(self, state_dir: Path) -> None:
+        self.root = state_dir / "functions"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def load(self) -> list[Deployed]:
+        """Every deployed function; unused revision directories (an interrupted deploy) go."""
+        found = []
+        for directory in sorted(self.root.iterdir()):
+            record = directory / "function.json"
+            if not record.exists():
+                shutil.rmtree(directory, ignore_errors=True)  # a first deploy that never finished
+                continue
+            deployed = self._read(directory)
+            for rev in directory.glob("rev-*"):
+                if rev != deployed.revision_dir:
+                    shutil.rmtree(rev, ignore_errors=True)
+            found.append(deployed)
+        return found
+
+    def _read(self, directory: Path) -> Deployed:
+        data = json.loads((directory / "function.json").read_text())
+        return Deployed(
+            FunctionSpec.from_json(data["spec"]), data["revision"], data["created_at"], data["updated_at"], directory
+        )
+
+    def get(self, name: str) -> Deployed:
+        directory = self.root / name
+        if not NAME.match(name) or not (directory / "function.json").exists():
+            raise FunctionNotFound(f"no function named {name!r}")
+        return self._read(directory)
+
+    def exists(self, name: str) -> bool:
+        return bool(NAME.match(name)) and (self.root / name / "function.json").exists()
+
+    def stage(self, spec: FunctionSpec, source: Path, previous: Deployed | None) -> Deployed:
+        """Copy `source` into a new revision and install its requirements; not yet in force."""
+        if not source.is_absolute():
+            raise InvalidFunction(f"the function's directory must be an absolute path, not {str(source)!r}")
+        if not source.is_dir():
+            raise InvalidFunction(f"function directory {source} does not exist or is not a directory")
+        module = spec.handler.split(":")[0].split(".")[0]
+        if not (source / f"{module}.py").exists() and not (source / module / "__init__.py").exists():
+            raise InvalidFunction(f"{source} has no module {module!r} (handler {spec.handler})")
+        directory = self.root / spec.name
+        directory.mkdir(exist_ok=True)
+        revision = previous.revision + 1 if previous else 1
+        now = _now()
+        staged = Deployed(spec, revision, previous.created_at if previous else now, now, directory)
+        shutil.rmtree(staged.revision_dir, ignore_errors=True)
+        try:
+            shutil.copytree(source, staged.revision_dir / "code", symlinks=True)
+            (staged.revision_dir / "site").mkdir()
+            requirements = staged.revision_dir / "code" / "requirements.txt"
+            if requirements.exists():
+                install_requirements(requirements, staged.revision_dir / "site")
+            _make_readable(staged.revision_dir)
+        except BaseException:
+            self.discard(staged)
+            raise
+        return staged
+
+    def commit(self, staged: Deployed) -> None:
+        """Put `staged` in force (atomically). The previous revision's files stay until its last
+        instance is gone (the daemon removes them with its template)."""
+        record = {
+            "spec": staged.spec.to_json(),
+            "revision": staged.revision,
+            "created_at": staged.created_at,
+            "updated_at": staged.updated_at,
+        }
+        tmp = staged.directory / "function.json.tmp"
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.rename(staged.directory / "function.json")
+
+    def discard(self, staged: Deployed) -> None:
+        """Remove a revision that never came into force (and the function's directory if it was its first)."""
+        shutil.rmtree(staged.revision_dir, ignore_errors=True)
+        if not (staged.directory / "function.json").exists():
+            shutil.rmtree(staged.directory, ignore_errors=True)
+
+    def remove(self, name: str) -> None:
+        shutil.rmtree(self.get(name).directory)
+
+
+def install_requirements(requirements: Path, site: Path) -> None:
+    """pip install -r requirements.txt into the function's own site directory, once, at deploy."""
+    argv = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-input"]
+    argv += ["--target", str(site), "-r", str(requirements)]
+    result = subprocess.run(argv, capture_output=True, text=True, cwd=requirements.parent, check=False)
+    if result.returncode != 0:
+        tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-8:])
+        raise RequirementsFailed(f"installing {requirements.name} failed (pip exit {result.returncode}):\n{tail}")
+
+
+def _make_readable(directory: Path) -> None:
+    """The sandbox runs the function as an unprivileged uid: it must read what the daemon copied."""
+    for path in [directory, *directory.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode
+        path.chmod(mode | (0o555 if path.is_dir() else 0o444))
+
+
+def _now() -> float:
+    return time.time()
