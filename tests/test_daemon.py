@@ -1,0 +1,273 @@
+"""thawd end to end: a real daemon process, driven through its Unix socket and the `thaw` CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from pyroute2 import IPRoute
+
+from sandbox.cgroups import CgroupTree
+from tests.thawd import Thawd, write_function
+
+pytestmark = pytest.mark.privileged
+NAME = "thawe0"
+
+ECHO = """
+import json, os, socket, time
+def handle(event, context):
+    data = json.loads(event.body or b"null")
+    print("echo", event.method, event.path, flush=True)
+    if isinstance(data, dict) and data.get("sleep"):
+        time.sleep(data["sleep"])
+    if isinstance(data, dict) and data.get("raise"):
+        raise ValueError("asked to fail: " + data["raise"])
+    if isinstance(data, dict) and data.get("exit"):
+        os._exit(data["exit"])
+    return {"data": data, "method": event.method, "path": event.path, "query": event.query,
+            "uid": os.getuid(), "host": socket.gethostname(), "headers": event.headers}
+"""
+
+
+def _leftovers(name: str) -> dict[str, Any]:
+    with IPRoute() as ipr:
+        bridge = ipr.link_lookup(ifname=name)
+    tree = CgroupTree(name)
+    left = {"bridge": bridge, "cgroups": tree.children()}
+    tree.remove()  # the probe made thaw's (empty) directories again
+    return left
+
+
+@pytest.fixture(scope="module")
+def thawd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Thawd]:
+    daemon = Thawd(tmp_path_factory.mktemp("thawd"), NAME, "10.235.0.0/24", max_frame="1M")
+    daemon.start()
+    agents: list[int] = []
+    try:
+        yield daemon
+    finally:
+        if daemon.process and daemon.process.poll() is None:
+            agents = [s["agent_pid"] for s in daemon.api("GET", "/sandboxes")[1]["sandboxes"]]
+            assert daemon.stop() == 0, daemon.log()
+        daemon.destroy_pool()
+    assert _leftovers(NAME) == {"bridge": [], "cgroups": []}
+    assert agents and not any(psutil.pid_exists(pid) for pid in agents)
+
+
+@pytest.fixture(scope="module")
+def echo(thawd: Thawd, tmp_path_factory: pytest.TempPathFactory) -> str:
+    source = write_function(tmp_path_factory.mktemp("echo"), ECHO)
+    result = thawd.cli("deploy", str(source), "--name", "echo", "--timeout", "2", "--json")
+    assert result.returncode == 0, result.stderr + thawd.log()
+    assert json.loads(result.stdout)["status"] == "ready"
+    return "echo"
+
+
+def _metric(thawd: Thawd, line_start: str) -> float:
+    _, text = thawd.api("GET", "/metrics")
+    for line in text.decode().splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+# -- deploy and invoke ---------------------------------------------------------------------------------
+def test_invoke_restores_from_the_template_then_stays_warm(thawd: Thawd, echo: str) -> None:
+    restored = '{function="echo",kind="restored"}'
+    before = _metric(thawd, "thaw_starts_total" + restored)
+    status, first = thawd.invoke(echo, {"n": 1}, path="/a/b?x=1")
+    assert status == 200, first
+    assert first["data"] == {"n": 1} and first["path"] == "/a/b" and first["query"] == {"x": "1"}
+    assert first["uid"] == 65534 and first["host"] == "echo"
+    instances = thawd.api("GET", "/instances?function=echo")[1]["instances"]
+    status, second = thawd.invoke(echo, {"n": 2})
+    assert status == 200 and second["data"] == {"n": 2}
+    assert _metric(thawd, "thaw_starts_total" + restored) >= before + (1 if len(instances) == 1 else 0)
+    assert _metric(thawd, 'thaw_starts_total{function="echo",kind="warm"}') >= 1
+    after = thawd.api("GET", "/instances?function=echo")[1]["instances"]
+    assert {i["id"] for i in after} == {i["id"] for i in instances}  # the second call reused the instance
+
+
+def test_cli_lists_invokes_and_shows_logs(thawd: Thawd, echo: str) -> None:
+    listed = json.loads(thawd.cli("ls", "--json").stdout)["functions"]
+    assert [f["name"] for f in listed] == ["echo"]
+    result = thawd.cli("invoke", echo, "--data", '{"via": "cli"}')
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["data"] == {"via": "cli"}
+    piped = thawd.cli("invoke", echo, "--data", "-", stdin=b'{"via": "stdin"}')
+    assert json.loads(piped.stdout)["data"] == {"via": "stdin"}
+    logs = thawd.cli("logs", echo, "--tail", "50")
+    assert "echo POST /" in logs.stdout
+    table = thawd.cli("instances")
+    assert "echo-" in table.stdout and "cow" in table.stdout
+    assert "tmpfs on node 0" in thawd.cli("pool").stdout
+
+
+def test_32_concurrent_invocations_scale_out(thawd: Thawd, echo: str) -> None:
+    async def burst() -> list[tuple[int, dict[str, str], bytes]]:
+        body = json.dumps({"sleep": 0.5}).encode()
+        return await asyncio.gather(*(thawd.request("POST", f"/functions/{echo}/invoke", data=body) for _ in range(32)))
+
+    replies = asyncio.run(burst())
+    assert [r[0] for r in replies] == [200] * 32, [r[2][:200] for r in replies if r[0] != 200]
+    instances = thawd.api("GET", "/instances?function=echo")[1]["instances"]
+    assert 1 < len(instances) <= 32
+    assert len({i["sandbox"] for i in instances}) == len(instances)  # one instance per sandbox
+
+
+def test_handler_exception_is_a_500_with_its_message(thawd: Thawd, echo: str) -> None:
+    status, reply = thawd.invoke(echo, {"raise": "boom"})
+    assert status == 500
+    assert reply["error"]["code"] == "handler_error"
+    assert reply["error"]["message"] == "ValueError: asked to fail: boom"
+    assert "Traceback" in reply["error"]["traceback"]
+    result = thawd.cli("invoke", echo, "--data", '{"raise": "again"}')
+    assert result.returncode == 1 and "asked to fail: again" in result.stderr
+    assert thawd.invoke(echo, {"after": "error"})[0] == 200  # the instance lives on
+
+
+def test_timeout_is_a_504_and_the_instance_is_killed(thawd: Thawd, echo: str) -> None:
+    before = {i["pid"] for i in thawd.api("GET", "/instances?function=echo")[1]["instances"]}
+    status, reply = thawd.invoke(echo, {"sleep": 5})
+    assert status == 504 and reply["error"]["code"] == "timeout"
+    assert "2 s timeout" in reply["error"]["message"]
+    deadline = time.monotonic() + 5
+    killed: set[int] = set()
+    while time.monotonic() < deadline:
+        now = {i["pid"] for i in thawd.api("GET", "/instances?function=echo")[1]["instances"]}
+        killed = {pid for pid in before if pid not in now and not psutil.pid_exists(pid)}
+        if killed:
+            break
+        time.sleep(0.05)
+    assert len(killed) >= 1 or not before
+    assert thawd.invoke(echo, {"after": "timeout"})[0] == 200
+
+
+def test_a_crashing_instance_is_reported_and_the_daemon_goes_on(thawd: Thawd, echo: str) -> None:
+    status, reply = thawd.invoke(echo, {"exit": 3})
+    assert status == 502 and reply["error"]["code"] == "instance_crashed"
+    assert "exited with 3" in reply["error"]["message"]
+    assert thawd.invoke(echo, {"after": "crash"})[0] == 200
+
+
+def test_bad_requests_are_refused_clearly(thawd: Thawd, echo: str) -> None:
+    status, reply = thawd.api("POST", "/functions", data=b"{not json")
+    assert status == 400 and "not valid JSON" in reply["error"]["message"]
+    status, reply = thawd.api("POST", "/functions", {"name": "Bad_Name", "source": "/tmp"})
+    assert status == 400 and "function name" in reply["error"]["message"]
+    status, reply = thawd.api("POST", "/functions", {"name": "nodir", "source": "/no/such/dir"})
+    assert status == 400 and "/no/such/dir" in reply["error"]["message"]
+    status, reply = thawd.invoke("nosuch")
+    assert status == 404 and reply["error"]["code"] == "not_found"
+    assert thawd.cli("invoke", "nosuch").returncode == 3
+    status, reply = thawd.api("POST", f"/functions/{echo}/invoke", data=b"x" * (2 << 20))
+    assert status == 413 and reply["error"]["code"] == "too_large"
+    status, reply = thawd.api("POST", f"/functions/{echo}/invoke", data=b"x" * 900_000)  # base64 grows it
+    assert status == 413 and "exceeds" in reply["error"]["message"]
+    status, reply = thawd.api("GET", "/no/such/route")
+    assert status == 404 and reply["error"]["code"] == "not_found"
+
+
+def test_failed_init_is_reported_with_the_guest_traceback_and_nothing_stays(thawd: Thawd, tmp_path: Path) -> None:
+    source = write_function(tmp_path / "broken", "raise RuntimeError('init cannot start')\n")
+    status, reply = thawd.api("POST", "/functions", {"name": "broken", "source": str(source)})
+    assert status == 422 and reply["error"]["code"] == "deploy_failed"
+    assert "init cannot start" in reply["error"]["message"]
+    assert thawd.api("GET", "/functions/broken")[0] == 404
+    assert not (Path(str(thawd.flags["state-dir"])) / "functions" / "broken").exists()
+
+
+def test_requirements_txt_is_installed_at_deploy(thawd: Thawd, tmp_path: Path) -> None:
+    wheel = tmp_path / "thawtestdep-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("thawtestdep/__init__.py", "ANSWER = 42\n")
+        z.writestr("thawtestdep-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: thawtestdep\nVersion: 1.0\n")
+        z.writestr("thawtestdep-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr("thawtestdep-1.0.dist-info/RECORD", "")
+    body = "import thawtestdep\ndef handle(event, context):\n    return {'answer': thawtestdep.ANSWER}\n"
+    source = write_function(tmp_path / "withdeps", body, requirements=f"{wheel}\n")
+    thawd.deploy("withdeps", source)
+    try:
+        assert thawd.invoke("withdeps") == (200, {"answer": 42})
+    finally:
+        thawd.remove("withdeps")
+    bad = write_function(tmp_path / "baddeps", body, requirements="/no/such/package.whl\n")
+    status, reply = thawd.api("POST", "/functions", {"name": "baddeps", "source": str(bad)})
+    assert status == 422 and "requirements.txt" in reply["error"]["message"]
+
+
+def test_update_recaptures_and_delete_removes_the_template(thawd: Thawd, tmp_path: Path) -> None:
+    source = write_function(tmp_path / "v", "def handle(event, context):\n    return 'one'\n")
+    first = thawd.deploy("versions", source)
+    assert thawd.invoke("versions") == (200, "one")
+    write_function(source, "def handle(event, context):\n    return 'two'\n")
+    result = thawd.cli("deploy", str(source), "--name", "versions", "--json")
+    assert result.returncode == 0, result.stderr
+    second = json.loads(result.stdout)
+    assert second["revision"] == first["revision"] + 1
+    assert thawd.invoke("versions") == (200, "two")
+    templates = {t["name"] for t in thawd.api("GET", "/pool")[1]["templates"]}
+    assert second["template"] in templates and first["template"] not in templates
+    assert thawd.cli("rm", "versions").returncode == 0
+    segments = thawd.api("GET", "/pool")[1]["templates"]
+    assert all(t["function"] != "versions" for t in segments)
+    assert thawd.invoke("versions")[0] == 404
+
+
+def test_a_full_pool_says_so(thawd: Thawd, tmp_path: Path) -> None:
+    body = "import os\nSTATE = os.urandom(600 << 20)\ndef handle(event, context):\n    return len(STATE)\n"
+    source = write_function(tmp_path / "huge", body)
+    status, reply = thawd.api("POST", "/functions", {"name": "huge", "source": str(source)})
+    assert status == 507 and reply["error"]["code"] == "pool_full", reply
+    assert "full" in reply["error"]["message"]
+    assert thawd.api("GET", "/functions/huge")[0] == 404
+
+
+def test_metrics_and_openapi_are_served(thawd: Thawd, echo: str) -> None:
+    status, text = thawd.api("GET", "/metrics")
+    assert status == 200
+    for name in ("thaw_invocations_total", "thaw_starts_total", "thaw_restore_seconds_bucket", "thaw_pool_bytes"):
+        assert name in text.decode()
+    status, doc = thawd.api("GET", "/openapi.json")
+    assert status == 200 and doc["openapi"].startswith("3.1")
+
+
+# -- restart and shutdown ------------------------------------------------------------------------------
+def test_sigterm_drains_in_flight_invocations_and_a_restart_keeps_functions(thawd: Thawd, echo: str) -> None:
+    assert thawd.process is not None
+    result: dict[str, Any] = {}
+
+    def slow_call() -> None:
+        result["reply"] = thawd.invoke(echo, {"sleep": 1.0})
+
+    caller = threading.Thread(target=slow_call)
+    caller.start()
+    time.sleep(0.4)  # the invocation is in flight
+    assert thawd.stop(signal.SIGTERM) == 0, thawd.log()
+    caller.join()
+    assert result["reply"][0] == 200 and result["reply"][1]["data"] == {"sleep": 1.0}
+    assert not thawd.socket.exists()
+    thawd.start()
+    names = [f["name"] for f in thawd.api("GET", "/functions")[1]["functions"]]
+    assert "echo" in names
+    assert thawd.invoke(echo, {"after": "restart"})[1]["data"] == {"after": "restart"}
+
+
+def test_a_killed_daemon_leaves_nothing_a_restart_does_not_clean(thawd: Thawd, echo: str) -> None:
+    assert thawd.invoke(echo, {"before": "kill"})[0] == 200
+    agents = [s["agent_pid"] for s in thawd.api("GET", "/sandboxes")[1]["sandboxes"]]
+    assert agents
+    assert thawd.stop(signal.SIGKILL) == -signal.SIGKILL
+    thawd.start()
+    assert not any(psutil.pid_exists(pid) for pid in agents)
+    assert "killed and removed" in thawd.log()
+    assert thawd.invoke(echo, {"after": "kill"})[0] == 200
