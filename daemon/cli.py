@@ -297,7 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)  # --json also after the command
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON for scripts")
 
-    p = sub.add_parser("deploy", parents=[common], help="deploy (or update) a function from a directory; returns once it is captured")
+    p = sub.add_parser(
+        "deploy", parents=[common], help="deploy (or update) a function from a directory; returns once it is captured"
+    )
     p.add_argument("dir", help="the function's directory (its module, an optional requirements.txt)")
     p.add_argument("--name", help="function name (default: the directory's name)")
     p.add_argument("--handler", default="handler:handle", help="module:callable (default handler:handle)")

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psutil
+
 from daemon.config import DaemonConfig
 from daemon.errors import (
     Conflict,
@@ -166,6 +168,7 @@ class LiveInstance:
             "idle_seconds": 0.0 if self.busy else round(time.monotonic() - self.last_used, 3),
             "invocations": self.invocations,
             "restore_ms": round(self.restore_ms, 3),
+            "memory": _memory(self.pid),
         }
 
 
@@ -349,12 +352,14 @@ class Manager:
         try:
             argv = [sys.executable, "-m", "sandbox.guest", f"{FUNCTION_MOUNT}/code", "--handler", spec.handler]
             argv += ["--site-dir", f"{FUNCTION_MOUNT}/site", "--max-frame", str(self.config.max_frame)]
+            started = time.perf_counter()
             guest = await asyncio.to_thread(sandbox.spawn, argv, theirs.fileno(), log_write)
             theirs.close()
             os.close(log_write)
             log_write = -1
             channel = await Channel.open(ours, self.config.max_frame)
             await self._wait_parked(channel, guest, function_log)
+            deployed.init_ms = _ms(started)
             name = deployed.template_name
             await asyncio.to_thread(Template.delete, self.pool, name)  # a leftover of an interrupted deploy
             t0 = time.perf_counter()
@@ -706,6 +711,7 @@ class Manager:
             "min_warm": fs.min_warm,
             "invocations": fs.invocations,
             "template_bytes": fs.template.template.manifest.data_bytes if fs.template else 0,
+            "init_ms": None if d.init_ms is None else round(d.init_ms, 1),
         }
 
     def instances(self, name: str | None = None) -> list[dict[str, Any]]:
@@ -719,6 +725,16 @@ def _state(pid: int) -> str:
     except FileNotFoundError:
         return "X"
     return stat[stat.rindex(")") + 2]
+
+
+def _memory(pid: int) -> dict[str, int] | None:
+    """rss: all the pages it maps; uss: the pages only it has (what the instance costs beyond the
+    template it shares); pss: its share of everything. None once the process is gone."""
+    try:
+        info = psutil.Process(pid).memory_full_info()
+    except (psutil.Error, OSError):
+        return None
+    return {"rss": info.rss, "pss": info.pss, "uss": info.uss}
 
 
 def _ms(t0: float) -> float:

@@ -116,6 +116,7 @@ class Deployed:
     created_at: float
     updated_at: float
     directory: Path  # the function's directory in the registry
+    init_ms: float | None = None  # the guest's cold start at deploy: exec to READY
 
     @property
     def revision_dir(self) -> Path:
@@ -156,9 +157,8 @@ class Registry:
 
     def _read(self, directory: Path) -> Deployed:
         data = json.loads((directory / "function.json").read_text())
-        return Deployed(
-            FunctionSpec.from_json(data["spec"]), data["revision"], data["created_at"], data["updated_at"], directory
-        )
+        spec = FunctionSpec.from_json(data["spec"])
+        return Deployed(spec, data["revision"], data["created_at"], data["updated_at"], directory, data.get("init_ms"))
 
     def get(self, name: str) -> Deployed:
         directory = self.root / name
@@ -204,6 +204,7 @@ class Registry:
             "revision": staged.revision,
             "created_at": staged.created_at,
             "updated_at": staged.updated_at,
+            "init_ms": staged.init_ms,
         }
         tmp = staged.directory / "function.json.tmp"
         with open(tmp, "w") as f:
