@@ -92,7 +92,9 @@ class Thawd:
     def destroy_pool(self) -> None:
         if (self.pool_root / "pool.json").exists():
             subprocess.run(
-                [sys.executable, "-m", "shmpool", "--root", str(self.pool_root), "destroy", "--force"], cwd=REPO, check=True
+                [sys.executable, "-m", "shmpool", "--root", str(self.pool_root), "destroy", "--force"],
+                cwd=REPO,
+                check=True,
             )
 
     # -- talking ----------------------------------------------------------------------------------------
