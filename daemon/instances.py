@@ -581,13 +581,13 @@ class Manager:
         logger = asyncio.ensure_future(follow_pipe(log_read, fs.log, instance_id))
         stub: SandboxProcess | None = None
         try:
-            try:
-                stub, restored = await self.tracer.run(
-                    self._restore_in, sandbox, ref.template, fs.spec.mode, theirs.fileno(), log_write
-                )
+            try:  # the stub comes from the agent off the tracer thread, which only does the ptrace work
+                fds = ref.template.restore_fds(fs.spec.mode)
+                stub = await asyncio.to_thread(sandbox.spawn_stub, fds, theirs.fileno(), log_write)
             finally:
                 theirs.close()
                 os.close(log_write)
+            restored = await self.tracer.run(restore, ref.template, Stub(stub.pid, stub.wait, stub.kill), fs.spec.mode)
             channel = await Channel.open(ours, self.config.max_frame)
             try:
                 hello = await asyncio.wait_for(channel.recv(), RESTORED_TIMEOUT)
@@ -612,14 +612,6 @@ class Manager:
         return LiveInstance(
             instance_id, fs.name, deployed.revision, ref, sandbox, stub, restored, channel, logger, elapsed * 1e3
         )
-
-    @staticmethod
-    def _restore_in(
-        sandbox: Sandbox, template: Template, mode: str, control_fd: int, log_fd: int
-    ) -> tuple[SandboxProcess, Restored]:
-        """On the tracer thread: a stub in the sandbox, restored into an instance of `template`."""
-        stub = sandbox.spawn_stub(template.restore_fds(mode), control_fd, log_fd)
-        return stub, restore(template, Stub(stub.pid, stub.wait, stub.kill), mode)
 
     def _unlist(self, instance: LiveInstance) -> FunctionState | None:
         fs = self.functions.get(instance.function)

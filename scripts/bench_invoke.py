@@ -1,0 +1,518 @@
+"""Invocation benchmark (run it as `scripts/bench_invoke`): latency and throughput through thawd's API.
+
+Starts its own thawd (a fresh tmpfs pool, state directory, API socket and sandbox runtime directory
+under a temporary directory; bridge thawb0 on 10.234.0.0/24, cgroup tree thaw-bench), deploys two
+functions with the same tiny handler (returns {"ok": true, "n": len(event.body)}) and measures, for
+each concurrency in --concurrency (default 1, 8, 32):
+
+- warm     bench-warm (default keep-alive): after the warm-up, every request is served by a live
+           instance, so this is the API (HTTP over the Unix socket) + the guest exchange
+- restore  bench-restore ("idle_timeout": 0): every instance is released right after its
+           invocation, so every request thaws a new instance from the template into a repurposed
+           sandbox, then invokes it (from-template start + invoke)
+
+The load comes from a separate process (this file with --worker): an aiohttp.ClientSession over an
+aiohttp.UnixConnector (limit = concurrency) keeps exactly `concurrency` POST /functions/NAME/invoke
+requests (a small JSON body) in flight until --requests (warm) or --restore-requests (restore)
+have been answered, after a warm-up of max(--warmup, 2 x concurrency) requests that are not counted.
+Each request's latency is taken with time.perf_counter; rps is requests / wall time of the cell.
+Before each warm cell bench-warm is scaled (POST /functions/bench-warm/scale) to `concurrency`
+instances, so no request of the cell waits for a thaw; before the restore cells it is scaled to 0,
+so they do not evict its idle instances. Per cell, how many instances thawd thawed and their mean
+thaw time (from /metrics) go to stderr.
+
+- direct   concurrency 1 only, --requests requests: the same body exchanged straight with a guest's
+           control socket in this process (sandbox/guest/launch.py: start_parked, SIGCONT,
+           RESTORED, then invoke in a loop), without the API or a sandbox: the API's overhead is
+           warm minus direct
+
+Prints a table (path, concurrency, p50_ms, p99_ms, rps, requests, errors) and the targets (warm p50
+<= 1 ms at concurrency 1, restore p50 <= 10 ms, >= 1000 warm rps at concurrency 32); `--json PATH`
+(default bench-results/bench_invoke.json) writes the rows as a list of objects with `path`,
+`concurrency`, `p50_ms`, `p99_ms`, `rps`, `requests` and `errors` (non-200 answers, counted in
+the latencies too). thawd's stderr goes to the temporary directory; its warnings are summarised at
+the end and its tail printed on failure. At exit (also on failure, Ctrl-C or SIGTERM) thawd is
+stopped with SIGTERM, the pool destroyed (`python -m shmpool --root POOL destroy --force`) and the
+temporary directory removed. Root, after scripts/setup; refuses to run while a thawb0 bridge or a
+thaw-bench cgroup exists (another benchmark is using them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import http.client
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import aiohttp
+
+from sandbox.cgroups import CgroupTree
+from sandbox.guest.launch import decode_body, invoke, recv, start_parked
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = REPO / ".venv" / "bin" / "python"
+BRIDGE, SUBNET, CGROUP = "thawb0", "10.234.0.0/24", "thaw-bench"
+HANDLER = "def handle(event, context):\n    return {'ok': True, 'n': len(event.body)}\n"
+BODY = json.dumps({"bench": "invoke", "payload": "x" * 64}).encode()
+EXPECTED = {"ok": True, "n": len(BODY)}
+HEALTH_TIMEOUT = 120.0
+DEPLOY_TIMEOUT = 300.0
+STOP_TIMEOUT = 60.0
+TARGETS = "targets: warm p50 <= 1 ms at concurrency 1; restore p50 <= 10 ms; >= 1000 warm rps at concurrency 32"
+
+
+class BenchError(Exception):
+    pass
+
+
+# -- the load generator (a separate process: this file with --worker) -------------------------------
+@dataclass
+class Load:
+    socket: str
+    function: str
+    concurrency: int
+    requests: int
+    warmup: int
+
+
+async def _phase(session: aiohttp.ClientSession, url: str, concurrency: int, total: int) -> dict[str, Any]:
+    """`total` requests with exactly `concurrency` in flight; their latencies, wall time and errors."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    tickets: Iterator[int] = iter(range(total))
+    headers = {"Content-Type": "application/json"}
+
+    async def client() -> None:
+        for _ in tickets:  # shared: each ticket is one request, whichever client takes it
+            t0 = time.perf_counter()
+            async with session.post(url, data=BODY, headers=headers) as response:
+                body = await response.read()
+                status = response.status
+            latencies.append((time.perf_counter() - t0) * 1e3)
+            if status != 200 or json.loads(body) != EXPECTED:
+                errors.append(f"{status} {body[:300].decode(errors='replace')}")
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return {"latencies_ms": latencies, "wall_s": time.perf_counter() - t0, "errors": errors}
+
+
+async def _load(load: Load) -> dict[str, Any]:
+    connector = aiohttp.UnixConnector(path=load.socket, limit=load.concurrency)
+    timeout = aiohttp.ClientTimeout(total=120)
+    url = f"http://thawd/functions/{load.function}/invoke"
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        await _phase(session, url, load.concurrency, load.warmup)
+        return await _phase(session, url, load.concurrency, load.requests)
+
+
+def worker_main(spec: str) -> int:
+    result = asyncio.run(_load(Load(**json.loads(spec))))
+    sys.stdout.write(json.dumps(result))
+    return 0
+
+
+def run_load(load: Load) -> dict[str, Any]:
+    """One cell: the worker process's latencies, wall time and errors."""
+    spec = json.dumps(load.__dict__)
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--worker", spec], stdout=subprocess.PIPE, check=False
+    )
+    if done.returncode != 0:
+        raise BenchError(f"the load generator for {load.function} at concurrency {load.concurrency} failed")
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+# -- statistics --------------------------------------------------------------------------------------
+def row(path: str, concurrency: int, latencies: list[float], wall: float, errors: int) -> dict[str, Any]:
+    ordered = sorted(latencies)
+    p99 = ordered[min(len(ordered) - 1, max(0, math.ceil(0.99 * len(ordered)) - 1))]
+    return {
+        "path": path,
+        "concurrency": concurrency,
+        "p50_ms": round(statistics.median(ordered), 3),
+        "p99_ms": round(p99, 3),
+        "rps": round(len(ordered) / wall, 1),
+        "requests": len(ordered),
+        "errors": errors,
+    }
+
+
+# -- thawd --------------------------------------------------------------------------------------------
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("thawd", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.path)
+        self.sock = sock
+
+
+class Thawd:
+    """Our own thawd, everything it keeps under `tmp`."""
+
+    def __init__(self, tmp: Path, pool_size: str) -> None:
+        self.tmp = tmp
+        self.socket = str(tmp / "thawd.sock")
+        self.pool = tmp / "pool"
+        self.stderr_path = tmp / "thawd.stderr"
+        argv = [str(PYTHON), "-m", "daemon.main", "--state-dir", str(tmp / "state"), "--socket", self.socket]
+        argv += ["--pool-root", str(self.pool), "--pool-backend", "tmpfs", "--pool-size", pool_size]
+        argv += ["--sandboxes-bridge", BRIDGE, "--sandboxes-subnet", SUBNET, "--sandboxes-cgroup", CGROUP]
+        argv += ["--sandboxes-runtime-dir", str(tmp / "run"), "--sandboxes-prewarm", "8", "--sandboxes-max", "48"]
+        argv += ["--instances-max", "40", "--drain-timeout", "5"]
+        with self.stderr_path.open("wb") as stderr:
+            # Its own session: Ctrl-C reaches only us, and we stop thawd in order.
+            self.popen = subprocess.Popen(
+                argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, start_new_session=True
+            )
+
+    def api(self, method: str, path: str, body: Any = None, timeout: float = 30.0) -> tuple[int, Any]:
+        conn = UnixHTTPConnection(self.socket, timeout)
+        try:
+            data = None if body is None else json.dumps(body).encode()
+            headers = {"Content-Type": "application/json"} if data is not None else {}
+            conn.request(method, path, body=data, headers=headers)
+            response = conn.getresponse()
+            raw = response.read()
+        finally:
+            conn.close()
+        kind = response.getheader("Content-Type", "")
+        return response.status, json.loads(raw) if raw and "json" in kind else raw.decode(errors="replace")
+
+    def wait_healthy(self) -> None:
+        deadline = time.monotonic() + HEALTH_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise BenchError(f"thawd exited with status {self.popen.returncode} while starting")
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                status, health = self.api("GET", "/health", timeout=2.0)
+                if status == 200 and health.get("status") == "ok":
+                    return
+            time.sleep(0.05)
+        raise BenchError(f"thawd did not answer /health within {HEALTH_TIMEOUT:g} s")
+
+    def deploy(self, name: str, source: Path, idle_timeout: float | None) -> None:
+        body: dict[str, Any] = {"name": name, "source": str(source)}
+        if idle_timeout is not None:
+            body["idle_timeout"] = idle_timeout
+        t0 = time.perf_counter()
+        status, answer = self.api("POST", "/functions", body, timeout=DEPLOY_TIMEOUT)
+        if status != 201:
+            raise BenchError(f"deploying {name}: {status} {answer}")
+        print(f"deployed {name} in {(time.perf_counter() - t0) * 1e3:.0f} ms", file=sys.stderr)
+
+    def metrics(self) -> dict[str, float]:
+        """The /metrics samples, `name{labels}` -> value."""
+        _, text = self.api("GET", "/metrics")
+        samples = {}
+        for line in str(text).splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                with contextlib.suppress(ValueError):
+                    samples[key] = float(value)
+        return samples
+
+    def stop(self) -> None:
+        """SIGTERM and wait; SIGKILL after STOP_TIMEOUT."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                print(f"bench_invoke: thawd did not stop within {STOP_TIMEOUT:g} s; killing it", file=sys.stderr)
+                self.popen.kill()
+                self.popen.wait()
+
+    def stderr_text(self) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+# -- the direct row ----------------------------------------------------------------------------------
+def measure_direct(function_dir: Path, requests: int, warmup: int) -> dict[str, Any]:
+    """`requests` invocations exchanged straight with a guest's control socket, one at a time."""
+    guest = start_parked(function_dir, cwd=REPO)
+    try:
+        os.kill(guest.pid, signal.SIGCONT)
+        hello = recv(guest.control, 30)
+        if hello is None or hello.get("type") != "restored":
+            raise BenchError(f"the guest said {hello} instead of RESTORED")
+        for _ in range(warmup):
+            invoke(guest.control, "/", BODY)
+        latencies, errors = [], 0
+        t0 = time.perf_counter()
+        for _ in range(requests):
+            t1 = time.perf_counter()
+            reply = invoke(guest.control, "/", BODY)
+            latencies.append((time.perf_counter() - t1) * 1e3)
+            if reply.get("type") != "response" or json.loads(decode_body(reply)) != EXPECTED:
+                errors += 1
+        return row("direct", 1, latencies, time.perf_counter() - t0, errors)
+    finally:
+        guest.kill()
+
+
+# -- the machine as we found it ----------------------------------------------------------------------
+def bridge_exists() -> bool:
+    return Path("/sys/class/net", BRIDGE).exists()
+
+
+def cgroup_dirs() -> list[Path]:
+    found = []
+    for top in Path("/sys/fs/cgroup").iterdir():
+        with contextlib.suppress(OSError):
+            for dirpath, dirnames, _ in os.walk(top):
+                if CGROUP in dirnames:
+                    found.append(Path(dirpath, CGROUP))
+                    dirnames.remove(CGROUP)
+    return found
+
+
+def mounts_under(directory: Path) -> list[str]:
+    prefix = str(directory.resolve()) + "/"
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4].replace("\\040", " ")
+        if point.startswith(prefix) or point == prefix[:-1]:
+            points.append(point)
+    return points
+
+
+def clean_up(thawd: Thawd | None, tmp: Path) -> tuple[list[str], str]:
+    """Stop thawd, remove what a thawd that had to be killed left, destroy the pool, remove `tmp`.
+    Returns what could not be cleaned and thawd's stderr."""
+    problems: list[str] = []
+    log = ""
+    if thawd is not None:
+        thawd.stop()
+        log = thawd.stderr_text()
+        if thawd.popen.returncode != 0:
+            problems.append(f"thawd exited with status {thawd.popen.returncode}")
+        if cgroup_dirs():  # thawd was killed: its sandboxes' agents and instances are still in there
+            try:
+                tree = CgroupTree(CGROUP)
+                tree.reap_orphans()
+                tree.remove()
+            except Exception as e:
+                problems.append(f"removing the {CGROUP} cgroups: {e}")
+        if bridge_exists():
+            subprocess.run(["ip", "link", "del", BRIDGE], check=False)
+        if thawd.pool.exists():
+            destroy = [str(PYTHON), "-m", "shmpool", "--root", str(thawd.pool), "destroy", "--force"]
+            done = subprocess.run(destroy, cwd=REPO, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                problems.append(f"destroying the pool: {done.stderr.strip() or done.stdout.strip()}")
+    left = mounts_under(tmp)
+    if left:  # never rmtree through a mount
+        problems.append(f"mounts left under {tmp} (not removed): {', '.join(left)}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if cgroup_dirs():
+        problems.append(f"cgroups left: {', '.join(map(str, cgroup_dirs()))}")
+    if bridge_exists():
+        problems.append(f"bridge {BRIDGE} left")
+    return problems, log
+
+
+def _interrupted(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# -- the run ----------------------------------------------------------------------------------------
+def write_function(tmp: Path, name: str) -> Path:
+    directory = tmp / "functions" / name
+    directory.mkdir(parents=True)
+    (directory / "handler.py").write_text(HANDLER)
+    return directory
+
+
+def thaw_counts(thawd: Thawd, function: str) -> tuple[float, float, float]:
+    """(instances of `function` thawed so far, thaws in all, seconds they took in all) from /metrics."""
+    samples = thawd.metrics()
+    return (
+        samples.get(f'thaw_starts_total{{function="{function}",kind="restored"}}', 0.0),
+        samples.get("thaw_restore_seconds_count", 0.0),
+        samples.get("thaw_restore_seconds_sum", 0.0),
+    )
+
+
+def scale(thawd: Thawd, function: str, replicas: int) -> None:
+    status, answer = thawd.api("POST", f"/functions/{function}/scale", {"replicas": replicas}, timeout=120)
+    if status != 200:
+        raise BenchError(f"scaling {function} to {replicas}: {status} {answer}")
+
+
+def measure(thawd: Thawd, tmp: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    warm_dir, restore_dir = write_function(tmp, "bench-warm"), write_function(tmp, "bench-restore")
+    thawd.deploy("bench-warm", warm_dir, None)
+    thawd.deploy("bench-restore", restore_dir, 0)
+    rows = []
+    for path, function in (("warm", "bench-warm"), ("restore", "bench-restore")):
+        requests = args.requests if path == "warm" else args.restore_requests
+        for concurrency in args.concurrency:
+            if path == "warm":  # exactly `concurrency` live instances: no thaw inside the cell
+                scale(thawd, function, concurrency)
+            warmup = max(args.warmup, 2 * concurrency)
+            before = thaw_counts(thawd, function)
+            result = run_load(Load(thawd.socket, function, concurrency, requests, warmup))
+            after = thaw_counts(thawd, function)
+            r = row(path, concurrency, result["latencies_ms"], result["wall_s"], len(result["errors"]))
+            rows.append(r)
+            thaws, count, seconds = (a - b for a, b in zip(after, before, strict=True))
+            print(
+                f"{path:>8} c={concurrency:<3} p50 {r['p50_ms']:.3f} ms  rps {r['rps']:.0f}; thawd thawed {thaws:.0f}"
+                f" instances for {warmup}+{requests} requests"
+                + (f", mean thaw (free sandbox to RESTORED) {seconds / count * 1e3:.2f} ms" if count else ""),
+                file=sys.stderr,
+            )
+            for error in result["errors"][:3]:
+                print(f"    error: {error}", file=sys.stderr)
+        if path == "warm":
+            scale(thawd, function, 0)  # its idle instances go: the restore cells do not evict them
+    rows.append(measure_direct(warm_dir, args.requests, args.warmup))
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print(f"{'path':>8} {'concurrency':>11} {'p50_ms':>8} {'p99_ms':>8} {'rps':>8} {'requests':>8} {'errors':>6}")
+    for r in rows:
+        print(
+            f"{r['path']:>8} {r['concurrency']:>11} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} {r['rps']:>8.1f}"
+            f" {r['requests']:>8} {r['errors']:>6}"
+        )
+    print(TARGETS)
+    cell = {(r["path"], r["concurrency"]): r for r in rows}
+    verdicts = []
+    if ("warm", 1) in cell:
+        p50 = cell["warm", 1]["p50_ms"]
+        verdicts.append(f"warm p50 c=1 {p50:.3f} ms {'ok' if p50 <= 1 else 'MISSED'}")
+    for (path, concurrency), r in cell.items():
+        if path == "restore":
+            verdict = "ok" if r["p50_ms"] <= 10 else "MISSED"
+            verdicts.append(f"restore p50 c={concurrency} {r['p50_ms']:.3f} ms {verdict}")
+    if ("warm", 32) in cell:
+        rps = cell["warm", 32]["rps"]
+        verdicts.append(f"warm rps c=32 {rps:.0f} {'ok' if rps >= 1000 else 'MISSED'}")
+    if ("warm", 1) in cell and ("direct", 1) in cell:
+        overhead = cell["warm", 1]["p50_ms"] - cell["direct", 1]["p50_ms"]
+        verdicts.append(f"API overhead (warm - direct p50, c=1) {overhead:.3f} ms")
+    for verdict in verdicts:
+        print(f"  {verdict}")
+    print(f"host: {platform.node()} {platform.machine()} kernel {platform.release()}, {os.cpu_count()} CPUs")
+
+
+def thawd_warnings(text: str) -> list[str]:
+    return [line for line in text.splitlines() if re.search(r"WARNING|ERROR|CRITICAL|Traceback", line)]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="scripts/bench_invoke",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--requests", type=int, default=2000, help="requests per warm cell and for direct [2000]")
+    parser.add_argument("--restore-requests", type=int, default=300, help="requests per restore cell [300]")
+    parser.add_argument(
+        "--concurrency",
+        type=lambda text: [int(c) for c in text.split(",")],
+        default=[1, 8, 32],
+        metavar="C,C,...",
+        help="requests in flight, one cell per value [1,8,32] (at most 32: instances per function)",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=20, help="uncounted requests before each cell, at least 2 x concurrency [20]"
+    )
+    parser.add_argument("--pool-size", default="2G", help="size of the benchmark's tmpfs pool [2G]")
+    parser.add_argument(
+        "--json", metavar="PATH", default="bench-results/bench_invoke.json", help="[bench-results/bench_invoke.json]"
+    )
+    parser.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)  # the load generator's process
+    args = parser.parse_args(argv)
+    if args.requests < 1 or args.restore_requests < 1 or args.warmup < 0:
+        parser.error("--requests and --restore-requests must be positive, --warmup not negative")
+    if not args.concurrency or not all(1 <= c <= 32 for c in args.concurrency):
+        parser.error("--concurrency: values from 1 to 32")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker)
+    if os.geteuid() != 0:
+        print("bench_invoke: needs root (thawd: namespaces, cgroups, ptrace, the pool's mount)", file=sys.stderr)
+        return 2
+    if bridge_exists() or cgroup_dirs():
+        print(f"bench_invoke: {BRIDGE} or a {CGROUP} cgroup exists: is another benchmark running?", file=sys.stderr)
+        return 2
+    tmp = Path(tempfile.mkdtemp(prefix="thaw-bench-invoke-"))
+    signal.signal(signal.SIGTERM, _interrupted)
+    thawd: Thawd | None = None
+    rows: list[dict[str, Any]] = []
+    failure = ""
+    try:
+        thawd = Thawd(tmp, args.pool_size)
+        thawd.wait_healthy()
+        rows = measure(thawd, tmp, args)
+    except BenchError as e:
+        failure = str(e)
+    except Exception as e:
+        traceback.print_exc()
+        failure = f"{type(e).__name__}: {e}"
+    except KeyboardInterrupt:
+        failure = "interrupted"
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):  # cleaning up is not interrupted (it is bounded)
+            signal.signal(signum, signal.SIG_IGN)
+        problems, log = clean_up(thawd, tmp)  # log: thawd's stderr, read before tmp goes
+    if failure:
+        print(f"bench_invoke: {failure}", file=sys.stderr)
+        if log:
+            print("thawd's stderr (last 40 lines):", file=sys.stderr)
+            print("\n".join(log.splitlines()[-40:]), file=sys.stderr)
+    else:
+        warnings = thawd_warnings(log)
+        if warnings:
+            print(f"thawd logged {len(warnings)} warnings/errors, e.g.:", file=sys.stderr)
+            print("\n".join(f"    {w}" for w in warnings[:10]), file=sys.stderr)
+    for problem in problems:
+        print(f"bench_invoke: cleanup: {problem}", file=sys.stderr)
+    if failure:
+        return 1
+    print_table(rows)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"wrote {args.json}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
