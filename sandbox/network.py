@@ -28,6 +28,9 @@ from sandbox.errors import SandboxError, SubnetExhausted
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 
 
+BRIDGE_ALIAS = "made by thaw"  # marks a bridge thaw created, so a restarted thaw removes it in the end
+
+
 @dataclass(frozen=True)
 class NetworkConfig:
     bridge: str = "thaw0"
@@ -67,10 +70,15 @@ class Network:
     def setup(self) -> None:
         """Create the bridge with the gateway address unless it exists; turn on forwarding for egress."""
         name = self.config.bridge
-        if not self.ipr.link_lookup(ifname=name):
+        existing = self.ipr.link_lookup(ifname=name)
+        if not existing:
             self.ipr.link("add", ifname=name, kind="bridge")
+            index = self.ipr.link_lookup(ifname=name)[0]
+            self.ipr.link("set", index=index, ifalias=BRIDGE_ALIAS)
             self.created_bridge = True
-        index = self.ipr.link_lookup(ifname=name)[0]
+        else:  # ours if a thaw that died made it: its teardown is ours now
+            index = existing[0]
+            self.created_bridge = self.ipr.get_links(index)[0].get("IFLA_IFALIAS") == BRIDGE_ALIAS
         have = {a.get("IFA_ADDRESS") for a in self.ipr.get_addr(index=index)}
         if str(self.gateway) not in have:
             self.ipr.addr("add", index=index, address=str(self.gateway), prefixlen=self.net.prefixlen)

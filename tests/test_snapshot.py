@@ -350,7 +350,7 @@ def _function(tmp_path: Path, body: str) -> Path:
     [
         (
             "import threading, time\nthreading.Thread(target=time.sleep, args=(600,), name='sleeper').start()",
-            r"has 2 threads: \d+ \(python\), \d+ \(python\); a template holds one thread",
+            r"has 2 threads: \d+ \(python[\d.]*\), \d+ \(python[\d.]*\); a template holds one thread",
         ),
         ("import os\nPIPE = os.pipe()", r"fds a restore cannot recreate: fd \d+ -> pipe:\[\d+\]"),
         ("import mmap\nSHARED = mmap.mmap(-1, 4096)", r"writable shared mapping"),
