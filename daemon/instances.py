@@ -230,7 +230,8 @@ class Manager:
         for deployed in await asyncio.to_thread(self.registry.load):
             fs = FunctionState(deployed, None, FunctionLog(deployed.log_path))
             try:
-                template = await asyncio.to_thread(Template.open, self.pool, deployed.template_name)
+                mounts = {FUNCTION_MOUNT: str(deployed.revision_dir)}
+                template = await asyncio.to_thread(Template.open, self.pool, deployed.template_name, True, mounts)
                 fs.template = TemplateRef(template, deployed.revision_dir)
             except (PoolError, SnapshotError) as e:
                 fs.broken = f"template {deployed.template_name} cannot be used ({e}): run `thaw snapshot {fs.name}`"
@@ -363,7 +364,8 @@ class Manager:
             name = deployed.template_name
             await asyncio.to_thread(Template.delete, self.pool, name)  # a leftover of an interrupted deploy
             t0 = time.perf_counter()
-            template = await self.tracer.run(capture, guest.pid, self.pool, name)
+            mounts = {FUNCTION_MOUNT: str(deployed.revision_dir)}
+            template = await self.tracer.run(capture, guest.pid, self.pool, name, mounts)
             log.info("%s: captured revision %d in %.0f ms", spec.name, deployed.revision, _ms(t0))
             self.metrics.starts.labels(spec.name, "cold").inc()
             return template

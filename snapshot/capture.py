@@ -23,7 +23,7 @@ import os
 import signal
 import stat
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -58,8 +58,9 @@ CONTROL_FD = 3
 _OPEN_ONLY_FLAGS = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY
 
 
-def capture(pid: int, pool: Pool, name: str) -> Template:
-    """Capture the stopped, single-threaded process `pid` into template `name` of `pool`."""
+def capture(pid: int, pool: Pool, name: str, mounts: Mapping[str, str] | None = None) -> Template:
+    """Capture the stopped, single-threaded process `pid` into template `name` of `pool`.
+    `mounts`: where the guest's bind-mounted directories are on this host (see Template.open)."""
     if pool.config.page_size != PAGE:
         raise UnsupportedMapping(
             f"templates need a pool with {PAGE >> 10} KiB pages; the {pool.config.backend} pool has "
@@ -69,7 +70,7 @@ def capture(pid: int, pool: Pool, name: str) -> Template:
     with _seized(pid):
         manifest = _read_process(pid)
         _write_template(pid, pool, name, manifest)
-    return Template.open(pool, name, verify=False)  # publish just read back and checksummed it
+    return Template.open(pool, name, verify=False, mounts=mounts)  # publish read it back and checksummed it
 
 
 def check_capturable(pid: int) -> None:

@@ -16,6 +16,7 @@ import contextlib
 import mmap
 import os
 import struct
+from collections.abc import Mapping
 from typing import Any, Self
 
 from native import memory
@@ -37,8 +38,16 @@ def working_set_name(name: str) -> str:
 
 
 class Template:
-    def __init__(self, pool: Pool, segment: Segment, manifest: Manifest, file_fds: list[int]) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        segment: Segment,
+        manifest: Manifest,
+        file_fds: list[int],
+        mounts: Mapping[str, str] | None = None,
+    ) -> None:
         self.pool, self.segment, self.manifest, self.file_fds = pool, segment, manifest, file_fds
+        self.mounts = dict(mounts or {})
         self._cache: Segment | None = None
         self._cache_view: mmap.mmap | None = None
         self._source_view: mmap.mmap | None = None
@@ -52,8 +61,12 @@ class Template:
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
-    def open(cls, pool: Pool, name: str, verify: bool = True) -> Template:
-        """Open template `name`; with `verify` every chunk checksum is checked first."""
+    def open(cls, pool: Pool, name: str, verify: bool = True, mounts: Mapping[str, str] | None = None) -> Template:
+        """Open template `name`; with `verify` every chunk checksum is checked first.
+
+        `mounts` maps directories as the guest saw them to where they are on this host, for a
+        guest captured inside a sandbox whose files are bind mounts at other paths (the
+        function's directory at /function): {"/function": "/var/lib/thaw/functions/f/rev-1"}."""
         segment = pool.open_segment(name, verify=verify)
         fds: list[int] = []
         try:
@@ -63,8 +76,8 @@ class Template:
             offset, length, digest = unpack_header(header, segment.size)
             manifest = check_manifest(os.pread(segment.fd, length, segment.base + offset), digest)
             for ident in manifest.files:
-                fds.append(_open_identical(ident.path, ident))
-            return cls(pool, segment, manifest, fds)
+                fds.append(_open_identical(host_path(ident.path, mounts or {}), ident))
+            return cls(pool, segment, manifest, fds, mounts)
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -77,7 +90,7 @@ class Template:
         One stat of each path: a file modified in place shows a new size/mtime there as well as
         on the fd we hold, and a file replaced under its name shows another device/inode."""
         for ident in self.manifest.files:
-            st = _stat_or_none(ident.path)
+            st = _stat_or_none(host_path(ident.path, self.mounts))
             if st is None:
                 raise FileChanged(f"{ident.path}, which template {self.name!r} maps, no longer exists")
             change = ident.describe_change(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
@@ -177,6 +190,14 @@ class Template:
         for seg in (working_set_name(name), cache_name(name), name):
             with contextlib.suppress(SegmentNotFound):
                 pool.delete(seg)
+
+
+def host_path(path: str, mounts: Mapping[str, str]) -> str:
+    """Where `path`, as the guest saw it, is on this host."""
+    for inside, outside in mounts.items():
+        if path == inside or path.startswith(inside.rstrip("/") + "/"):
+            return outside.rstrip("/") + path[len(inside.rstrip("/")) :]
+    return path
 
 
 def _stat_or_none(path: str) -> os.stat_result | None:

@@ -205,6 +205,27 @@ def test_requirements_txt_is_installed_at_deploy(thawd: Thawd, tmp_path: Path) -
     assert status == 422 and "requirements.txt" in reply["error"]["message"]
 
 
+def test_a_file_the_function_maps_from_its_own_directory_is_remapped_at_restore(
+    thawd: Thawd, tmp_path: Path
+) -> None:
+    """The guest sees its code at /function; the daemon finds the mapped file where that is on the host
+    (as it must for C extensions installed from requirements.txt)."""
+    body = (
+        "import mmap, os\n"
+        "with open(os.path.join(os.path.dirname(__file__), 'table.bin'), 'rb') as f:\n"
+        "    TABLE = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)\n"
+        "def handle(event, context):\n"
+        "    return TABLE[:5].decode()\n"
+    )
+    source = write_function(tmp_path / "mapped", body)
+    (source / "table.bin").write_bytes(b"thaws" * 2000)
+    thawd.deploy("mapped", source)
+    try:
+        assert thawd.invoke("mapped") == (200, "thaws")
+    finally:
+        thawd.remove("mapped")
+
+
 def test_update_recaptures_and_delete_removes_the_template(thawd: Thawd, tmp_path: Path) -> None:
     source = write_function(tmp_path / "v", "def handle(event, context):\n    return 'one'\n")
     first = thawd.deploy("versions", source)
