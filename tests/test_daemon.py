@@ -205,9 +205,7 @@ def test_requirements_txt_is_installed_at_deploy(thawd: Thawd, tmp_path: Path) -
     assert status == 422 and "requirements.txt" in reply["error"]["message"]
 
 
-def test_a_file_the_function_maps_from_its_own_directory_is_remapped_at_restore(
-    thawd: Thawd, tmp_path: Path
-) -> None:
+def test_a_file_the_function_maps_from_its_own_directory_is_remapped_at_restore(thawd: Thawd, tmp_path: Path) -> None:
     """The guest sees its code at /function; the daemon finds the mapped file where that is on the host
     (as it must for C extensions installed from requirements.txt)."""
     body = (
