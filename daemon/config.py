@@ -57,11 +57,19 @@ class DaemonConfig:
     gateway_listen: str = _setting("gateway", "", "HOST:PORT of the OpenFaaS provider API (empty: off)")
     gateway_user: str = _setting("gateway", "admin", "Basic auth user for /system/*")
     gateway_password_file: str = _setting("gateway", "", "file holding the Basic auth password")
+    # [lora]
+    lora_device: str = _setting("lora", "auto", "LoRA workers' device: auto (cuda if present), cpu, cuda[:N]")
+    lora_max_batch: int = _setting("lora", 64, "sequences a LoRA worker decodes together at most")
+    lora_slots: int = _setting("lora", 64, "adapters resident on a worker's device at once")
+    lora_max_rank: int = _setting("lora", 64, "largest adapter rank accepted")
+    lora_merge_after: int = _setting("lora", 4, "decode steps one adapter owns the batch before it is merged")
+    lora_memory: int = _setting("lora", 0, "memory limit of a LoRA worker's sandbox (0: none)", size=True)
 
     def validate(self) -> DaemonConfig:
         if self.pool_backend not in ("tmpfs", "hugetlbfs", "devdax", "memfd"):
             raise ConfigError(f"pool.backend must be tmpfs, hugetlbfs, devdax or memfd, not {self.pool_backend!r}")
-        for name in ("sandboxes_max", "instances_max", "instances_max_per_function", "max_frame", "pool_size"):
+        positive = ("sandboxes_max", "instances_max", "instances_max_per_function", "max_frame", "pool_size")
+        for name in (*positive, "lora_max_batch", "lora_slots", "lora_max_rank", "lora_merge_after"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_dotted(name)} must be positive, not {getattr(self, name)}")
         for name in ("instances_idle_timeout", "instances_default_timeout", "drain_timeout", "sandboxes_prewarm"):

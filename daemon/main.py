@@ -28,6 +28,7 @@ from daemon import sdnotify
 from daemon.config import ConfigError, DaemonConfig
 from daemon.gateway import build_gateway
 from daemon.instances import Manager
+from daemon.lora.host import LoraHost, LoraSettings
 from daemon.metrics import Metrics
 from daemon.server import build_app
 from sandbox.cgroups import CgroupTree
@@ -87,6 +88,20 @@ def build_sandboxes(config: DaemonConfig) -> SandboxPool:
         raise StartupError(f"building the sandbox pool: {e}") from e
 
 
+def build_lora(config: DaemonConfig, pool: Pool, sandboxes: SandboxPool) -> LoraHost:
+    settings = LoraSettings(
+        device=config.lora_device,
+        max_batch=config.lora_max_batch,
+        slots=config.lora_slots,
+        max_rank=config.lora_max_rank,
+        merge_after=config.lora_merge_after,
+        memory=config.lora_memory,
+        runtime_dir=Path(config.sandboxes_runtime_dir).parent / "lora",
+        log_dir=Path(config.state_dir) / "lora",
+    )
+    return LoraHost(pool, sandboxes.tree, settings, sandboxes.config)
+
+
 def listen_unix(path: Path, group: str) -> socket.socket:
     """The API socket, mode 0660; refuses to steal the socket of a thawd that is still serving."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,11 +141,12 @@ async def serve(config: DaemonConfig) -> None:
     await asyncio.to_thread(reap_orphans, config)
     sandboxes = await asyncio.to_thread(build_sandboxes, config)
     manager = Manager(config, pool, sandboxes, Metrics())
+    lora = build_lora(config, pool, sandboxes)
     runners: list[web.AppRunner] = []
     renewer = asyncio.ensure_future(renew_leases(pool))
     try:
         await manager.load()
-        api = web.AppRunner(build_app(manager), handle_signals=False, access_log=None)
+        api = web.AppRunner(build_app(manager, lora), handle_signals=False, access_log=None)
         await api.setup()
         runners.append(api)
         sites: list[web.BaseSite] = [web.SockSite(api, listen_unix(Path(config.socket), config.socket_group))]
@@ -153,6 +169,7 @@ async def serve(config: DaemonConfig) -> None:
             await site.stop()  # no new connections; requests in flight go on
         await manager.close(config.drain_timeout)
     finally:
+        await lora.close()
         renewer.cancel()
         for runner in runners:
             await runner.cleanup()

@@ -18,6 +18,8 @@ from aiohttp import web
 
 from daemon.errors import Invalid, ThawError, describe
 from daemon.instances import FunctionState, Invocation, Manager, Reply
+from daemon.lora.api import add_routes as add_lora_routes
+from daemon.lora.host import LoraHost
 from daemon.registry import FunctionSpec, InvalidFunction
 
 log = logging.getLogger("thawd")
@@ -264,7 +266,7 @@ async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=OPENAPI.read_bytes(), content_type="application/json")
 
 
-def build_app(manager: Manager) -> web.Application:
+def build_app(manager: Manager, lora: LoraHost | None = None) -> web.Application:
     # The body limit sits a little above the frame maximum so that the frame check (which counts the
     # whole message) answers the 413 with the precise size; aiohttp answers for anything larger.
     app = web.Application(middlewares=[errors], client_max_size=manager.config.max_frame + 1)
@@ -286,4 +288,6 @@ def build_app(manager: Manager) -> web.Application:
     r.add_get("/instances", list_instances)
     r.add_get("/sandboxes", list_sandboxes)
     r.add_get("/pool", pool_status)
+    if lora is not None:
+        add_lora_routes(app, lora)
     return app

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import struct
 from collections.abc import Callable, Iterable, Sequence
@@ -99,14 +98,15 @@ class TensorSource:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+        return _elements(self.shape) * DTYPE_SIZES[self.dtype]
 
     def load(self) -> memoryview:
         data = self.data() if callable(self.data) else self.data
         view = memoryview(data).cast("B")
         if view.nbytes != self.nbytes:
             raise ValueError(
-                f"tensor {self.name!r}: {self.dtype}{list(self.shape)} is {self.nbytes} bytes, its data is {view.nbytes}"
+                f"tensor {self.name!r}: {self.dtype}{list(self.shape)} is {self.nbytes} bytes, "
+                f"its data is {view.nbytes}"
             )
         return view
 
@@ -167,12 +167,19 @@ class TensorIndex:
                 raise StoreCorrupt(f"tensor {e.name!r} has unknown dtype {e.dtype!r}")
             if e.offset < HEADER_SIZE or e.offset + e.nbytes > self.size:
                 raise StoreCorrupt(f"tensor {e.name!r} lies outside the store (offset {e.offset}, {e.nbytes} bytes)")
-            if e.shape and math.prod(e.shape) and _extent(e) > e.nbytes:
+            if e.shape and _elements(e.shape) and _extent(e) > e.nbytes:
                 raise StoreCorrupt(f"tensor {e.name!r}: shape {list(e.shape)} stride {list(e.stride)} reads past it")
 
     @property
     def data_bytes(self) -> int:
         return sum(e.nbytes for e in self.tensors.values())
+
+
+def _elements(shape: Sequence[int]) -> int:
+    n = 1
+    for dim in shape:
+        n *= dim
+    return n
 
 
 def _extent(e: TensorEntry) -> int:
@@ -247,7 +254,9 @@ class TensorStore:
             raise
         if self.index.size != segment.size:
             segment.close()
-            raise StoreCorrupt(f"tensor store {segment.name!r}: index says {self.index.size} bytes, segment has {segment.size}")
+            raise StoreCorrupt(
+                f"tensor store {segment.name!r}: index says {self.index.size} bytes, segment has {segment.size}"
+            )
 
     @property
     def name(self) -> str:

@@ -30,7 +30,7 @@ ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 def make_base(directory: Path, seed: int = 0, **overrides: Any) -> Path:
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**{**TINY, **overrides})).eval()
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY, **overrides}))
     model.save_pretrained(directory)
     return directory
 
@@ -43,7 +43,7 @@ def make_adapter(base: Path, directory: Path, seed: int, **lora: Any) -> Path:
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0.0, 0.05)
-    model.save_pretrained(directory)
+    model.save_pretrained(str(directory))
     return directory
 
 

@@ -50,7 +50,9 @@ class AdapterWeights:
         return max(m.rank for m in self.modules)
 
     @classmethod
-    def from_tensors(cls, name: str, modules: Sequence[AdapterModule], tensors: Mapping[str, torch.Tensor]) -> AdapterWeights:
+    def from_tensors(
+        cls, name: str, modules: Sequence[AdapterModule], tensors: Mapping[str, torch.Tensor]
+    ) -> AdapterWeights:
         a = {(m.layer, m.module): tensors[f"layers.{m.layer}.{m.module}.A"] for m in modules}
         b = {(m.layer, m.module): tensors[f"layers.{m.layer}.{m.module}.B"] for m in modules}
         return cls(name, list(modules), a, b)
@@ -79,7 +81,9 @@ class DeviceSlots:
     def __post_init__(self) -> None:
         if self.capacity < 1:
             raise ValueError(f"need at least one adapter slot, not {self.capacity}")
-        self.side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.side_stream = (
+            torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # type: ignore[no-untyped-call]
+        )
 
     # -- residency ---------------------------------------------------------------------------------
     def index(self, name: str) -> int | None:
@@ -180,7 +184,7 @@ class DeviceSlots:
         if self.side_stream is not None:
             with torch.cuda.stream(self.side_stream):
                 self._copy(slot, adapter, non_blocking=True)
-                entry.ready = torch.cuda.Event()
+                entry.ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
                 entry.ready.record(self.side_stream)
         else:
             self._copy(slot, adapter, non_blocking=False)
@@ -293,7 +297,7 @@ class ReferenceLora:
         return None
 
     def delta(self, layer: int, module: str, x: torch.Tensor) -> torch.Tensor | None:
-        rows = []
+        rows: list[torch.Tensor | None] = []
         for t in range(x.shape[0]):
             adapter = self.row_adapters[self.row_of_token[t]]
             key = (layer, module)

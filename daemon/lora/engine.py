@@ -115,7 +115,8 @@ class Engine:
         limit = self.model.shape.max_positions
         if len(request.prompt) + request.max_tokens > limit:
             raise RequestRejected(
-                f"prompt ({len(request.prompt)} tokens) + max_tokens ({request.max_tokens}) exceeds the model's {limit} positions"
+                f"prompt ({len(request.prompt)} tokens) + max_tokens ({request.max_tokens}) "
+                f"exceeds the model's {limit} positions"
             )
         vocab = self.model.shape.vocab_size
         if any(not 0 <= t < vocab for t in request.prompt):
@@ -274,7 +275,9 @@ class Engine:
                 self.cache.lengths[i] = 0
             self.running.pop()
             self.stats.finished += 1
-            result = Result(seq.generated, reason, len(request.prompt), seq.admitted - seq.submitted, now - seq.submitted)
+            result = Result(
+                seq.generated, reason, len(request.prompt), seq.admitted - seq.submitted, now - seq.submitted
+            )
             request.future.set_result(result)
 
     def _tensor(self, tokens: list[int]) -> torch.Tensor:

@@ -30,16 +30,17 @@ from safetensors import safe_open
 
 from daemon.lora.loader import STORE_DTYPES
 from daemon.lora.spec import (
+    FILES_PREFIX,
     AdapterMismatch,
     ModelShape,
     adapter_scaling,
     check_adapter_config,
     parse_adapter_tensor,
 )
+from shmpool.errors import PoolError
 from shmpool.pool import Pool
 from shmpool.tensors import TensorIndex, TensorSource, write_store
 
-FILES_PREFIX = "__files__/"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 MODEL_KIND, ADAPTER_KIND = "lora-model", "lora-adapter"
 
@@ -51,10 +52,13 @@ class ImportFailed(ValueError):
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """A tensor's bytes, row-major (numpy has no bfloat16, so go through a uint8 view)."""
     flat = t.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    data: bytes | memoryview = flat.view(torch.uint8).numpy().data
+    return memoryview(data).cast("B")
 
 
-def source_of(name: str, t: torch.Tensor | Callable[[], torch.Tensor], dtype: torch.dtype, shape: tuple[int, ...]) -> TensorSource:
+def source_of(
+    name: str, t: torch.Tensor | Callable[[], torch.Tensor], dtype: torch.dtype, shape: tuple[int, ...]
+) -> TensorSource:
     if dtype not in STORE_DTYPES:
         raise ImportFailed(f"tensor {name!r} has dtype {dtype}, which the store does not hold")
     if callable(t):
@@ -92,7 +96,7 @@ def hf_model_sources(directory: Path, dtype: torch.dtype | None) -> tuple[dict[s
 
                 def load(path: Path = path, name: str = name) -> torch.Tensor:
                     with safe_open(str(path), framework="pt") as g:
-                        t = g.get_tensor(name)
+                        t: torch.Tensor = g.get_tensor(name)
                     return t.to(dtype) if dtype is not None else t
 
                 sources.append(source_of(name, load, dtype or stored, shape))
@@ -111,7 +115,9 @@ def gguf_model_sources(path: Path, dtype: torch.dtype | None) -> tuple[dict[str,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype or torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=dtype or torch.float32
+        )
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:  # transformers raises many kinds; say which file and why
         raise ImportFailed(f"transformers could not read {path} as GGUF: {type(e).__name__}: {e}") from e
@@ -162,7 +168,8 @@ def import_adapter(pool: Pool, name: str, source: Path, progress: bool = False) 
             (a if which == "A" else b)[(layer, module)] = f.get_tensor(tname).float()
     if set(a) != set(b):
         raise AdapterMismatch(f"{source}: lora_A and lora_B do not pair up for {sorted(set(a) ^ set(b))}")
-    modules, sources = [], []
+    modules: list[dict[str, Any]] = []
+    sources: list[TensorSource] = []
     for (layer, module), lora_a in sorted(a.items()):
         rank = lora_a.shape[0]
         scaling = adapter_scaling(config, f"model.layers.{layer}.{module}", rank)
@@ -206,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", type=Path, help="a Hugging Face directory, a .gguf file, or a PEFT adapter directory")
     parser.add_argument("--pool", required=True, help="the pool's root (e.g. /var/lib/thaw/pool)")
     parser.add_argument("--name", required=True, help="the store's name in the pool")
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="convert model weights (default: as stored)")
+    parser.add_argument(
+        "--dtype", choices=["float32", "float16", "bfloat16"], help="convert model weights (default: as stored)"
+    )
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty())
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype) if args.dtype else None
@@ -216,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                 index = import_model(pool, args.name, args.source, dtype, args.progress)
             else:
                 index = import_adapter(pool, args.name, args.source, args.progress)
-    except (ImportFailed, AdapterMismatch, ValueError, OSError) as e:
+    except (ImportFailed, AdapterMismatch, ValueError, OSError, PoolError) as e:
         print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
         return 1
     print(json.dumps(summary(args.name, index)))

@@ -91,8 +91,8 @@ def _to_cuda(store: MappedStore, device: torch.device, chunk_bytes: int) -> dict
     dest = torch.empty(round_up(total, 256), dtype=torch.uint8, device=device)
     source = torch.frombuffer(store.mapping, dtype=torch.uint8)
     staging = [torch.empty(chunk_bytes, dtype=torch.uint8).pin_memory() for _ in range(2)]
-    done = [torch.cuda.Event(), torch.cuda.Event()]
-    copy_stream = torch.cuda.Stream(device)
+    done = [torch.cuda.Event(), torch.cuda.Event()]  # type: ignore[no-untyped-call]
+    copy_stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
     turn = 0
     # Walk the data as (source offset, destination offset, length) pieces no longer than a chunk.
     for e, off in placed:

@@ -102,9 +102,11 @@ class LlamaModel:
         if missing:
             raise ValueError(f"the model store lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
         self.embed = self.weights["model.embed_tokens.weight"]
-        self.lm_head = self.weights.get("lm_head.weight", self.embed) if shape.tie_word_embeddings else self.weights[
-            "lm_head.weight"
-        ]
+        self.lm_head = (
+            self.weights.get("lm_head.weight", self.embed)
+            if shape.tie_word_embeddings
+            else self.weights["lm_head.weight"]
+        )
         self.dtype = self.embed.dtype
         self.device = self.embed.device
         dim = shape.head_dim

@@ -26,6 +26,8 @@ PROJECTIONS = {
     "up_proj": "mlp",
     "down_proj": "mlp",
 }
+# Non-tensor files a model store carries (tokenizer.json, ...), as U8 tensors named FILES_PREFIX + file.
+FILES_PREFIX = "__files__/"
 ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM"}
 
 
@@ -56,7 +58,9 @@ class ModelShape:
     def from_config(cls, config: Mapping[str, Any]) -> ModelShape:
         arch = (config.get("architectures") or ["LlamaForCausalLM"])[0]
         if arch not in ARCHITECTURES:
-            raise UnsupportedModel(f"architecture {arch} is not a Llama-family decoder ({', '.join(sorted(ARCHITECTURES))})")
+            raise UnsupportedModel(
+                f"architecture {arch} is not a Llama-family decoder ({', '.join(sorted(ARCHITECTURES))})"
+            )
         rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
@@ -84,7 +88,12 @@ class ModelShape:
 
     def features(self, module: str) -> tuple[int, int]:
         """(in, out) of a projection."""
-        q, kv, h, m = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.hidden_size, self.intermediate_size
+        q, kv, h, m = (
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+            self.hidden_size,
+            self.intermediate_size,
+        )
         return {
             "q_proj": (h, q),
             "k_proj": (h, kv),

@@ -18,6 +18,7 @@ the engine's thread; the control loop only parses, submits and replies.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -32,10 +33,9 @@ import torch
 
 from daemon.lora.adapters import AdapterWeights, DeviceSlots
 from daemon.lora.engine import Engine, Request, RequestRejected, Result
-from daemon.lora.importer import FILES_PREFIX
 from daemon.lora.loader import MappedStore, map_store, to_device
 from daemon.lora.model import LlamaModel
-from daemon.lora.spec import ModelShape, adapter_modules, check_adapter
+from daemon.lora.spec import FILES_PREFIX, ModelShape, adapter_modules, check_adapter
 
 CONTROL_FD = 3
 MAX_PACKET = 1 << 20
@@ -216,7 +216,11 @@ class Control:
             self.reply(rid, {})
         elif op == "generate":
             future = worker.submit(
-                msg["prompt"], msg.get("adapter"), int(msg.get("max_tokens", 16)), float(msg.get("temperature", 0.0)), msg.get("seed")
+                msg["prompt"],
+                msg.get("adapter"),
+                int(msg.get("max_tokens", 16)),
+                float(msg.get("temperature", 0.0)),
+                msg.get("seed"),
             )
             future.add_done_callback(lambda f: self._generated(rid, worker, f))
         elif op == "stats":
@@ -250,10 +254,8 @@ def _one_fd(fds: list[int]) -> int:
 
 
 def _close(fd: int) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.close(fd)
-    except OSError:
-        pass
 
 
 def main() -> int:
