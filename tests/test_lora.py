@@ -150,7 +150,7 @@ def test_prefill_logits_match_peft(pool: Pool, peft: PeftModel) -> None:
         captured["slots"] = torch.tensor([seg.slot for seg in args[1]])
         return captured["logits"]
 
-    w.model.prefill = capture  # type: ignore[method-assign]
+    w.model.prefill = capture  # type: ignore[method-assign,assignment]
     requests = [Request(ids[i].tolist(), names[i], max_tokens=1) for i in range(3)]
     run(w, requests)
     with torch.no_grad():
