@@ -283,6 +283,142 @@ async def cmd_logs(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+# -- LoRA ------------------------------------------------------------------------------------------
+IMPORT_TIMEOUT = 1800.0
+
+
+async def cmd_lora_models(client: Client, args: argparse.Namespace) -> int:
+    data = await client.call("GET", "/lora/models")
+    keys = ("name", "architecture", "tensors", "worker", "source")
+    rows = [[*(m[k] for k in keys[:3]), _size(m["bytes"]), m["worker"], m["source"]] for m in data["models"]]
+    columns = ["model", "architecture", "tensors", "weights", "worker", "imported from"]
+    _show(data, args.json, lambda d: _table("LoRA base models", columns, rows))
+    return 0
+
+
+async def cmd_lora_import(client: Client, args: argparse.Namespace) -> int:
+    body = {"name": args.name, "source": str(Path(args.source).resolve()), "dtype": args.dtype}
+    with progress(f"importing {args.name} into the pool", args.json):
+        result = await client.call("POST", "/lora/models", body, timeout=IMPORT_TIMEOUT)
+    _show(result, args.json, lambda r: out.print(f"{r['name']}: {r['tensors']} tensors, {_size(r['bytes'])}"))
+    return 0
+
+
+async def cmd_lora_adapters(client: Client, args: argparse.Namespace) -> int:
+    data = await client.call("GET", "/lora/adapters" + (f"?model={args.model}" if args.model else ""))
+    rows = [[a["name"], a["model"], a["rank"], _size(a["bytes"]), a["source"]] for a in data["adapters"]]
+    _show(data, args.json, lambda d: _table("adapters", ["adapter", "model", "rank", "size", "imported from"], rows))
+    return 0
+
+
+async def cmd_lora_add(client: Client, args: argparse.Namespace) -> int:
+    body = {"name": args.name, "model": args.model, "source": str(Path(args.dir).resolve())}
+    with progress(f"importing adapter {args.name}", args.json):
+        result = await client.call("POST", "/lora/adapters", body, timeout=IMPORT_TIMEOUT)
+    _show(result, args.json, lambda r: out.print(f"{r['name']}: rank {r['rank']} over {r['model']}"))
+    return 0
+
+
+async def cmd_lora_rm(client: Client, args: argparse.Namespace) -> int:
+    kind = "models" if args.model else "adapters"
+    for name in args.names:
+        await client.call("DELETE", f"/lora/{kind}/{name}")
+        if not args.json:
+            out.print(f"{name}: removed")
+    return 0
+
+
+def _worker_line(w: dict[str, Any]) -> str:
+    return f"{w['model']}: {w['state']} on {w['device']}, pid {w['pid']}, {len(w['adapters'])} adapters"
+
+
+async def cmd_lora_start(client: Client, args: argparse.Namespace) -> int:
+    settings = {k: v for k in ("device", "max_batch", "slots", "max_rank") if (v := getattr(args, k)) is not None}
+    with progress(f"starting a worker for {args.model}", args.json):
+        worker = await client.call("POST", "/lora/workers", {"model": args.model, **settings}, timeout=IMPORT_TIMEOUT)
+    _show(worker, args.json, lambda w: out.print(_worker_line(w)))
+    return 0
+
+
+async def cmd_lora_stop(client: Client, args: argparse.Namespace) -> int:
+    await client.call("DELETE", f"/lora/workers/{args.model}")
+    if not args.json:
+        out.print(f"{args.model}: worker stopped")
+    return 0
+
+
+async def cmd_lora_restart(client: Client, args: argparse.Namespace) -> int:
+    with progress(f"restarting the worker for {args.model}", args.json):
+        worker = await client.call("POST", f"/lora/workers/{args.model}/restart", timeout=IMPORT_TIMEOUT)
+    _show(worker, args.json, lambda w: out.print(_worker_line(w)))
+    return 0
+
+
+async def cmd_lora_workers(client: Client, args: argparse.Namespace) -> int:
+    data = await client.call("GET", "/lora/workers")
+    rows = [
+        [w["model"], w["state"], w["device"], w["pid"], len(w["adapters"]), w["load_ms"], w["exit"]]
+        for w in data["workers"]
+    ]
+    columns = ["model", "state", "device", "pid", "adapters", "load ms", "exit"]
+    _show(data, args.json, lambda d: _table("LoRA workers", columns, rows))
+    return 0
+
+
+async def cmd_lora_complete(client: Client, args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    body = {"model": args.model, "prompt": prompt, "max_tokens": args.max_tokens, "temperature": args.temperature}
+    result = await client.call("POST", "/v1/completions", body, timeout=args.timeout)
+    _show(result, args.json, lambda r: print(r["choices"][0]["text"]))
+    return 0
+
+
+def add_lora_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    lora = sub.add_parser("lora", parents=[common], help="LoRA serving: base models, adapters, workers, completions")
+    cmds = lora.add_subparsers(dest="lora_command", required=True, metavar="LORA_COMMAND")
+    p = cmds.add_parser("models", parents=[common], help="list base models in the pool")
+    p.set_defaults(run=cmd_lora_models)
+    p = cmds.add_parser("import", parents=[common], help="import a base model (HF directory or .gguf) into the pool")
+    p.add_argument("source", help="a Hugging Face model directory (safetensors) or a .gguf file")
+    p.add_argument("--name", required=True, help="the model's name")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="convert weights (default: as stored)")
+    p.set_defaults(run=cmd_lora_import)
+    p = cmds.add_parser("adapters", parents=[common], help="list adapters")
+    p.add_argument("--model", help="only this base model's")
+    p.set_defaults(run=cmd_lora_adapters)
+    p = cmds.add_parser("add", parents=[common], help="import a PEFT adapter and register it with its model's worker")
+    p.add_argument("dir", help="a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--name", required=True, help="the adapter's name (what `model` names in a completion)")
+    p.add_argument("--model", required=True, help="the base model it adapts")
+    p.set_defaults(run=cmd_lora_add)
+    p = cmds.add_parser("rm", parents=[common], help="remove adapters (or, with --model, base models)")
+    p.add_argument("names", nargs="+", metavar="NAME")
+    p.add_argument("--model", action="store_true", help="the names are base models (their adapters go too)")
+    p.set_defaults(run=cmd_lora_rm)
+    p = cmds.add_parser("start", parents=[common], help="start a worker for a base model")
+    p.add_argument("model")
+    p.add_argument("--device", help="auto (default), cpu or cuda[:N]")
+    p.add_argument("--max-batch", type=int, help="sequences decoded together at most")
+    p.add_argument("--slots", type=int, help="adapters resident on the device at once")
+    p.add_argument("--max-rank", type=int, help="largest adapter rank accepted")
+    p.set_defaults(run=cmd_lora_start)
+    p = cmds.add_parser("stop", parents=[common], help="stop a model's worker")
+    p.add_argument("model")
+    p.set_defaults(run=cmd_lora_stop)
+    p = cmds.add_parser("restart", parents=[common], help="restart a model's worker (after a crash)")
+    p.add_argument("model")
+    p.set_defaults(run=cmd_lora_restart)
+    p = cmds.add_parser("workers", parents=[common], help="list workers")
+    p.set_defaults(run=cmd_lora_workers)
+    p = cmds.add_parser("complete", parents=[common], help="a completion from a base model or an adapter")
+    p.add_argument("model", help="an adapter name, or a base model name")
+    p.add_argument("prompt", help="the prompt, or - to read it from stdin")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens to generate at most (default 32)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait (default 300)")
+    p.set_defaults(run=cmd_lora_complete)
+
+
 # -- parsing ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -340,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tail", type=int, default=100, help="lines from the end (default 100)")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     p.set_defaults(run=cmd_logs)
+    add_lora_parser(sub, common)
     return parser
 
 

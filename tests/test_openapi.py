@@ -10,7 +10,11 @@ from typing import Any, cast
 
 from daemon.config import DaemonConfig
 from daemon.instances import Manager
+from daemon.lora.host import LoraHost, LoraSettings
 from daemon.server import OPENAPI, build_app
+from sandbox.cgroups import CgroupTree
+from sandbox.sandbox import SandboxConfig
+from shmpool.pool import Pool
 
 METHODS = ("get", "post", "put", "patch", "delete")
 ANY_METHOD = METHODS  # what a `*` route (invoke) is documented with
@@ -22,7 +26,8 @@ def _document() -> dict[str, Any]:
 
 def _routes() -> set[tuple[str, str]]:
     manager = cast(Manager, types.SimpleNamespace(config=DaemonConfig()))
-    app = build_app(manager)
+    lora = LoraHost(cast(Pool, None), cast(CgroupTree, None), LoraSettings(), SandboxConfig())
+    app = build_app(manager, lora)
     found: set[tuple[str, str]] = set()
     for route in app.router.routes():
         info = route.get_info()

@@ -14,13 +14,14 @@ GET            /v1/models                   OpenAI: base models with a worker, a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from typing import Any
 
 from aiohttp import web
 
-from daemon.errors import Invalid
+from daemon.errors import Invalid, Unavailable
 from daemon.lora.host import LoraHost
 
 LORA: web.AppKey[LoraHost] = web.AppKey("lora", LoraHost)
@@ -88,10 +89,11 @@ async def start_worker(request: web.Request) -> web.Response:
 async def get_worker(request: web.Request) -> web.Response:
     host = _host(request)
     worker = host.get_worker(request.match_info["model"])
-    body = worker.describe()
     if worker.state == "ready":
-        body["stats"] = await host.stats(worker.model)
-    return web.json_response(body)
+        with contextlib.suppress(Unavailable):  # it died just now: describe it as it is
+            stats = await host.stats(worker.model)
+            return web.json_response({**worker.describe(), "stats": stats})
+    return web.json_response(worker.describe())
 
 
 async def stop_worker(request: web.Request) -> web.Response:
