@@ -1,17 +1,20 @@
 """LoRA adapters on the device: slots, batched deltas (SGMV and BGMV), merging, and a reference.
 
 Two cache levels (S-LoRA): every registered adapter sits in the pool, mapped zero-copy
-(`AdapterWeights`); `DeviceSlots` holds the ones in use in stacked per-projection tensors,
-A [slots, R, in] and B [slots, out, R], with R the largest rank resident (smaller ranks are
-zero-padded, so padding never changes a result). Slots are LRU; a slot whose adapter has a running
+(`AdapterWeights`); `DeviceSlots` holds the ones in use in stacked per-projection tensors, stored
+transposed, A^T [slots, in, R] and B^T [slots, R, out], with R the largest rank resident (smaller
+ranks are zero-padded, so padding never changes a result). Slots are LRU; a slot whose adapter has a running
 sequence is pinned; `prefetch` loads what the waiting queue will need. On CUDA the copies run on a
 side stream and the compute stream waits for them by event.
 
 The batched forms (Punica's names):
 - SGMV, segment form, for prefill: tokens are packed sequence by sequence, consecutive tokens of one
   adapter form a segment, one pair of matmuls per segment;
-- BGMV, gathered form, for decode: one token per row, each row gathers its adapter's A and B by slot
-  index, two batched matmuls for the whole batch.
+- BGMV, gathered form, for decode: one token per row, each row reading its own adapter's A and B by
+  slot index. On the CPU this is two `embedding_bag` calls (fbgemm's weighted-sum kernels) over the
+  flattened stacks: v[b] = sum_i x[b, i] A^T[slot_b, i] and y[b] = sum_r v[b, r] B^T[slot_b, r],
+  which reads each row's adapter once and copies nothing (a gather + bmm copies every row's A and
+  B first, and on small models costs more than the base projection itself).
 Both compute x @ A^T in fp32 and fold the scaling into B (done at import).
 
 `MergedWeights` is dLoRA's merge: when one adapter owns the batch, W + B A is computed once into a
@@ -26,6 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from daemon.lora.spec import AdapterModule, ModelShape
 
@@ -162,10 +166,11 @@ class DeviceSlots:
 
     # -- storage -----------------------------------------------------------------------------------
     def _stack(self, key: Key) -> tuple[torch.Tensor, torch.Tensor]:
+        """A^T [slots, in, R] and B^T [slots, R, out] of one projection."""
         if key not in self.a:
             fin, fout = self.shape.features(key[1])
-            self.a[key] = torch.zeros(self.capacity, self.rank, fin, device=self.device)
-            self.b[key] = torch.zeros(self.capacity, fout, self.rank, device=self.device)
+            self.a[key] = torch.zeros(self.capacity, fin, self.rank, device=self.device)
+            self.b[key] = torch.zeros(self.capacity, self.rank, fout, device=self.device)
         return self.a[key], self.b[key]
 
     def _repad(self, rank: int) -> None:
@@ -173,10 +178,10 @@ class DeviceSlots:
         keep = min(rank, self.rank)
         for key in list(self.a):
             a, b = self.a[key], self.b[key]
-            self.a[key] = torch.zeros(self.capacity, rank, a.shape[2], device=self.device)
-            self.b[key] = torch.zeros(self.capacity, b.shape[1], rank, device=self.device)
-            self.a[key][:, :keep] = a[:, :keep]
-            self.b[key][:, :, :keep] = b[:, :, :keep]
+            self.a[key] = torch.zeros(self.capacity, a.shape[1], rank, device=self.device)
+            self.b[key] = torch.zeros(self.capacity, rank, b.shape[2], device=self.device)
+            self.a[key][:, :, :keep] = a[:, :, :keep]
+            self.b[key][:, :keep] = b[:, :keep]
         self.rank = rank
 
     def _load(self, slot: int, adapter: AdapterWeights) -> None:
@@ -198,11 +203,11 @@ class DeviceSlots:
             src_a, src_b = a, adapter.b[key]
             if non_blocking:  # pageable memory would make the copy synchronous: stage it pinned
                 src_a, src_b = src_a.pin_memory(), src_b.pin_memory()
-            stack_a[slot, :r].copy_(src_a, non_blocking=non_blocking)
-            stack_b[slot, :, :r].copy_(src_b, non_blocking=non_blocking)
+            stack_a[slot, :, :r].copy_(src_a.T, non_blocking=non_blocking)
+            stack_b[slot, :r].copy_(src_b.T, non_blocking=non_blocking)
             if r < self.rank:
-                stack_a[slot, r:].zero_()
-                stack_b[slot, :, r:].zero_()
+                stack_a[slot, :, r:].zero_()
+                stack_b[slot, r:].zero_()
 
 
 class SegmentLora:
@@ -220,9 +225,9 @@ class SegmentLora:
         if a is None or not self.segments:
             return None
         b = self.slots.b[(layer, module)]
-        out = torch.zeros(x.shape[0], b.shape[1], dtype=torch.float32, device=x.device)
+        out = torch.zeros(x.shape[0], b.shape[2], dtype=torch.float32, device=x.device)
         for start, end, k in self.segments:
-            out[start:end] = (x[start:end].float() @ a[k].T) @ b[k].T
+            out[start:end] = (x[start:end].float() @ a[k]) @ b[k]
         return out.to(x.dtype)
 
 
@@ -246,18 +251,31 @@ class GatherLora:
         self.rows = torch.tensor([i for i, k in enumerate(rows) if k >= 0], dtype=torch.long, device=device)
         self.index = torch.tensor([k for k in rows if k >= 0], dtype=torch.long, device=device)
         self.batch = len(rows)
+        self.bags: dict[int, torch.Tensor] = {}  # row width -> [n, width] indices into a flattened stack
 
     def weight(self, layer: int, module: str) -> torch.Tensor | None:
         return None
+
+    def _bag(self, width: int) -> torch.Tensor:
+        """Row b of the result: the flattened-stack rows slot_b * width + (0 .. width-1)."""
+        if width not in self.bags:
+            span = torch.arange(width, device=self.index.device)
+            self.bags[width] = self.index[:, None] * width + span[None, :]
+        return self.bags[width]
 
     def delta(self, layer: int, module: str, x: torch.Tensor) -> torch.Tensor | None:
         a = self.slots.a.get((layer, module))
         if a is None or self.index.numel() == 0:
             return None
         b = self.slots.b[(layer, module)]
+        slots, fin, rank = a.shape
         xs = (x if self.all_rows else x[self.rows]).float()
-        v = torch.bmm(a[self.index], xs[:, :, None])  # [n, R, 1]
-        d = torch.bmm(b[self.index], v)[:, :, 0]  # [n, out]
+        if a.is_cuda:  # one gather + two batched matmuls per projection: what a GPU does well
+            v = torch.bmm(xs[:, None, :], a[self.index])  # [n, 1, R]
+            d = torch.bmm(v, b[self.index])[:, 0]  # [n, out]
+        else:
+            v = F.embedding_bag(self._bag(fin), a.view(slots * fin, rank), per_sample_weights=xs, mode="sum")
+            d = F.embedding_bag(self._bag(rank), b.view(slots * rank, -1), per_sample_weights=v, mode="sum")
         if self.all_rows:
             return d.to(x.dtype)
         out = torch.zeros(self.batch, d.shape[1], dtype=torch.float32, device=x.device)
