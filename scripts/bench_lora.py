@@ -42,10 +42,11 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,17 +82,6 @@ TINY = {
 ADAPTER_COUNTS = (1, 8, 64)
 POPULARITY = ("uniform", "zipf")
 out = Console()
-
-
-def median_ms(fn: Callable[[], Any], repeat: int, before: Callable[[], None] | None = None) -> float:
-    times = []
-    for _ in range(repeat):
-        if before is not None:
-            before()  # not timed
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
 
 
 def touch(tensors: Any) -> float:
@@ -262,49 +252,63 @@ def adapter_from_peft_file(path: Path, shape: ModelShape, device: torch.device) 
     return slots
 
 
-def loads(label: str, pool: Pool, work: Path, args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
-    model_file = work / label / "hf" / "model.safetensors"
-    adapter_file = work / label / "ad0" / "adapter_model.safetensors"
-    # The daemon opens a store once and hands the worker its fd: the worker's load starts there.
-    model_store = open_store(pool, f"lora.model.{label}", verify=False)
-    adapter_store = open_store(pool, f"lora.adapter.{label}.ad0", verify=False)
-    shape = ModelShape.from_config(model_store.index.meta["config"])
-
-    def model_from_pool() -> None:
-        touch(to_device(map_store(model_store.fd), device).values())
-
-    def model_from_file() -> None:
-        touch(v.to(device) for v in load_file(str(model_file)).values())
-
-    def adapter_from_pool() -> None:
-        mapped = map_store(adapter_store.fd)
-        slots = DeviceSlots(shape, 1, device)
-        slots.ensure(AdapterWeights.from_tensors("ad0", adapter_modules(mapped.index.meta), mapped.tensors))
-        touch([*slots.a.values(), *slots.b.values()])
-
-    def adapter_from_file() -> None:
-        slots = adapter_from_peft_file(adapter_file, shape, device)
-        touch([*slots.a.values(), *slots.b.values()])
-
-    cases: list[tuple[str, str, Callable[[], None], Path | None]] = [
-        ("model", "pool", model_from_pool, None),
-        ("model", "safetensors", model_from_file, model_file),
-        ("model", "safetensors-cached", model_from_file, None),
-        ("adapter", "pool", adapter_from_pool, None),
-        ("adapter", "safetensors", adapter_from_file, adapter_file),
-        ("adapter", "safetensors-cached", adapter_from_file, None),
-    ]
-    rows = []
-    try:
-        for what, source, fn, evict in cases:
-            fn()  # warms the allocator and thread pool (and, for -cached, the page cache)
-            before = (lambda path=evict: evict_from_page_cache(path)) if evict is not None else None
-            ms = median_ms(fn, args.repeat, before)
-            rows.append({"what": what, "source": source, "load_ms": round(ms, 2)})
-            out.print(f"  {label}: {what} from {source}: {ms:.1f} ms")
-    finally:
+def load_once(what: str, source: str, pool_root: Path, label: str, work: Path, device: torch.device) -> float:
+    """One load + pass, timed, in this (fresh) process; the setup before the clock starts is untimed."""
+    with Pool(pool_root) as pool:
+        model_store = open_store(pool, f"lora.model.{label}", verify=False)
+        adapter_store = open_store(pool, f"lora.adapter.{label}.ad0", verify=False)
+        shape = ModelShape.from_config(model_store.index.meta["config"])
+        t0 = time.perf_counter()
+        if (what, source) == ("model", "pool"):
+            touch(to_device(map_store(model_store.fd), device).values())
+        elif what == "model":
+            touch(v.to(device) for v in load_file(str(work / label / "hf" / "model.safetensors")).values())
+        elif source == "pool":
+            mapped = map_store(adapter_store.fd)
+            slots = DeviceSlots(shape, 1, device)
+            slots.ensure(AdapterWeights.from_tensors("ad0", adapter_modules(mapped.index.meta), mapped.tensors))
+            touch([*slots.a.values(), *slots.b.values()])
+        else:
+            slots = adapter_from_peft_file(work / label / "ad0" / "adapter_model.safetensors", shape, device)
+            touch([*slots.a.values(), *slots.b.values()])
+        _sync(device)
+        elapsed = (time.perf_counter() - t0) * 1000
         model_store.close()
         adapter_store.close()
+    return elapsed
+
+
+def loads(label: str, pool: Pool, work: Path, args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """Each load runs in a fresh process, as a worker starting up would: no earlier mapping to tear
+    down, no tensor left from the last run, torch imported before the clock starts."""
+    files = {
+        "model": work / label / "hf" / "model.safetensors",
+        "adapter": work / label / "ad0" / "adapter_model.safetensors",
+    }
+    rows = []
+    for what in ("model", "adapter"):
+        for source in ("pool", "safetensors", "safetensors-cached"):
+            times = []
+            for run in range(args.repeat + 1):  # the first run warms the page cache and is dropped
+                if source == "safetensors":
+                    evict_from_page_cache(files[what])
+                argv = [
+                    sys.executable,
+                    __file__,
+                    "--load-child",
+                    what,
+                    source,
+                    str(pool.root),
+                    label,
+                    str(work),
+                    str(device),
+                ]
+                done = subprocess.run(argv, capture_output=True, text=True, check=True)
+                if run:
+                    times.append(float(done.stdout.strip().splitlines()[-1]))
+            ms = statistics.median(times)
+            rows.append({"what": what, "source": source, "load_ms": round(ms, 2)})
+            out.print(f"  {label}: {what} from {source}: {ms:.1f} ms")
     return rows
 
 
@@ -327,44 +331,39 @@ def prepare(label: str, pool: Pool, work: Path, n_max: int) -> None:
 def report(rows: list[dict[str, Any]]) -> None:
     for label in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == label]
-        table = Table(title=f"{label}: decode throughput (tokens/s)", title_justify="left")
-        for column in ("adapters", "popularity", "thaw", "peft", "merge-swap", "thaw / peft", "thaw / base"):
-            table.add_column(column, justify="right")
-        base = next(r["tokens_per_s"] for r in mine if r.get("system") == "base")
-        table.add_row("0", "-", f"{base:.0f} (base)", "", "", "", "1.00")
-        cells: dict[tuple[int, str], dict[str, float]] = {}
-        for r in mine:
-            if "system" in r and r["system"] != "base":
-                cells.setdefault((r["adapters"], r["popularity"]), {})[r["system"]] = r["tokens_per_s"]
-        for (n, popularity), c in cells.items():
-            table.add_row(
-                str(n),
-                popularity,
-                f"{c['thaw']:.0f}",
-                f"{c['peft']:.0f}",
-                f"{c['merge-swap']:.0f}",
-                f"{c['thaw'] / c['peft']:.1f}x",
-                f"{c['thaw'] / base:.2f}",
-            )
-        out.print(table)
-        loads_table = Table(
-            title=f"{label}: loads (median ms, each followed by a pass over every tensor)", title_justify="left"
-        )
-        columns = ("what", "pool", "safetensors (from storage)", "speed-up", "safetensors (cached)", "speed-up ")
-        for column in columns:
-            loads_table.add_column(column, justify="right")
-        for what in ("model", "adapter"):
-            ms = {r["source"]: r["load_ms"] for r in mine if r.get("what") == what}
-            pool_ms, cold, cached = ms["pool"], ms["safetensors"], ms["safetensors-cached"]
-            shown = (
-                f"{pool_ms:.1f}",
-                f"{cold:.1f}",
-                f"{cold / pool_ms:.1f}x",
-                f"{cached:.1f}",
-                f"{cached / pool_ms:.1f}x",
-            )
-            loads_table.add_row(what, *shown)
-        out.print(loads_table)
+        if any("system" in r for r in mine):
+            report_throughput(label, mine)
+        if any("what" in r for r in mine):
+            report_loads(label, mine)
+
+
+def report_throughput(label: str, mine: list[dict[str, Any]]) -> None:
+    table = Table(title=f"{label}: decode throughput (tokens/s)", title_justify="left")
+    for column in ("adapters", "popularity", "thaw", "peft", "merge-swap", "thaw / peft", "thaw / base"):
+        table.add_column(column, justify="right")
+    base = next(r["tokens_per_s"] for r in mine if r.get("system") == "base")
+    table.add_row("0", "-", f"{base:.0f} (base)", "", "", "", "1.00")
+    cells: dict[tuple[int, str], dict[str, float]] = {}
+    for r in mine:
+        if "system" in r and r["system"] != "base":
+            cells.setdefault((r["adapters"], r["popularity"]), {})[r["system"]] = r["tokens_per_s"]
+    for (n, popularity), c in cells.items():
+        ratios = (f"{c['thaw'] / c['peft']:.1f}x", f"{c['thaw'] / base:.2f}")
+        table.add_row(str(n), popularity, f"{c['thaw']:.0f}", f"{c['peft']:.0f}", f"{c['merge-swap']:.0f}", *ratios)
+    out.print(table)
+
+
+def report_loads(label: str, mine: list[dict[str, Any]]) -> None:
+    title = f"{label}: loads (median ms, each followed by a pass over every tensor)"
+    table = Table(title=title, title_justify="left")
+    for column in ("what", "pool", "safetensors (from storage)", "speed-up", "safetensors (cached)", "speed-up "):
+        table.add_column(column, justify="right")
+    for what in ("model", "adapter"):
+        ms = {r["source"]: r["load_ms"] for r in mine if r.get("what") == what}
+        pool_ms, cold, cached = ms["pool"], ms["safetensors"], ms["safetensors-cached"]
+        shown = (f"{pool_ms:.1f}", f"{cold:.1f}", f"{cold / pool_ms:.1f}x", f"{cached:.1f}", f"{cached / pool_ms:.1f}x")
+        table.add_row(what, *shown)
+    out.print(table)
 
 
 @contextlib.contextmanager
@@ -378,8 +377,14 @@ def scratch_pool(size: int) -> Iterator[tuple[Pool, Path]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--load-child"]:  # loads() runs each load in a fresh process
+        what, source, pool_root, label, work_dir, device_name = argv[1:7]
+        print(load_once(what, source, Path(pool_root), label, Path(work_dir), torch.device(device_name)))
+        return 0
     parser = argparse.ArgumentParser(prog="scripts/bench_lora", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="tiny,smollm2", help="comma-separated: tiny, smollm2 (default both)")
+    parser.add_argument("--what", default="loads,throughput", help="loads, throughput or both (default)")
     parser.add_argument("--requests", type=int, default=64, help="requests per cell (default 64)")
     parser.add_argument("--prompt-tokens", type=int, default=16, help="prompt length (default 16)")
     parser.add_argument("--tokens", type=int, default=32, help="tokens generated per request (default 32)")
@@ -393,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     rows: list[dict[str, Any]] = []
-    n_max = max(ADAPTER_COUNTS)
+    n_max = max(ADAPTER_COUNTS) if "throughput" in args.what else 1
     with scratch_pool(8 << 30) as (pool, work):
         for label in args.models.split(","):
             if label == "smollm2" and smollm2_gguf() is None:
@@ -403,7 +408,9 @@ def main(argv: list[str] | None = None) -> int:
                 parser.exit(2, f"bench_lora: unknown model {label!r}\n")
             out.print(f"{label}: importing the model and {n_max} adapters into the pool")
             prepare(label, pool, work, n_max)
-            found = loads(label, pool, work, args, device) + throughput(label, pool, work, n_max, args, device)
+            found = loads(label, pool, work, args, device) if "loads" in args.what else []
+            if "throughput" in args.what:
+                found += throughput(label, pool, work, n_max, args, device)
             rows += [{"model": label, "device": str(device), **r} for r in found]
     report(rows)
     targets(rows, device)
@@ -422,24 +429,28 @@ def targets(rows: list[dict[str, Any]], device: torch.device) -> None:
             for r in rows
             if r["model"] == label and "system" in r
         }
-        base = next(v for (system, _, _), v in tps.items() if system == "base")
-        for popularity in POPULARITY:
-            thaw, peft = tps[("thaw", 64, popularity)], tps[("peft", 64, popularity)]
-            verdict = "met" if thaw / peft >= 3 else "NOT met"
-            gpu = (
-                f" (GPU target >= 0.70: {'met' if thaw / base >= 0.7 else 'NOT met'})" if device.type == "cuda" else ""
-            )
-            out.print(
-                f"target {label}, 64 adapters, {popularity}: thaw / peft {thaw / peft:.1f}x (>= 3x: {verdict}); "
-                f"thaw / base {thaw / base:.2f}{gpu}"
-            )
+        if tps:
+            base = next(v for (system, _, _), v in tps.items() if system == "base")
+            for popularity in POPULARITY:
+                thaw, peft = tps[("thaw", 64, popularity)], tps[("peft", 64, popularity)]
+                verdict = "met" if thaw / peft >= 3 else "NOT met"
+                gpu = (
+                    f" (GPU target >= 0.70: {'met' if thaw / base >= 0.7 else 'NOT met'})"
+                    if device.type == "cuda"
+                    else ""
+                )
+                out.print(
+                    f"target {label}, 64 adapters, {popularity}: thaw / peft {thaw / peft:.1f}x (>= 3x: {verdict}); "
+                    f"thaw / base {thaw / base:.2f}{gpu}"
+                )
         ms = {r["source"]: r["load_ms"] for r in rows if r["model"] == label and r.get("what") == "model"}
-        speedup = ms["safetensors"] / ms["pool"]
-        out.print(
-            f"target {label}, model load: the pool {speedup:.1f}x faster than safetensors from storage "
-            f"(>= 10x: {'met' if speedup >= 10 else 'NOT met'}); {ms['safetensors-cached'] / ms['pool']:.1f}x "
-            "against a cached file"
-        )
+        if ms:
+            speedup = ms["safetensors"] / ms["pool"]
+            out.print(
+                f"target {label}, model load: the pool {speedup:.1f}x faster than safetensors from storage "
+                f"(>= 10x: {'met' if speedup >= 10 else 'NOT met'}); {ms['safetensors-cached'] / ms['pool']:.1f}x "
+                "against a cached file"
+            )
 
 
 if __name__ == "__main__":

@@ -93,9 +93,9 @@ def is_mountpoint(path: Path) -> bool:
     return path.is_dir() and os.path.ismount(path)
 
 
-def _mount_tmpfs(path: Path, size: int, node: int) -> None:
+def _mount_tmpfs(path: Path, size: int, node: int, huge: str = "never") -> None:
     path.mkdir(parents=True, exist_ok=True)
-    opts = f"size={size},mode=0700,mpol=bind:{node},huge=never"
+    opts = f"size={size},mode=0700,mpol=bind:{node},huge={huge}"
     mounts.mount("thaw-pool", str(path), "tmpfs", MountFlag.NOSUID | MountFlag.NODEV, opts)
 
 
@@ -207,6 +207,11 @@ class Backend(ABC):
     def keys(self) -> set[str]:
         """Every storage key that holds bytes now (for orphan collection)."""
 
+    def huge_prefix(self) -> str | None:
+        """The key prefix of storage in huge pages, for big read-mostly segments (tensor stores),
+        or None where the backend has no such area (every page is huge already, or none can be)."""
+        return None
+
 
 # ---------------------------------------------------------------------------------------------
 # File backends
@@ -258,13 +263,54 @@ class FileBackend(Backend):
         return {p.name for p in self.data_dir.iterdir()}
 
 
+HUGE_PREFIX = "huge/"
+
+
 class TmpfsBackend(FileBackend):
     """The default: segments on a tmpfs mounted with mpol=bind:N and the pool's size.
 
     The catalog sits on the small metadata tmpfs at the root, apart from the data mount, so a
-    full pool can still record deletes and aborts."""
+    full pool can still record deletes and aborts. Templates need 4 KiB pages (sparse images,
+    4 KiB copy-on-write), so the data mount has huge=never. Tensor stores are read whole by every
+    worker: they go to a second mount, `<root>/huge`, with huge=within_size, where a 540 MB model
+    maps in ~270 faults instead of ~8,600 (a load + pass over SmolLM2 took 17 ms against 30 ms).
+    Keys there start with `huge/`. Each mount is limited to the pool's size."""
 
     name = "tmpfs"
+
+    @property
+    def huge_dir(self) -> Path:
+        return self.root / "huge"
+
+    def huge_prefix(self) -> str | None:
+        # Pools created before the huge mount existed keep every segment on 4 KiB pages.
+        return HUGE_PREFIX if is_mountpoint(self.huge_dir) else None
+
+    def _path(self, key: str) -> Path:
+        if key.startswith(HUGE_PREFIX):
+            return self.huge_dir / key.removeprefix(HUGE_PREFIX)
+        return self.data_dir / key
+
+    def _mounts(self) -> list[Path]:
+        return [self.data_dir, *([self.huge_dir] if is_mountpoint(self.huge_dir) else [])]
+
+    def capacity(self) -> int:
+        st = os.statvfs(self.data_dir)
+        return st.f_blocks * st.f_frsize
+
+    def used(self) -> int:
+        """Bytes both data mounts hold (holes excluded; the catalog lives on another mount)."""
+        return sum((st.f_blocks - st.f_bfree) * st.f_frsize for st in map(os.statvfs, self._mounts()))
+
+    def _free_for(self, key: str) -> int:
+        st = os.statvfs(self._path(key).parent)
+        return st.f_bavail * st.f_frsize
+
+    def keys(self) -> set[str]:
+        found = {p.name for p in self.data_dir.iterdir()}
+        if is_mountpoint(self.huge_dir):
+            found |= {HUGE_PREFIX + p.name for p in self.huge_dir.iterdir()}
+        return found
 
     @property
     def caps(self) -> Capabilities:
@@ -275,11 +321,14 @@ class TmpfsBackend(FileBackend):
         super().setup()
         try:
             _mount_tmpfs(self.data_dir, self.config.size, self.config.node)
+            _mount_tmpfs(self.huge_dir, self.config.size, self.config.node, huge="within_size")
         except BaseException:
+            _umount(self.data_dir)
             _umount(self.root)
             raise
 
     def teardown(self) -> None:
+        _umount(self.huge_dir)
         _umount(self.data_dir)
         super().teardown()
 
@@ -287,8 +336,9 @@ class TmpfsBackend(FileBackend):
         return super().is_ready() and is_mountpoint(self.data_dir)
 
     def create(self, key: str, size: int) -> StorageWriter:
-        if size > self.free():
-            raise PoolFull(f"pool {self.root} is full: {size} bytes asked, {self.free()} free")
+        free = self._free_for(key)
+        if size > free:
+            raise PoolFull(f"pool {self.root} is full: {size} bytes asked, {free} free")
         fd = os.open(self._path(key), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         # Sparse: pages are allocated only as they are written. Whole pages, so the last partial
         # page can be mapped (mmap refuses a length beyond the end of the file).

@@ -184,15 +184,18 @@ class Pool:
 
     # -- segments -------------------------------------------------------------------------------
     def create_segment(
-        self, name: str, size: int, kind: str = "blob", chunk_size: int = DEFAULT_CHUNK
+        self, name: str, size: int, kind: str = "blob", chunk_size: int = DEFAULT_CHUNK, huge: bool = False
     ) -> SegmentWriter:
+        """A writer for a new segment. `huge`: store it in huge pages where the backend has an area
+        for that (tensor stores: read whole, never copy-on-write at 4 KiB granularity)."""
         _check_name(name)
         if size <= 0:
             raise ValueError(f"segment {name!r}: size must be positive, not {size}")
         if chunk_size % SMALL_PAGE:
             raise ValueError(f"chunk size {chunk_size} is not a multiple of {SMALL_PAGE}")
         self.renew()
-        tmp_key = f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+        prefix = (self.backend.huge_prefix() or "") if huge else ""
+        tmp_key = f"{prefix}{_TMP_PREFIX}{uuid.uuid4().hex}"
         oid = self.catalog.begin_write(name, kind, tmp_key, size, chunk_size, self.holder)
         try:
             storage = self.backend.create(tmp_key, size)
@@ -200,7 +203,7 @@ class Pool:
             self.backend.remove(tmp_key)
             self.catalog.abort_write(oid)
             raise
-        return SegmentWriter(self, oid, name, tmp_key, storage, size, chunk_size)
+        return SegmentWriter(self, oid, name, tmp_key, storage, size, chunk_size, prefix)
 
     def open_segment(self, name: str, verify: bool = True) -> Segment:
         """Open a published segment, holding a lease ref on it until `close()`."""
@@ -261,9 +264,17 @@ class SegmentWriter:
     """Fills a new segment; `publish()` makes it visible, leaving the `with` block unpublished aborts."""
 
     def __init__(
-        self, pool: Pool, oid: int, name: str, tmp_key: str, storage: StorageWriter, size: int, chunk_size: int
+        self,
+        pool: Pool,
+        oid: int,
+        name: str,
+        tmp_key: str,
+        storage: StorageWriter,
+        size: int,
+        chunk_size: int,
+        key_prefix: str = "",
     ) -> None:
-        self.pool, self.id, self.name, self.tmp_key = pool, oid, name, tmp_key
+        self.pool, self.id, self.name, self.tmp_key, self.key_prefix = pool, oid, name, tmp_key, key_prefix
         self.storage, self.size, self.chunk_size = storage, size, chunk_size
         self.record: ObjectRecord | None = None
         self._open = True
@@ -293,7 +304,7 @@ class SegmentWriter:
         sums = self._checksums() if checksums else []
         self.storage.close()
         self._open = False
-        final_key = f"{self.name}-{uuid.uuid4().hex[:12]}"
+        final_key = f"{self.key_prefix}{self.name}-{uuid.uuid4().hex[:12]}"
         try:
             self.pool.catalog.finish_write(
                 self.id,

@@ -228,7 +228,7 @@ def write_store(
     raw = index.to_json()
     if index_offset + len(raw) > index.size:
         raise PoolError(f"tensor store {name!r}: index grew past its reserved space")  # pragma: no cover
-    with pool.create_segment(name, index.size, kind="tensors") as writer:
+    with pool.create_segment(name, index.size, kind="tensors", huge=True) as writer:
         for src in sources:
             view = src.load()
             writer.write(entries[src.name].offset, view)

@@ -224,6 +224,31 @@ def test_few_slots_evict_least_recently_used_and_waiting_requests_still_finish(p
     assert all(state.pins == 0 for state in w.slots.state.values())
 
 
+def test_adapters_the_waiting_queue_needs_are_prefetched_into_free_slots(pool: Pool) -> None:
+    w = worker(pool, slots=3, max_batch=1)
+    futures = [w.engine.submit(Request([1, 2, 3], name, max_tokens=3)) for name in ("a1", "a2", "a3")]
+    w.engine.step()  # a1 runs alone (max_batch 1); a2 and a3 wait
+    assert [r.request.adapter for r in w.engine.running] == ["a1"]
+    assert set(w.slots.slots) == {"a1", "a2", "a3"}  # loaded ahead of their turn
+    assert w.slots.state[w.slots.slots["a1"]].pins == 1
+    assert all(w.slots.state[w.slots.slots[n]].pins == 0 for n in ("a2", "a3"))
+    while not all(f.done() for f in futures):
+        w.engine.step()
+    assert w.slots.loads == 3 and w.slots.evictions == 0
+
+
+@pytest.mark.gpu
+def test_the_cuda_path_gives_the_cpu_path_tokens(pool: Pool) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (torch.cuda.is_available() is False)")
+    ids = prompts(4, 6, seed=6)
+    names: list[str | None] = ["a1", "a2", None, "a3"]
+    on_cpu = run(worker(pool, device="cpu"), [Request(ids[i].tolist(), names[i], max_tokens=8) for i in range(4)])
+    gpu = worker(pool, device="cuda")
+    assert run(gpu, [Request(ids[i].tolist(), names[i], max_tokens=8) for i in range(4)]) == on_cpu
+    assert gpu.model.embed.is_cuda and gpu.slots.a and all(t.is_cuda for t in gpu.slots.a.values())
+
+
 def test_model_tensors_are_views_of_the_pool_and_stay_unwritten(pool: Pool) -> None:
     w = worker(pool, adapters=["a2"], merge_after=1)
     start = torch.frombuffer(w.store.mapping, dtype=torch.uint8).data_ptr()

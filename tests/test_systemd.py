@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon import config
 from daemon.sdnotify import notify, watchdog_interval
 
 REPO = Path(__file__).resolve().parents[1]
@@ -231,3 +232,9 @@ def test_no_watchdog(no_watchdog: pytest.MonkeyPatch, usec: str | None) -> None:
     if usec is not None:
         no_watchdog.setenv("WATCHDOG_USEC", usec)
     assert watchdog_interval() is None
+
+
+def test_the_example_config_lists_every_setting_at_its_default() -> None:
+    """daemon/thawd.example.toml is what scripts/install copies: it must be what config.example() makes."""
+    assert (REPO / "daemon" / "thawd.example.toml").read_text() == config.example()
+    assert config.load(REPO / "daemon" / "thawd.example.toml") == config.DaemonConfig()

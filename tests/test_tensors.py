@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import struct
+from pathlib import Path
 
 import pytest
 
+from native import memory
 from shmpool.errors import PoolFull, SegmentCorrupt, SegmentNotFound
 from shmpool.pool import Pool
 from shmpool.tensors import HEADER_SIZE, StoreCorrupt, TensorIndex, TensorSource, open_store, write_store
@@ -86,3 +89,36 @@ def test_a_corrupt_index_or_header_is_never_used(tmpfs_pool: Pool) -> None:
     _corrupt(tmpfs_pool, "n", 0, b"NOTTHAW!")
     with pytest.raises(StoreCorrupt, match="not a tensor store"):
         open_store(tmpfs_pool, "n", verify=False)
+
+
+def _smaps_field(address: int, field: str) -> int:
+    """A field (kB) of the mapping holding `address`, from /proc/self/smaps."""
+    for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", Path("/proc/self/smaps").read_text()):
+        lo, hi = (int(x, 16) for x in block.split(" ", 1)[0].split("-"))
+        if lo <= address < hi:
+            found = re.search(rf"^{field}:\s+(\d+) kB", block, re.M)
+            return int(found[1]) if found else 0
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def _thp_for_tmpfs() -> bool:
+    setting = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+    return setting.exists() and "[deny]" not in setting.read_text()
+
+
+def test_stores_live_in_huge_pages_and_map_as_such(tmpfs_pool: Pool) -> None:
+    """A worker maps a whole model: on the pool's huge=within_size mount that is one fault per 2 MiB."""
+    if not _thp_for_tmpfs():
+        pytest.skip("needs transparent huge pages for tmpfs (shmem_enabled is deny or missing)")
+    n = 4 << 20  # 16 MiB of F32
+    write_store(tmpfs_pool, "big", [TensorSource("w", "F32", (n,), struct.pack(f"<{n}f", *([1.5] * n)))])
+    (record,) = [r for r in tmpfs_pool.list() if r.name == "big"]
+    assert record.storage_key.startswith("huge/")
+    with open_store(tmpfs_pool, "big") as store:
+        view = store.segment.map(private=True, writable=False)
+        try:
+            e = store.index.tensors["w"]
+            assert sum(view[off] for off in range(e.offset, e.offset + e.nbytes, 4096)) >= 0  # touch every page
+            assert _smaps_field(memory.address_of(view), "ShmemPmdMapped") > 0
+        finally:
+            view.close()

@@ -92,7 +92,8 @@ class Engine:
         self.owner: str | None = None  # the adapter that owned the last decode batch, if one did
         self.streak = 0  # consecutive decode steps it owned the batch
         self.stats = EngineStats()
-        self.lock = threading.Condition()
+        self.lock = threading.Condition()  # guards the queues; submit() takes only this
+        self.step_lock = threading.Lock()
         self._next_id = 0
 
     # -- requests ----------------------------------------------------------------------------------
@@ -128,8 +129,12 @@ class Engine:
     def fail_all(self, error: BaseException) -> None:
         with self.lock:
             pending = [r for r, _ in self.waiting] + [r.request for r in self.running]
+            for seq in self.running:
+                if seq.request.adapter is not None:
+                    self.slots.unpin(seq.request.adapter)
             self.waiting.clear()
             self.running = []
+            self.cache.lengths = [0] * self.cache.slots
         for request in pending:
             if not request.future.done():
                 request.future.set_exception(error)
@@ -151,13 +156,14 @@ class Engine:
                     on_error(e)
 
     def step(self) -> None:
-        admitted = self._admit()
-        self._prefetch()
-        if admitted:
-            self._prefill(admitted)
-        if self.running:
-            self._decode()
-        self.stats.steps += 1
+        with self.step_lock:  # adapters are unregistered between steps, never inside one
+            admitted = self._admit()
+            self._prefetch()
+            if admitted:
+                self._prefill(admitted)
+            if self.running:
+                self._decode()
+            self.stats.steps += 1
 
     def _admit(self) -> list[_Running]:
         admitted: list[_Running] = []

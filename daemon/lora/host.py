@@ -213,6 +213,7 @@ class LoraHost:
         )
         self.workers: dict[str, LoraWorker] = {}
         self.lock = asyncio.Lock()
+        self._known: dict[str, str | None] | None = None
 
     # -- what the pool holds -------------------------------------------------------------------------
     def _records(self, prefix: str) -> list[ObjectRecord]:
@@ -251,11 +252,28 @@ class LoraHost:
                 )
         return out
 
+    def _names(self) -> dict[str, str | None]:
+        """Every name a completion may use: base model -> None, adapter -> its model. Only this
+        host imports and deletes LoRA stores, so the map is read from the pool once and kept."""
+        if self._known is None:
+            known: dict[str, str | None] = {
+                r.name.removeprefix(MODEL_PREFIX): None for r in self._records(MODEL_PREFIX)
+            }
+            for r in self._records(ADAPTER_PREFIX):
+                model, _, adapter = r.name.removeprefix(ADAPTER_PREFIX).partition(".")
+                known[adapter] = model
+            self._known = known
+        return self._known
+
+    def _forget_names(self) -> None:
+        self._known = None
+
     def _model_of_adapter(self, name: str) -> str | None:
-        return next((a["model"] for a in self.adapters() if a["name"] == name), None)
+        return self._names().get(name)
 
     def has_model(self, name: str) -> bool:
-        return any(m["name"] == name for m in self.models())
+        names = self._names()
+        return name in names and names[name] is None
 
     def _require_model(self, name: str) -> None:
         if not self.has_model(name):
@@ -298,7 +316,10 @@ class LoraHost:
             if dtype not in ("float32", "float16", "bfloat16"):
                 raise Invalid(f"dtype must be float32, float16 or bfloat16, not {dtype!r}")
             args += ["--dtype", dtype]
-        result = await self._run_importer(*args)
+        try:
+            result = await self._run_importer(*args)
+        finally:
+            self._forget_names()
         return {**result, "name": name}
 
     async def delete_model(self, name: str) -> None:
@@ -308,6 +329,7 @@ class LoraHost:
         for adapter in self.adapters(name):
             self.pool.delete(f"{ADAPTER_PREFIX}{name}.{adapter['name']}")
         self.pool.delete(MODEL_PREFIX + name)
+        self._forget_names()
 
     async def import_adapter(self, name: Any, model: Any, source: Any) -> dict[str, Any]:
         name = _check_name("adapter", name)
@@ -319,12 +341,15 @@ class LoraHost:
         if self._model_of_adapter(name) is not None or self.has_model(name):
             raise Conflict(f"the name {name!r} is taken (adapter and model names share one namespace)")
         store = f"{ADAPTER_PREFIX}{model}.{name}"
-        result = await self._run_importer("adapter", source, "--name", store)
         try:
-            self._check_fits(model, store)
-        except (AdapterMismatch, UnsupportedModel) as e:
-            self.pool.delete(store)
-            raise Invalid(f"adapter {name!r} does not fit model {model!r}: {e}") from e
+            result = await self._run_importer("adapter", source, "--name", store)
+            try:
+                self._check_fits(model, store)
+            except (AdapterMismatch, UnsupportedModel) as e:
+                self.pool.delete(store)
+                raise Invalid(f"adapter {name!r} does not fit model {model!r}: {e}") from e
+        finally:
+            self._forget_names()
         worker = self.workers.get(model)
         if worker is not None and worker.state == "ready":
             await self._register(worker, name)
@@ -349,6 +374,7 @@ class LoraHost:
             await worker.client.call("remove_adapter", name=name)
             worker.adapters.discard(name)
         self.pool.delete(f"{ADAPTER_PREFIX}{model}.{name}")
+        self._forget_names()
 
     # -- workers -------------------------------------------------------------------------------------
     async def start_worker(self, model: Any, overrides: dict[str, Any] | None = None) -> LoraWorker:

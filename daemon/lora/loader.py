@@ -54,20 +54,20 @@ class MappedStore:
         return bytes(self.mapping[e.offset : e.offset + e.nbytes])
 
 
-def _view(mapping: mmap.mmap, e: TensorEntry) -> torch.Tensor:
+def _view(whole: torch.Tensor, e: TensorEntry) -> torch.Tensor:
     dtype = TORCH_DTYPES[e.dtype]
-    count = e.nbytes // DTYPE_SIZES[e.dtype]
-    if count == 0:
+    if e.nbytes == 0:
         return torch.empty(e.shape, dtype=dtype)
-    flat = torch.frombuffer(mapping, dtype=dtype, count=count, offset=e.offset)
-    return flat.as_strided(e.shape, e.stride)
+    return whole[e.offset : e.offset + e.nbytes].view(dtype).as_strided(e.shape, e.stride)
 
 
 def map_store(fd: int, base: int = 0) -> MappedStore:
-    """Map the store at `base` in `fd` (checked header and index) and view every tensor, no copy."""
+    """Map the store at `base` in `fd` (checked header and index) and view every tensor, no copy.
+    All views share one storage, so tensors laid out back to back can be viewed as one."""
     index = TensorIndex.read(fd, base)
     mapping = mmap.mmap(fd, round_up(index.size, PAGE), mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE, offset=base)
-    return MappedStore(index, mapping, {name: _view(mapping, e) for name, e in index.tensors.items()})
+    whole = torch.frombuffer(mapping, dtype=torch.uint8)
+    return MappedStore(index, mapping, {name: _view(whole, e) for name, e in index.tensors.items()})
 
 
 def to_device(store: MappedStore, device: torch.device, chunk_bytes: int = 64 << 20) -> dict[str, torch.Tensor]:

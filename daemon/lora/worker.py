@@ -82,29 +82,31 @@ class Worker:
 
     # -- adapters ----------------------------------------------------------------------------------
     def add_adapter(self, name: str, fd: int) -> dict[str, Any]:
+        if name in self.adapters:
+            raise RequestRejected(f"an adapter named {name!r} is registered already: remove it first")
         store = map_store(fd)
         modules = adapter_modules(store.index.meta)
         shapes = {n: e.shape for n, e in store.index.tensors.items()}
         check_adapter(self.shape, modules, shapes, self.config.max_rank)
         weights = AdapterWeights.from_tensors(name, modules, store.tensors)
-        self.engine.drop_merged(name)
-        self.adapters[name] = weights
-        self.adapter_stores[name] = store
+        with self.engine.step_lock:
+            self.adapters[name] = weights
+            self.adapter_stores[name] = store
         return {"name": name, "rank": weights.rank, "modules": len(modules)}
 
     def remove_adapter(self, name: str) -> None:
         if name not in self.adapters:
             raise KeyError(f"no adapter named {name!r}")
-        with self.engine.lock:
+        with self.engine.step_lock, self.engine.lock:
             busy = any(r.adapter == name for r, _ in self.engine.waiting) or any(
                 r.request.adapter == name for r in self.engine.running
             )
             if busy:
                 raise RequestRejected(f"adapter {name!r} has requests in flight")
             del self.adapters[name]
-        self.engine.drop_merged(name)
-        self.slots.evict(name)
-        self.adapter_stores.pop(name, None)
+            self.engine.drop_merged(name)
+            self.slots.evict(name)
+            self.adapter_stores.pop(name, None)
 
     # -- generation --------------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
