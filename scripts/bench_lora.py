@@ -10,7 +10,7 @@ Throughput rows (`system`, `adapters`, `popularity`, `tokens_per_s`): --requests
 64), each a random prompt of --prompt-tokens tokens (default 16) generating exactly --tokens tokens
 (default 32, greedy, no end-of-sequence stop), all submitted at once; each request's adapter drawn
 (seeded) uniformly or Zipf(1) from 1, 8 or 64 adapters. tokens/s = generated tokens / wall time,
-prefill included.
+prefill included; the median of --runs runs (default 3; merge-swap runs once).
 - thaw        the worker's engine (daemon/lora: continuous batching, SGMV prefill, BGMV decode,
               merge when one adapter owns the batch), driven in this process as the worker does
 - peft        PEFT's mixed-batch generate (`adapter_names=`), all requests in one batch
@@ -46,7 +46,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,10 @@ TINY = {
 ADAPTER_COUNTS = (1, 8, 64)
 POPULARITY = ("uniform", "zipf")
 out = Console()
+
+
+def median_of(runs: int, measure: Callable[[], float]) -> float:
+    return statistics.median(measure() for _ in range(runs))
 
 
 def touch(tensors: Any) -> float:
@@ -201,7 +206,7 @@ def throughput(
 
     rows = []
     run_thaw(worker, prompts[:4], [None] * 4, 4)  # warm-up (allocator, thread pool)
-    tps = run_thaw(worker, prompts, [None] * len(prompts), args.tokens)
+    tps = median_of(args.runs, lambda: run_thaw(worker, prompts, [None] * len(prompts), args.tokens))
     rows.append({"system": "base", "adapters": 0, "popularity": "-", "tokens_per_s": round(tps, 1)})
     out.print(f"  {label}: base {tps:.0f} tokens/s")
     for n in ADAPTER_COUNTS:
@@ -212,8 +217,9 @@ def throughput(
             run_thaw(worker, prompts, list(chosen), 2)
             run_peft(peft, prompts[:8], chosen[:8], 2, device)
             cell: dict[str, float] = {
-                "thaw": run_thaw(worker, prompts, list(chosen), args.tokens),
-                "peft": run_peft(peft, prompts, chosen, args.tokens, device),
+                "thaw": median_of(args.runs, partial(run_thaw, worker, prompts, list(chosen), args.tokens)),
+                "peft": median_of(args.runs, partial(run_peft, peft, prompts, chosen, args.tokens, device)),
+                # One run: at 64 adapters it is 30x slower than the others, and its spread is small.
                 "merge-swap": run_merge_swap(peft, prompts, chosen, args.tokens, device),
             }
             for system, value in cell.items():
@@ -388,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=64, help="requests per cell (default 64)")
     parser.add_argument("--prompt-tokens", type=int, default=16, help="prompt length (default 16)")
     parser.add_argument("--tokens", type=int, default=32, help="tokens generated per request (default 32)")
+    parser.add_argument("--runs", type=int, default=3, help="runs per throughput cell, median (default 3)")
     parser.add_argument("--repeat", type=int, default=5, help="runs per load measurement (default 5)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
