@@ -41,6 +41,7 @@ import json
 import os
 import platform
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -400,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default="bench-results/bench_lora.json", help="where the rows go")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the pool is unmounted on the way out
     if os.geteuid() != 0:
         parser.exit(2, "bench_lora: needs root (the pool is a tmpfs mount)\n")
     device = torch.device(args.device)

@@ -169,17 +169,19 @@ def test_batched_forms_match_the_plain_torch_reference(pool: Pool) -> None:
     index = {name: slots.ensure(adapter) for name, adapter in a.items()}
     assert slots.rank == 8  # padded only to the largest rank resident
     torch.manual_seed(3)
-    rows: list[str | None] = ["a2", None, "a1", "a3", "a3", "a2"]
+    rows: list[str | None] = ["a2", None, "a1", "a3", "a3", "a2", "a1", "a2", None, "a3", "a1", "a1"]
+    segments = [(i, i + 1, index[n] if n else -1) for i, n in enumerate(rows)]
+    sgmv = SegmentLora(slots, segments)
+    assert len(sgmv.segments) == 8  # runs of one adapter merged, rows without one skipped
     for layer, module in [(0, "q_proj"), (1, "o_proj"), (2, "down_proj"), (0, "gate_proj")]:
         fin, _ = w.shape.features(module)
         x = torch.randn(len(rows), fin)
-        reference = ReferenceLora([a[n] if n else None for n in rows], list(range(len(rows)))).delta(layer, module, x)
+        expected = ReferenceLora([a[n] if n else None for n in rows], list(range(len(rows)))).delta(layer, module, x)
         gathered = GatherLora(slots, [index[n] if n else -1 for n in rows]).delta(layer, module, x)
-        segments = [(i, i + 1, index[n] if n else -1) for i, n in enumerate(rows)]
-        segmented = SegmentLora(slots, segments).delta(layer, module, x)
-        assert reference is not None and gathered is not None and segmented is not None
-        assert (gathered - reference).abs().max().item() < 1e-5
-        assert (segmented - reference).abs().max().item() < 1e-5
+        segmented = sgmv.delta(layer, module, x)
+        assert expected is not None and gathered is not None and segmented is not None
+        assert (gathered - expected).abs().max().item() < 1e-5
+        assert (segmented - expected).abs().max().item() < 1e-5
     # Evicting the rank-8 adapter re-pads to the largest rank left (6, a3's o_proj), results unchanged.
     slots.evict("a2")
     assert slots.rank == 6

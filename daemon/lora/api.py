@@ -110,6 +110,8 @@ async def restart_worker(request: web.Request) -> web.Response:
 def _prompts(prompt: Any) -> list[str | list[int]]:
     """OpenAI's prompt: a string, a list of token ids, or a list of either (one choice each)."""
     if isinstance(prompt, str):
+        if not prompt:
+            raise Invalid("'prompt' is empty")
         return [prompt]
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return [prompt]

@@ -454,7 +454,22 @@ class LoraHost:
     async def _watch(self, worker: LoraWorker) -> None:
         process = worker.process
         assert process is not None
-        exit_: ProcessExit | None = await asyncio.to_thread(process.wait_exit, None)
+        # The pidfd turns readable when the worker exits: no thread waits for it meanwhile.
+        loop = asyncio.get_running_loop()
+        exited: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            if not exited.done():
+                exited.set_result(None)
+
+        loop.add_reader(process.pidfd, readable)
+        try:
+            await exited
+        finally:
+            loop.remove_reader(process.pidfd)
+        exit_: ProcessExit | None = None
+        with contextlib.suppress(Exception):  # a sandbox torn down already cannot say how
+            exit_ = await asyncio.to_thread(process.wait_exit, 5.0)
         if worker.state in ("starting", "ready"):
             worker.state = "crashed"
             worker.exit = exit_.describe() if exit_ else "exited"

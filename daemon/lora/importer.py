@@ -149,21 +149,7 @@ def import_model(
     if missing:
         raise ImportFailed(f"{source} lacks {len(missing)} tensors the decoder needs, e.g. {', '.join(missing[:3])}")
     meta = {"kind": MODEL_KIND, "config": config, "source": str(source)}
-    return _write(pool, name, sorted(sources, key=_layout_order), meta, progress)
-
-
-_PROJECTION_ORDER = {
-    m: i for i, m in enumerate(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
-}
-
-
-def _layout_order(source: TensorSource) -> tuple[int, bool, int, str]:
-    """Layer by layer, q k v and gate up back to back: the decoder then runs each group as one matmul."""
-    parts = source.name.split(".")
-    if len(parts) > 4 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
-        order = _PROJECTION_ORDER.get(parts[4], len(_PROJECTION_ORDER))
-        return int(parts[2]), parts[-1] != "weight", order, source.name
-    return -1, False, 0, source.name
+    return _write(pool, name, sources, meta, progress)
 
 
 # -- adapters --------------------------------------------------------------------------------------

@@ -62,8 +62,7 @@ def _view(whole: torch.Tensor, e: TensorEntry) -> torch.Tensor:
 
 
 def map_store(fd: int, base: int = 0) -> MappedStore:
-    """Map the store at `base` in `fd` (checked header and index) and view every tensor, no copy.
-    All views share one storage, so tensors laid out back to back can be viewed as one."""
+    """Map the store at `base` in `fd` (checked header and index) and view every tensor, no copy."""
     index = TensorIndex.read(fd, base)
     mapping = mmap.mmap(fd, round_up(index.size, PAGE), mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE, offset=base)
     whole = torch.frombuffer(mapping, dtype=torch.uint8)

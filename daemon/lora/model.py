@@ -9,17 +9,12 @@ Two entry points share every weight:
 - `decode(tokens, lora)`: one new token for each of the first B slots (the running batch, kept
   compact by `KVCache.move`). Attention is one masked call over the slots' caches.
 
-Where the importer laid q, k and v (and gate and up) out back to back in the store, one matmul
-over a view spanning them replaces three (two): no copy, and larger matmuls run faster than thin
-ones. A merged adapter (separate tensors) falls back to one matmul per projection.
-
 Numerics follow transformers' LlamaForCausalLM (fp32 RMSNorm, rotate-half RoPE with fp32
 frequencies, SDPA), so logits agree with it to float rounding; tests hold that to 1e-4.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -28,9 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from daemon.lora.spec import PROJECTIONS, ModelShape
-
-# Projections that read the same input: one matmul where their weights lie back to back.
-FUSABLE = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 class LoraDelta(Protocol):
@@ -117,12 +109,6 @@ class LlamaModel:
         )
         self.dtype = self.embed.dtype
         self.device = self.embed.device
-        self.fused = {
-            (layer, group[0]): fused
-            for layer in range(shape.num_layers)
-            for group in FUSABLE
-            if (fused := self._adjacent([self.base_weight(layer, m) for m in group])) is not None
-        }
         dim = shape.head_dim
         self.inv_freq = 1.0 / (
             shape.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=self.device) / dim)
@@ -131,35 +117,6 @@ class LlamaModel:
     # -- pieces ------------------------------------------------------------------------------------
     def base_weight(self, layer: int, module: str) -> torch.Tensor:
         return self.weights[f"model.layers.{layer}.{PROJECTIONS[module]}.{module}.weight"]
-
-    @staticmethod
-    def _adjacent(weights: list[torch.Tensor]) -> torch.Tensor | None:
-        """One [sum(out), in] view over row-major weights that lie back to back in one storage."""
-        first = weights[0]
-        for w, after in itertools.pairwise(weights):
-            end = w.data_ptr() + w.numel() * w.element_size()
-            if after.data_ptr() != end or after.untyped_storage().data_ptr() != first.untyped_storage().data_ptr():
-                return None
-        if not all(w.is_contiguous() and w.dtype == first.dtype and w.shape[1] == first.shape[1] for w in weights):
-            return None
-        rows = sum(w.shape[0] for w in weights)
-        return first.as_strided((rows, first.shape[1]), (first.shape[1], 1))
-
-    def _project_group(
-        self, layer: int, group: tuple[str, ...], x: torch.Tensor, lora: LoraDelta | None
-    ) -> list[torch.Tensor]:
-        """The projections of `group` of x: one matmul over the fused view where there is one."""
-        fused = self.fused.get((layer, group[0]))
-        merged = lora is not None and any(lora.weight(layer, m) is not None for m in group)
-        if fused is None or merged or any(self._bias(layer, m) is not None for m in group):
-            return [self._project(layer, m, x, lora) for m in group]
-        parts = list(torch.split(F.linear(x, fused), [self.shape.features(m)[1] for m in group], dim=-1))
-        if lora is not None:
-            for i, m in enumerate(group):
-                delta = lora.delta(layer, m, x)
-                if delta is not None:
-                    parts[i] = parts[i] + delta
-        return parts
 
     def _bias(self, layer: int, module: str) -> torch.Tensor | None:
         return self.weights.get(f"model.layers.{layer}.{PROJECTIONS[module]}.{module}.bias")
@@ -184,15 +141,15 @@ class LlamaModel:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [T, H, D], k and v [T, Hkv, D], rotary applied (`rope`: cos and sin [T, 1, D])."""
         s = self.shape
-        q, k, v = self._project_group(layer, ("q_proj", "k_proj", "v_proj"), h, lora)
-        q = q.reshape(-1, s.num_heads, s.head_dim)
-        k = k.reshape(-1, s.num_kv_heads, s.head_dim)
-        v = v.reshape(-1, s.num_kv_heads, s.head_dim)
+        q = self._project(layer, "q_proj", h, lora).view(-1, s.num_heads, s.head_dim)
+        k = self._project(layer, "k_proj", h, lora).view(-1, s.num_kv_heads, s.head_dim)
+        v = self._project(layer, "v_proj", h, lora).view(-1, s.num_kv_heads, s.head_dim)
         cos, sin = rope
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
 
     def _mlp(self, layer: int, h: torch.Tensor, lora: LoraDelta | None) -> torch.Tensor:
-        gate, up = self._project_group(layer, ("gate_proj", "up_proj"), h, lora)
+        gate = self._project(layer, "gate_proj", h, lora)
+        up = self._project(layer, "up_proj", h, lora)
         return self._project(layer, "down_proj", F.silu(gate) * up, lora)
 
     def _norm(self, name: str, x: torch.Tensor) -> torch.Tensor:
