@@ -8,7 +8,7 @@
 - `gateway`    the OpenFaaS provider API on TCP
 - `cli`        `thaw`, which talks only to the API
 - `lora/`      LoRA serving: the daemon's side (host, api, spec) and the worker's (torch)
-- `demo`, `quickstart`, `sdnotify`, `logs`, `metrics`, `errors`
+- `demo`, `quickstart`, `sdnotify`, `logs`, `metrics`, `errors`, `bodies` (JSON request bodies)
 
 Imports flow one way: daemon -> snapshot | sandbox -> shmpool -> native; nothing imports daemon.
 torch is imported only in daemon/lora's worker-side modules, never in thawd's process.

@@ -33,10 +33,11 @@ from typing import Any
 
 from aiohttp import web
 
+from daemon.bodies import json_body
 from daemon.errors import Conflict, Invalid, NotFound, ThawError, describe
 from daemon.instances import FunctionState, Manager
 from daemon.registry import FunctionSpec, InvalidFunction
-from daemon.server import VERSION, invocation_of, json_body, parse_since, parse_tail, reply_response, stream_logs
+from daemon.server import VERSION, invocation_of, parse_since, parse_tail, reply_response, stream_logs
 
 NAMESPACE = "openfaas-fn"
 TIMEOUT_ANNOTATION = "com.thaw.timeout"

@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from daemon.bodies import json_body
 from daemon.errors import Invalid, ThawError, describe
 from daemon.instances import FunctionState, Invocation, Manager, Reply
 from daemon.lora.api import add_routes as add_lora_routes
@@ -55,16 +56,6 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 def manager_of(request: web.Request) -> Manager:
     return request.app[MANAGER]
-
-
-async def json_body(request: web.Request) -> dict[str, Any]:
-    try:
-        data = await request.json()
-    except ValueError as e:
-        raise Invalid(f"the request body is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise Invalid("the request body must be a JSON object")
-    return data
 
 
 def reply_response(reply: Reply) -> web.Response:

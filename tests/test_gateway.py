@@ -74,13 +74,10 @@ class Gateway:
 @pytest.fixture(scope="module")
 def thawd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Thawd]:
     daemon = Thawd(tmp_path_factory.mktemp("gateway"), NAME, "10.236.0.0/24")
-    daemon.start()
     try:
-        yield daemon
+        with daemon.serving():
+            yield daemon
     finally:
-        if daemon.process and daemon.process.poll() is None:
-            assert daemon.stop() == 0, daemon.log()
-        daemon.destroy_pool()
         CgroupTree(NAME).remove()
 
 

@@ -43,13 +43,8 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def thawd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Thawd]:
     daemon = Thawd(tmp_path_factory.mktemp("thawd-lora"), NAME, "10.237.0.0/24", sandboxes_prewarm=0, lora_max_rank=16)
-    daemon.start()
-    try:
+    with daemon.serving():
         yield daemon
-    finally:
-        if daemon.process and daemon.process.poll() is None:
-            assert daemon.stop() == 0, daemon.log()
-        daemon.destroy_pool()
     tree = CgroupTree(NAME)
     assert tree.children() == []
     tree.remove()

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,17 @@ class Thawd:
         code = self.process.wait(timeout)
         self.stderr.close()
         return code
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[Thawd]:
+        """Started for the block; then stopped with SIGTERM (which must exit 0) and its pool destroyed."""
+        self.start()
+        try:
+            yield self
+        finally:
+            if self.process and self.process.poll() is None:
+                assert self.stop() == 0, self.log()
+            self.destroy_pool()
 
     def destroy_pool(self) -> None:
         if (self.pool_root / "pool.json").exists():

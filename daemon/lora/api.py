@@ -21,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
+from daemon.bodies import json_body
 from daemon.errors import Invalid, Unavailable
 from daemon.lora.host import LoraHost
 
@@ -28,16 +29,6 @@ LORA: web.AppKey[LoraHost] = web.AppKey("lora", LoraHost)
 # OpenAI parameters accepted only at the value that means "off": anything else is refused by name.
 _OFF = {"stream": False, "echo": False, "n": 1, "best_of": 1, "logprobs": None, "stop": None, "suffix": None}
 _IGNORED = {"user", "presence_penalty", "frequency_penalty", "top_p", "logit_bias"}
-
-
-async def _body(request: web.Request) -> dict[str, Any]:
-    try:
-        data = await request.json()
-    except ValueError as e:
-        raise Invalid(f"the request body is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise Invalid("the request body must be a JSON object")
-    return data
 
 
 def _host(request: web.Request) -> LoraHost:
@@ -49,7 +40,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def import_model(request: web.Request) -> web.Response:
-    d = await _body(request)
+    d = await json_body(request)
     return web.json_response(
         await _host(request).import_model(d.get("name"), d.get("source"), d.get("dtype")), status=201
     )
@@ -65,7 +56,7 @@ async def list_adapters(request: web.Request) -> web.Response:
 
 
 async def import_adapter(request: web.Request) -> web.Response:
-    d = await _body(request)
+    d = await json_body(request)
     host = _host(request)
     return web.json_response(await host.import_adapter(d.get("name"), d.get("model"), d.get("source")), status=201)
 
@@ -80,7 +71,7 @@ async def list_workers(request: web.Request) -> web.Response:
 
 
 async def start_worker(request: web.Request) -> web.Response:
-    d = await _body(request)
+    d = await json_body(request)
     model = d.pop("model", None)
     worker = await _host(request).start_worker(model, d)
     return web.json_response(worker.describe(), status=201)
@@ -147,7 +138,7 @@ def _params(d: dict[str, Any]) -> dict[str, Any]:
 
 
 async def completions(request: web.Request) -> web.Response:
-    d = await _body(request)
+    d = await json_body(request)
     host = _host(request)
     prompts = _prompts(d.get("prompt"))
     params = _params(d)

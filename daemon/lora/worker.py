@@ -25,6 +25,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -134,7 +135,9 @@ class Worker:
         return self.engine.submit(request)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.engine.run, args=(self._stop,), name="engine", daemon=True)
+        self._thread = threading.Thread(
+            target=self.engine.run, args=(self._stop, _log_failure), name="engine", daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:
@@ -247,6 +250,12 @@ class Control:
                 "total_ms": round(r.total_s * 1000, 3),
             },
         )
+
+
+def _log_failure(error: BaseException) -> None:
+    """A step failed (its requests got the error): the traceback goes to the worker's log."""
+    traceback.print_exception(error, file=sys.stderr)
+    sys.stderr.flush()
 
 
 def _one_fd(fds: list[int]) -> int:
