@@ -188,9 +188,10 @@ class Control:
             try:
                 self.handle(msg, fds)
             except Exception as e:  # a bad request fails alone
-                for fd in fds:
-                    _close(fd)
                 self.reply(msg.get("id", 0), error=e)
+            finally:
+                for fd in fds:  # what was mapped stays mapped; the fds themselves are done with
+                    _close(fd)
 
     def handle(self, msg: dict[str, Any], fds: list[int]) -> None:
         op, rid = msg.get("op"), msg.get("id", 0)
@@ -198,11 +199,7 @@ class Control:
             if self.worker is not None:
                 raise RuntimeError("a model is loaded already")
             config = WorkerConfig(**msg.get("config", {}))
-            fd = _one_fd(fds)
-            try:
-                self.worker = Worker(fd, config)
-            finally:
-                _close(fd)  # the mapping keeps the segment
+            self.worker = Worker(_one_fd(fds), config)
             self.worker.start()
             self.reply(rid, {"load_ms": round(self.worker.load_s * 1000, 2), "device": str(self.worker.device)})
             return
@@ -210,12 +207,7 @@ class Control:
         if worker is None:
             raise RuntimeError("no model is loaded")
         if op == "add_adapter":
-            fd = _one_fd(fds)
-            try:
-                result = worker.add_adapter(msg["name"], fd)
-            finally:
-                _close(fd)
-            self.reply(rid, result)
+            self.reply(rid, worker.add_adapter(msg["name"], _one_fd(fds)))
         elif op == "remove_adapter":
             worker.remove_adapter(msg["name"])
             self.reply(rid, {})
