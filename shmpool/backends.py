@@ -273,7 +273,7 @@ class TmpfsBackend(FileBackend):
     full pool can still record deletes and aborts. Templates need 4 KiB pages (sparse images,
     4 KiB copy-on-write), so the data mount has huge=never. Tensor stores are read whole by every
     worker: they go to a second mount, `<root>/huge`, with huge=within_size, where a 540 MB model
-    maps in ~270 faults instead of ~8,600 (a load + pass over SmolLM2 took 17 ms against 30 ms).
+    maps in ~270 faults instead of ~8,600 (mapping + one pass over 530 MB: 17 ms against 30 ms).
     Keys there start with `huge/`. Each mount is limited to the pool's size."""
 
     name = "tmpfs"
