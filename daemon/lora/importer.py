@@ -122,6 +122,7 @@ def gguf_model_sources(path: Path, dtype: torch.dtype | None) -> tuple[dict[str,
     except Exception as e:  # transformers raises many kinds; say which file and why
         raise ImportFailed(f"transformers could not read {path} as GGUF: {type(e).__name__}: {e}") from e
     config = model.config.to_dict()
+    config["architectures"] = config.get("architectures") or [type(model).__name__]  # GGUF configs leave it out
     state = model.state_dict()
     if config.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)
