@@ -64,6 +64,7 @@ class DaemonConfig:
     lora_max_rank: int = _setting("lora", 64, "largest adapter rank accepted")
     lora_merge_after: int = _setting("lora", 4, "decode steps one adapter owns the batch before it is merged")
     lora_memory: int = _setting("lora", 0, "memory limit of a LoRA worker's sandbox (0: none)", size=True)
+    lora_request_timeout: float = _setting("lora", 600.0, "seconds a completion may take (then 504)")
 
     def validate(self) -> DaemonConfig:
         if self.pool_backend not in ("tmpfs", "hugetlbfs", "devdax", "memfd"):
@@ -72,7 +73,8 @@ class DaemonConfig:
         for name in (*positive, "lora_max_batch", "lora_slots", "lora_max_rank", "lora_merge_after"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_dotted(name)} must be positive, not {getattr(self, name)}")
-        for name in ("instances_idle_timeout", "instances_default_timeout", "drain_timeout", "sandboxes_prewarm"):
+        non_negative = ("instances_idle_timeout", "instances_default_timeout", "drain_timeout", "sandboxes_prewarm")
+        for name in (*non_negative, "lora_request_timeout"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_dotted(name)} must not be negative, not {getattr(self, name)}")
         if self.gateway_listen:

@@ -96,6 +96,7 @@ def build_lora(config: DaemonConfig, pool: Pool, sandboxes: SandboxPool) -> Lora
         max_rank=config.lora_max_rank,
         merge_after=config.lora_merge_after,
         memory=config.lora_memory,
+        request_timeout=config.lora_request_timeout,
         runtime_dir=Path(config.sandboxes_runtime_dir).parent / "lora",
         log_dir=Path(config.state_dir) / "lora",
     )

@@ -42,7 +42,14 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def thawd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Thawd]:
-    daemon = Thawd(tmp_path_factory.mktemp("thawd-lora"), NAME, "10.237.0.0/24", sandboxes_prewarm=0, lora_max_rank=16)
+    daemon = Thawd(
+        tmp_path_factory.mktemp("thawd-lora"),
+        NAME,
+        "10.237.0.0/24",
+        sandboxes_prewarm=0,
+        lora_max_rank=16,
+        lora_request_timeout=3,
+    )
     with daemon.serving():
         yield daemon
     tree = CgroupTree(NAME)
@@ -137,6 +144,19 @@ def test_bad_requests_and_adapters_are_refused_clearly(served: Thawd, made: dict
     assert status == 409
     status, listed = served.api("GET", "/lora/adapters")
     assert sorted(a["name"] for a in listed["adapters"]) == ["a1", "a2"]  # nothing half-registered
+
+
+def test_a_worker_that_does_not_answer_times_out_with_504(served: Thawd, made: dict[str, Path]) -> None:
+    pid = served.api("GET", "/lora/workers/tiny")[1]["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        status, reply = complete(served, "a2", [1, 2, 3], max_tokens=2)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert status == 504 and reply["error"]["code"] == "timeout"
+    assert "did not answer within 3 s" in reply["error"]["message"]
+    status, reply = complete(served, "a2", [9, 10, 11], max_tokens=4)  # the worker goes on
+    assert status == 200 and reply["choices"][0]["token_ids"] == greedy(made, [9, 10, 11], "a2", 4)
 
 
 def test_a_crashed_worker_fails_requests_clearly_and_restarts(served: Thawd, made: dict[str, Path]) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import daemon
-from daemon.errors import Conflict, Invalid, NotFound, ThawError, Unavailable
+from daemon.errors import Conflict, Invalid, InvocationTimeout, NotFound, ThawError, Unavailable
 from daemon.lora.spec import AdapterMismatch, ModelShape, UnsupportedModel, adapter_modules, check_adapter
 from sandbox.cgroups import CgroupTree, Limits
 from sandbox.sandbox import ProcessExit, Sandbox, SandboxConfig, SandboxProcess, SandboxSpec
@@ -49,6 +49,7 @@ class LoraSettings:
     max_rank: int = 64
     merge_after: int = 4
     memory: int = 0  # bytes; 0: no limit
+    request_timeout: float = 600.0  # seconds a completion may take before it is answered 504
     runtime_dir: Path = Path("/run/thaw/lora")
     log_dir: Path = Path("/var/lib/thaw/lora")
 
@@ -121,7 +122,10 @@ class WorkerClient:
             except OSError as e:
                 del self.pending[rid]
                 raise WorkerGone(f"{self.label}: its control socket failed: {e.strerror}") from e
-        return await future
+        try:
+            return await future
+        finally:
+            self.pending.pop(rid, None)  # answered, or given up on (timeout, cancelled request)
 
     def _readable(self) -> None:
         while True:
@@ -524,7 +528,15 @@ class LoraHost:
         self, worker: LoraWorker, adapter: str | None, prompt: str | list[int], **params: Any
     ) -> dict[str, Any]:
         assert worker.client is not None
-        result: dict[str, Any] = await worker.client.call("generate", prompt=prompt, adapter=adapter, **params)
+        try:
+            result: dict[str, Any] = await asyncio.wait_for(
+                worker.client.call("generate", prompt=prompt, adapter=adapter, **params), self.settings.request_timeout
+            )
+        except TimeoutError:
+            raise InvocationTimeout(
+                f"the LoRA worker for {worker.model!r} did not answer within {self.settings.request_timeout:g} s "
+                "(lora.request_timeout); the request may still be running there"
+            ) from None
         return result
 
     async def stats(self, model: str) -> dict[str, Any]:
