@@ -3,6 +3,7 @@
 - `main`       thawd itself: start-up (pool, orphan reaping, sandbox pool), serving, SIGTERM drain
 - `config`     every setting, from the TOML file and flags (`thawd.example.toml` is generated from it)
 - `registry`   deployed functions and their revisions on disk
+- `keepalive`  the keep-alive policy (hybrid histogram + CodeCrunch cost model; `scripts/simulate_keepalive`)
 - `instances`  deploy (capture), invoke (thaw or reuse), keep-alive, the tracer thread
 - `server`     the REST API on the Unix socket; `openapi.json` documents it
 - `gateway`    the OpenFaaS provider API on TCP
