@@ -10,7 +10,6 @@ rseq configuration, ask prctl for the PR_SET_MM_MAP size), not lookups of config
 from __future__ import annotations
 
 import argparse
-import ctypes.util
 import functools
 import json
 import os
@@ -144,15 +143,14 @@ def probe_iaa() -> list[str]:
 
 
 def probe_qpl() -> str | None:
-    """Path of an Intel QPL shared library that dlopen accepts, else None."""
-    candidates = [ctypes.util.find_library("qpl"), os.environ.get("THAW_QPL_LIBRARY")]
-    for name in filter(None, candidates):
-        try:
-            ffi.dlopen(name)
-        except OSError:
-            continue
-        return name
-    return None
+    """The Intel QPL library the codecs would use (native.qpl's lookup, so the two agree), else None."""
+    from native.qpl import Qpl, QplUnavailable  # cffi's ABI-mode parse only when probing
+
+    try:
+        with Qpl.load() as qpl:
+            return qpl.library
+    except QplUnavailable:
+        return None
 
 
 def probe_cgroup_mode() -> str:

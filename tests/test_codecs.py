@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from native import kerndat
 from native.qpl import QPL_JOB_OFFSETS, QPL_JOB_SIZE, Qpl, QplError, QplLevel, QplUnavailable
 from shmpool.codecs import (
     DEFAULT_CHUNK,
@@ -476,3 +477,9 @@ def test_iaa_corruption_and_sizes_raise_codec_errors() -> None:
 def test_iaa_reports_ratio_and_speed() -> None:
     report = measure(get_codec("iaa"), HEAP)
     assert report.codec == "iaa" and report.ratio > 1.5 and report.compress_mb_s > 0
+
+
+def test_the_feature_probe_finds_the_library_the_codecs_use(standin_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert kerndat.probe_qpl() == str(standin_env)
+    monkeypatch.setenv("THAW_QPL_LIBRARY", "/nonexistent/libqpl.so")
+    assert kerndat.probe_qpl() is None
