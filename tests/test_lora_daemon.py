@@ -129,6 +129,10 @@ def test_bad_requests_and_adapters_are_refused_clearly(served: Thawd, made: dict
     assert status == 404 and "no model or adapter named 'nope'" in reply["error"]["message"]
     status, reply = complete(served, "a1", [1, 2], stream=True)
     assert status == 400 and "'stream' is not supported" in reply["error"]["message"]
+    status, reply = complete(served, "a1", [1, 2], top_p=0.5)
+    assert status == 400 and "'top_p' is not supported" in reply["error"]["message"]
+    status, reply = complete(served, "a1", [1, 2], max_tokens=2, top_p=1, stop=None, user="u1")  # the defaults
+    assert status == 200, reply
     status, reply = complete(served, "a1", "words")
     assert status == 400 and "without a tokenizer" in reply["error"]["message"]
     status, reply = complete(served, "a1", [1, 2], max_tokens=0)

@@ -26,9 +26,22 @@ from daemon.errors import Invalid, Unavailable
 from daemon.lora.host import LoraHost
 
 LORA: web.AppKey[LoraHost] = web.AppKey("lora", LoraHost)
-# OpenAI parameters accepted only at the value that means "off": anything else is refused by name.
-_OFF = {"stream": False, "echo": False, "n": 1, "best_of": 1, "logprobs": None, "stop": None, "suffix": None}
-_IGNORED = {"user", "presence_penalty", "frequency_penalty", "top_p", "logit_bias"}
+# OpenAI parameters accepted only at the values that mean "off" (the first is OpenAI's default):
+# anything else would change the result and is refused by name, never silently ignored.
+_OFF: dict[str, tuple[Any, ...]] = {
+    "stream": (False,),
+    "echo": (False,),
+    "n": (1,),
+    "best_of": (1,),
+    "logprobs": (None,),
+    "stop": (None, [], ""),
+    "suffix": (None, ""),
+    "top_p": (1, 1.0),
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "logit_bias": (None, {}),
+}
+_IGNORED = {"user"}  # OpenAI's end-user id: nothing to do with the result
 
 
 def _host(request: web.Request) -> LoraHost:
@@ -119,8 +132,8 @@ def _token_list(p: list[Any]) -> list[int]:
 
 def _params(d: dict[str, Any]) -> dict[str, Any]:
     for key, off in _OFF.items():
-        if key in d and d[key] != off and not (key == "stop" and d[key] in ([], "")):
-            raise Invalid(f"'{key}' is not supported by thaw's LoRA workers (leave it at {off!r})")
+        if key in d and (isinstance(d[key], bool) != isinstance(off[0], bool) or d[key] not in off):
+            raise Invalid(f"'{key}' is not supported by thaw's LoRA workers (leave it at {off[0]!r})")
     known = {"model", "prompt", "max_tokens", "temperature", "seed", *_OFF, *_IGNORED}
     unknown = sorted(set(d) - known)
     if unknown:
