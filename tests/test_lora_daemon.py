@@ -137,6 +137,10 @@ def test_bad_requests_and_adapters_are_refused_clearly(served: Thawd, made: dict
     assert status == 400 and "without a tokenizer" in reply["error"]["message"]
     status, reply = complete(served, "a1", [1, 2], max_tokens=0)
     assert status == 400 and "max_tokens" in reply["error"]["message"]
+    status, reply = served.api("POST", "/lora/workers", {"model": "tiny", "merge_after": 0})
+    assert status == 400 and "merge_after must be a positive integer" in reply["error"]["message"]
+    status, reply = served.api("POST", "/lora/workers", {"model": "tiny", "slot": 3})
+    assert status == 400 and "unknown worker settings: slot" in reply["error"]["message"]
 
     status, reply = served.api(
         "POST", "/lora/adapters", {"name": "wrong", "model": "tiny", "source": str(made["wrong"])}

@@ -65,7 +65,7 @@ class LoraSettings:
         if unknown:
             raise Invalid(f"unknown worker settings: {', '.join(sorted(unknown))} (known: {', '.join(config)})")
         config.update(overrides)
-        for key in ("max_batch", "slots", "max_rank"):
+        for key in ("max_batch", "slots", "max_rank", "merge_after"):
             if not isinstance(config[key], int) or isinstance(config[key], bool) or config[key] < 1:
                 raise Invalid(f"{key} must be a positive integer, not {config[key]!r}")
         if config["device"] != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", str(config["device"])):
