@@ -197,6 +197,8 @@ def test_merge_when_one_adapter_owns_the_batch_and_unmerge_exactly(pool: Pool, p
     ids = prompts(2, 5, seed=4)
     merged_tokens = run(w, [Request(ids[i].tolist(), "a2", max_tokens=10) for i in range(2)])
     assert w.engine.stats.merges == 1 and w.engine.stats.merged_steps > 0
+    stats = w.stats()
+    assert stats["merged"] == "a2" and stats["merged_bytes"] == sum(t.nbytes for t in base.values())
     with torch.no_grad():
         expected = peft.generate(input_ids=ids, adapter_names=["a2", "a2"], max_new_tokens=10, do_sample=False)
     assert merged_tokens == [expected[i, 5:].tolist() for i in range(2)]

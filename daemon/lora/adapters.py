@@ -90,9 +90,6 @@ class DeviceSlots:
         )
 
     # -- residency ---------------------------------------------------------------------------------
-    def index(self, name: str) -> int | None:
-        return self.slots.get(name)
-
     def ensure(self, adapter: AdapterWeights) -> int:
         """The slot holding `adapter`, loading it (evicting the least recently used unpinned one)."""
         slot = self.slots.get(adapter.name)

@@ -156,6 +156,8 @@ class Worker:
             "slot_evictions": self.slots.evictions,
             "slot_rank": self.slots.rank,
             "merged": self.engine.merged.adapter.name if self.engine.merged else None,
+            "merged_bytes": self.engine.merged.bytes() if self.engine.merged else 0,
+            "kv_cache_bytes": self.engine.cache.bytes(),
             "device": str(self.device),
             "load_ms": round(self.load_s * 1000, 2),
         }
