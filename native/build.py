@@ -80,6 +80,9 @@ CONSTANTS = {
         THAW_AGENT_HOSTNAME THAW_AGENT_NETLINK THAW_AGENT_CGROUPS THAW_AGENT_OK THAW_AGENT_ERROR
         THAW_AGENT_EXITED THAW_AGENT_READY THAW_AGENT_MAX_PAYLOAD THAW_AGENT_MAX_FDS
     """,
+    "pager": """
+        THAW_CODEC_LZ4 THAW_CODEC_ZSTD THAW_CODEC_DEFLATE THAW_RANGE_PLAIN THAW_RANGE_COLD THAW_COLD_MAX_CHUNK
+    """,
     "misc": """
         CLOSE_RANGE_UNSHARE CLOSE_RANGE_CLOEXEC ADDR_NO_RANDOMIZE READ_IMPLIES_EXEC
         PIDFD_NONBLOCK
@@ -153,11 +156,27 @@ uintptr_t thaw_mmap(uintptr_t addr, size_t len, int prot, int flags, int fd, off
 int thaw_munmap(uintptr_t addr, size_t len);
 uint64_t thaw_touch(uintptr_t addr, size_t len, size_t stride, int write);
 
-struct thaw_pager_range { uint64_t start; uint64_t len; uint64_t seg_off; };
+struct thaw_cold_chunk { uint64_t seg_off; uint64_t comp_off; uint32_t len; uint32_t comp_len; };
+struct thaw_cold;
+struct thaw_cold_ctx;
+struct thaw_cold *thaw_cold_open(int codec, const void *src, const struct thaw_cold_chunk *chunks, size_t n,
+                                 const void *dict, size_t dict_len);
+void thaw_cold_free(struct thaw_cold *c);
+ssize_t thaw_cold_find(const struct thaw_cold *c, uint64_t seg_off);
+struct thaw_cold_ctx *thaw_cold_ctx_new(const struct thaw_cold *c);
+void thaw_cold_ctx_free(struct thaw_cold_ctx *x);
+int thaw_cold_decompress(struct thaw_cold *c, struct thaw_cold_ctx *x, size_t i, void *dst);
+int thaw_cold_resident(const struct thaw_cold *c, size_t i);
+int thaw_cold_fill_cache(struct thaw_cold *c, struct thaw_cold_ctx *x, size_t i, int cache_fd, uint64_t cache_base,
+                         int faulted);
+int64_t thaw_cold_punch(struct thaw_cold *c, int cache_fd, uint64_t cache_base, uint64_t cutoff_ns);
+void thaw_cold_stats(const struct thaw_cold *c, uint64_t *out);
+
+struct thaw_pager_range { uint64_t start; uint64_t len; uint64_t seg_off; uint64_t kind; };
 struct thaw_pager;
 struct thaw_pager *thaw_pager_start(int uffd, const struct thaw_pager_range *ranges, size_t nranges,
-                                    const void *src, void *cache, size_t seg_size, size_t block,
-                                    const uint32_t *prefetch, size_t nprefetch);
+                                    const void *src, int cache_fd, uint64_t cache_base, struct thaw_cold *cold,
+                                    size_t seg_size, size_t block, const uint32_t *prefetch, size_t nprefetch);
 int thaw_pager_stop(struct thaw_pager *p);
 size_t thaw_pager_working_set(const struct thaw_pager *p, uint32_t *out, size_t cap);
 void thaw_pager_stats(const struct thaw_pager *p, uint64_t *out);
@@ -258,7 +277,8 @@ ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "native._native",
     HEADERS,
-    sources=[str(SRC / name) for name in ("shims.c", "bench.c", "pager.c", BLOB_SOURCE.name)],
+    sources=[str(SRC / name) for name in ("shims.c", "bench.c", "pager.c", "cold.c", BLOB_SOURCE.name)],
+    libraries=["lz4", "zstd", "z"],
     include_dirs=[str(SRC)],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-pthread"],
     extra_link_args=["-pthread"],

@@ -2,6 +2,7 @@
 
     offset 0       header: magic, format version, manifest offset and length, its SHA-256
     offset 4096    dumped pages, one run after another at page-aligned offsets
+    (compressed)   the cold image: compressed chunks of the cold pages, which are holes above
     offset M       manifest: JSON (everything a restore needs besides the pages)
 
 The pool checksums the whole segment per chunk when it is published and when it is opened; the
@@ -104,6 +105,40 @@ class MmFields:
     env_end: int
 
 
+COLD_CHUNK = struct.Struct("<QQII")  # seg_off, comp_off, length, comp_length
+
+
+@dataclass(frozen=True)
+class ColdSection:
+    """A compressed template's cold pages (snapshot/compress.py): absent from the page area (holes),
+    kept as independently compressed chunks further on in the segment. Each chunk inflates to
+    `length` bytes, the pages at `seg_off` in the template's layout; chunks never span two runs."""
+
+    codec: str  # lz4, zstd, deflate or iaa (IAA's raw deflate: the pager inflates it in software)
+    level: int
+    chunk_size: int
+    chunks: tuple[tuple[int, int, int, int], ...]  # (seg_off, comp_off, length, comp_length), sorted
+    dictionary: tuple[int, int] = (0, 0)  # zstd dictionary: (offset, length) in the segment
+    source: str = ""  # the template it was compressed from
+    hot_pages: int = 0
+    cold_pages: int = 0
+    compressed_bytes: int = 0
+
+    def to_doc(self) -> dict[str, Any]:
+        doc = asdict(self)
+        packed = b"".join(COLD_CHUNK.pack(*c) for c in self.chunks)
+        doc["chunks"] = base64.b64encode(packed).decode()
+        return doc
+
+    @classmethod
+    def from_doc(cls, d: dict[str, Any]) -> ColdSection:
+        packed = base64.b64decode(d["chunks"])
+        if len(packed) % COLD_CHUNK.size:
+            raise TemplateCorrupt(f"cold chunk table is {len(packed)} bytes, not a multiple of {COLD_CHUNK.size}")
+        chunks = tuple(COLD_CHUNK.iter_unpack(packed))
+        return cls(**{**d, "chunks": chunks, "dictionary": tuple(d["dictionary"])})
+
+
 @dataclass(frozen=True)
 class Manifest:
     comm: str
@@ -129,6 +164,7 @@ class Manifest:
     source_pid: int
     data_bytes: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    cold: ColdSection | None = None
 
     # -- serialisation -------------------------------------------------------------------------
     def to_json(self) -> bytes:
@@ -136,6 +172,7 @@ class Manifest:
         doc["xstate"] = base64.b64encode(self.xstate).decode()
         doc["auxv"] = base64.b64encode(self.auxv).decode()
         doc["sigactions"] = {str(k): base64.b64encode(v).decode() for k, v in self.sigactions.items()}
+        doc["cold"] = self.cold.to_doc() if self.cold else None
         return json.dumps({"version": VERSION, "manifest": doc}, separators=(",", ":")).encode()
 
     @classmethod
@@ -173,6 +210,7 @@ class Manifest:
                 source_pid=d["source_pid"],
                 data_bytes=d["data_bytes"],
                 extra=d.get("extra", {}),
+                cold=ColdSection.from_doc(d["cold"]) if d.get("cold") else None,
             )
         except TemplateCorrupt:
             raise

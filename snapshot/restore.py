@@ -23,13 +23,14 @@ All calls for one stub must come from one thread (see `Tracer`). A failed restor
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import itertools
 import os
 import signal
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +47,7 @@ from native.constants import (
     UffdFeature,
     UffdRegisterMode,
 )
-from native.pager import Pager, PagerStats
+from native.pager import RANGE_COLD, RANGE_PLAIN, Pager, PagerRange, PagerStats
 from native.ptrace import Registers
 from native.restorer import (
     ALLOW_ERROR,
@@ -132,8 +133,9 @@ class _Plan:
 
     scratch: int
     program: Program
-    uffd_fd: int  # where the stub holds the userfaultfd (lazy), else -1
-    ranges: list[tuple[int, int, int]]  # lazy: (address, length, segment offset)
+    uffd_fd: int  # where the stub holds the userfaultfd (paged restores), else -1
+    ranges: list[PagerRange]  # what the pager serves
+    via_cache: bool  # the pager fills the shared cache segment
     size: int = 0
     stack_top: int = 0
     park: int = 0
@@ -170,27 +172,29 @@ class _Builder:
         self.base = template.segment.base
         fds = template.restore_fds(mode)
         self.nfds = len(fds)
-        self.shared_lazy = mode == "lazy" and template.shares_lazily
-        self.cache_fd = fd_base + len(fds) - 1 if self.shared_lazy else -1
-        self.cache_base = template.cache().base if self.shared_lazy else 0
-        self.uffd_fd = fd_base + len(fds) if mode == "lazy" else -1
-        self.ranges: list[tuple[int, int, int]] = []
+        self.paged = template.paged(mode)
+        self.via_cache = template.uses_cache(mode)
+        self.cache_fd = fd_base + len(fds) - 1 if self.via_cache else -1
+        self.cache_base = template.cache().base if self.via_cache else 0
+        self.uffd_fd = fd_base + len(fds) if self.paged else -1
+        self.cold = template.cold_spans()
+        self.ranges: list[PagerRange] = []
 
     def file_fd(self, index: int) -> int:
         return self.fd_base + 1 + index
 
     def build(self) -> _Plan:
-        if self.mode == "lazy":
+        if self.paged:
             self.userfaultfd()
         for vma in self.m.vmas:
             self.vma(vma)
-        if self.mode == "lazy":  # from here on the kernel and the blob touch registered pages
+        if self.paged:  # from here on the kernel and the blob touch registered pages
             self.p.pause("waiting for the pager")
         self.mm_and_signals()
         self.fds()
         self.thread_state()
         self.credentials()
-        return _Plan(self.p.base, self.p, self.uffd_fd, self.ranges)
+        return _Plan(self.p.base, self.p, self.uffd_fd, self.ranges, self.via_cache)
 
     # each step ---------------------------------------------------------------------------------
     def userfaultfd(self) -> None:
@@ -218,22 +222,44 @@ class _Builder:
                 what=f"mmap of {self.m.files[v.file].path} at {where}",
             )
             return
-        by_copy = v.stack or self.mode == "copy" or (self.mode == "lazy" and not self.shared_lazy)
+        by_copy = v.stack or self.mode == "copy" or (self.paged and not self.via_cache)
         covered = sum(r.length for r in v.runs) == v.size
         if by_copy or not covered:
             prot = v.prot | Prot.WRITE if by_copy else v.prot
             flags = anon | (MapFlag.GROWSDOWN if v.stack else 0)
             p.syscall(Syscall.MMAP, v.start, v.size, prot, flags, -1, 0, what=f"anonymous mmap at {where}")
         for run in v.runs:
-            self.run(v, run.start, run.length, run.offset, by_copy, where)
+            for start, length, offset, cold in self.pieces(run.start, run.length, run.offset, v.stack):
+                self.run(v, start, length, offset, cold, by_copy, where)
         if by_copy and not v.prot & Prot.WRITE:
             p.syscall(Syscall.MPROTECT, v.start, v.size, v.prot, what=f"mprotect of {where}")
 
-    def run(self, v: VmaRecord, start: int, length: int, offset: int, by_copy: bool, where: str) -> None:
+    def pieces(self, start: int, length: int, offset: int, stack: bool) -> Iterator[tuple[int, int, int, bool]]:
+        """The run cut where its pages turn from hot to cold (compressed) and back."""
+        if not self.cold or stack:  # stacks are never compressed
+            yield start, length, offset, False
+            return
+        end = offset + length
+        i = max(bisect.bisect_right(self.cold, (offset, 1 << 63)) - 1, 0)
+        at = offset
+        for cold_off, cold_len in itertools.islice(self.cold, i, None):
+            lo, hi = max(cold_off, at), min(cold_off + cold_len, end)
+            if cold_off >= end:
+                break
+            if hi <= lo:
+                continue
+            if lo > at:
+                yield start + (at - offset), lo - at, at, False
+            yield start + (lo - offset), hi - lo, lo, True
+            at = hi
+        if at < end:
+            yield start + (at - offset), end - at, at, False
+
+    def run(self, v: VmaRecord, start: int, length: int, offset: int, cold: bool, by_copy: bool, where: str) -> None:
         p = self.p
-        if self.mode == "lazy" and not v.stack:
-            self.ranges.append((start, length, offset))
-            if self.shared_lazy:
+        if cold or (self.mode == "lazy" and not v.stack):
+            self.ranges.append(PagerRange(start, length, offset, RANGE_COLD if cold else RANGE_PLAIN))
+            if self.via_cache:
                 self.map_private(v, start, length, self.cache_fd, self.cache_base + offset, "the cache segment", where)
             reg = p.put(struct.pack("<QQQQ", start, length, UffdRegisterMode.MISSING, 0))
             p.syscall(Syscall.IOCTL, self.uffd_fd, UFFDIO_REGISTER, reg, what=f"UFFDIO_REGISTER of {where}")
@@ -460,7 +486,7 @@ def _restore(template: Template, stub: Stub, mode: str, pagers: list[Pager]) -> 
         regs = _map_scratch(pid, plan, replace=in_the_way)
     memory.process_vm_writev(pid, plan.scratch, image)
     _start_blob(pid, regs, plan.scratch, plan.stack_top, args_addr)
-    if mode == "lazy":
+    if plan.uffd_fd >= 0:
         _wait_blob(pid, args_addr, what, paused=True)
         pagers.append(_start_pager(template, pid, plan))
         ptrace.cont(pid)
@@ -528,10 +554,17 @@ def _start_pager(template: Template, pid: int, plan: _Plan) -> Pager:
         uffd = pidfd.pidfd_getfd(handle, plan.uffd_fd)
     finally:
         os.close(handle)
-    cache = template.cache_address() if template.shares_lazily else None
+    cache = template.cache_target() if plan.via_cache else None
+    cold = template.cold_image() if template.manifest.cold else None
     try:
         return Pager(
-            uffd, plan.ranges, template.source_address(), template.segment.size, cache, prefetch=template.working_set()
+            uffd,
+            plan.ranges,
+            template.source_address(),
+            template.segment.size,
+            cache,
+            cold,
+            prefetch=template.working_set(),
         )
     except BaseException:
         os.close(uffd)

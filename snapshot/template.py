@@ -6,8 +6,13 @@
     template.close()
 
 Besides the template segment `NAME`, a template may own two more segments in the pool:
-`NAME.cache` (lazy restore's shared page cache, mutable) and `NAME.ws` (the recorded working set:
-segment page indices in first-fault order, little-endian uint32). `Template.delete` removes all.
+`NAME.cache` (the shared page cache that lazy restores, and the pager of a compressed template,
+fill on demand; mutable) and `NAME.ws` (the recorded working set: segment page indices in
+first-fault order, little-endian uint32). `Template.delete` removes all.
+
+A compressed template (snapshot/compress.py) has a `cold` section in its manifest: its cold pages
+are chunks of a compressed image in the segment, which the pager decompresses into the cache on
+fault (`cold_image`), and `punch_cold` takes out of the cache again after a while.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from collections.abc import Mapping
 from typing import Any, Self
 
 from native import memory
+from native.pager import ColdChunk, ColdImage
 from shmpool import Pool, Segment, SegmentNotFound
 from snapshot.errors import FileChanged, TemplateCorrupt
 from snapshot.manifest import HEADER_SIZE, FileIdentity, Manifest, check_manifest, unpack_header
@@ -49,7 +55,9 @@ class Template:
         self.pool, self.segment, self.manifest, self.file_fds = pool, segment, manifest, file_fds
         self.mounts = dict(mounts or {})
         self._cache: Segment | None = None
-        self._cache_view: mmap.mmap | None = None
+        self._cache_writer: int | None = None
+        self._cold: ColdImage | None = None
+        self._cold_spans: list[tuple[int, int]] | None = None
         self._source_view: mmap.mmap | None = None
         self._working_set: list[int] | None = None
         # restore.py's per-template restore programs, built once per (mode, fd base)
@@ -103,33 +111,70 @@ class Template:
         if mode not in MODES:
             raise ValueError(f"restore mode must be one of {', '.join(MODES)}, not {mode!r}")
         fds = [self.segment.fd, *self.file_fds]
-        if mode == "lazy" and self.shares_lazily:
+        if self.uses_cache(mode):
             fds.append(self.cache().fd)
         return fds
 
     @property
     def shares_lazily(self) -> bool:
-        """Lazy restores fill a shared cache segment (tmpfs) rather than private pages."""
+        """Paged restores fill a shared cache segment (tmpfs) rather than private pages."""
         caps = self.pool.caps
         return caps.sparse and not caps.write_by_mmap and not caps.per_process
+
+    def paged(self, mode: str) -> bool:
+        """A restore in `mode` has a pager: lazy restores, and every restore of a compressed template."""
+        return mode == "lazy" or self.manifest.cold is not None
+
+    def uses_cache(self, mode: str) -> bool:
+        """The pager fills the shared cache segment (copy mode stays private: its pages are copies)."""
+        return self.paged(mode) and mode != "copy" and self.shares_lazily
 
     def cache(self) -> Segment:
         if self._cache is None:
             self._cache = self.pool.open_cache(cache_name(self.name), self.segment.size)
         return self._cache
 
-    def cache_address(self) -> int:
-        """Where the cache segment is mapped (shared, writable) in this process, for the pager."""
-        if self._cache_view is None:
-            cache = self.cache()
-            writable = os.open(f"/proc/self/fd/{cache.fd}", os.O_RDWR | os.O_CLOEXEC)  # segments open read-only
-            try:
-                self._cache_view = mmap.mmap(
-                    writable, self.segment.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=cache.base
-                )
-            finally:
-                os.close(writable)
-        return memory.address_of(self._cache_view)
+    def cache_target(self) -> tuple[int, int]:
+        """(writable fd, base offset) of the cache segment, for the pager's writes and punches."""
+        cache = self.cache()
+        if self._cache_writer is None:  # segments open read-only
+            self._cache_writer = os.open(f"/proc/self/fd/{cache.fd}", os.O_RDWR | os.O_CLOEXEC)
+        return self._cache_writer, cache.base
+
+    # -- cold pages ------------------------------------------------------------------------------
+    def cold_spans(self) -> list[tuple[int, int]]:
+        """Sorted (segment offset, length) of the cold pages, adjacent chunks merged."""
+        if self._cold_spans is None:
+            spans: list[tuple[int, int]] = []
+            for seg_off, _, length, _ in self.manifest.cold.chunks if self.manifest.cold else ():
+                if spans and spans[-1][0] + spans[-1][1] == seg_off:
+                    spans[-1] = (spans[-1][0], spans[-1][1] + length)
+                else:
+                    spans.append((seg_off, length))
+            self._cold_spans = spans
+        return self._cold_spans
+
+    def cold_image(self) -> ColdImage:
+        """The compressed chunks, for the pagers of this template's instances (one for all)."""
+        cold = self.manifest.cold
+        if cold is None:
+            raise ValueError(f"template {self.name!r} is not compressed")
+        if self._cold is None:
+            offset, length = cold.dictionary
+            dictionary = os.pread(self.segment.fd, length, self.segment.base + offset) if length else b""
+            codec = "deflate" if cold.codec == "iaa" else cold.codec  # IAA writes raw deflate
+            chunks = [ColdChunk(*c) for c in cold.chunks]
+            self._cold = ColdImage(codec, self.source_address(), chunks, dictionary)
+        return self._cold
+
+    def punch_cold(self, older_than: float = 0.0) -> int:
+        """Free cold pages decompressed into the cache more than `older_than` seconds ago; returns
+        bytes freed. Instances still using them fault again and the pager refills them: that
+        refault (`cold_image().stats().refills`) is how their use is observed."""
+        if self.manifest.cold is None or self._cold is None or not self.shares_lazily:
+            return 0
+        fd, base = self.cache_target()
+        return self._cold.punch(fd, base, older_than)
 
     def source_address(self) -> int:
         """Where the template segment is mapped (shared, read-only) in this process, for the pager."""
@@ -166,10 +211,15 @@ class Template:
 
     # -- lifetime --------------------------------------------------------------------------------
     def close(self) -> None:
-        for view in (self._cache_view, self._source_view):
-            if view is not None:
-                view.close()
-        self._cache_view = self._source_view = None
+        if self._cold is not None:  # the pagers using it are stopped: instances close first
+            self._cold.close()
+            self._cold = None
+        if self._source_view is not None:
+            self._source_view.close()
+            self._source_view = None
+        if self._cache_writer is not None:
+            os.close(self._cache_writer)
+            self._cache_writer = None
         if self._cache is not None:
             self._cache.close()
             self._cache = None

@@ -1,15 +1,22 @@
-/* The lazy-restore pager: serves an instance's page faults from a template segment through
- * userfaultfd, on its own thread, off the Python interpreter.
+/* The restore pager: serves an instance's page faults from a template through userfaultfd, on
+ * its own thread, off the Python interpreter.
  *
- * Two ways to answer a fault (thaw_pager_start's `cache` argument):
- * - shared: copy the block into the template's *cache* segment (a sparse pool file laid out like
- *   the template; the instance maps it MAP_PRIVATE) and UFFDIO_WAKE the faulting thread. The
- *   retried fault finds the page in the page cache and maps it, so every later instance shares it
- *   and never faults on it at all.
- * - private: UFFDIO_COPY the block into the instance (no sharing; for backends without a cache).
- * A fault is answered a block at a time (64 KiB by default: one fault instead of sixteen for a
- * sequential scan). The first fault on each page is recorded, in order: the template's working
- * set, which later restores hand back as `prefetch` to be loaded before the instance asks.
+ * Two ways to answer a fault (thaw_pager_start's `cache_fd`):
+ * - shared: write the pages into the template's *cache* segment (a sparse pool file laid out like
+ *   the template; the instance maps it MAP_PRIVATE) with pwrite and UFFDIO_WAKE the faulting
+ *   thread. The retried fault finds the page in the page cache and maps it, so every later
+ *   instance shares it and never faults on it at all. pwrite, not memcpy into a shared mapping:
+ *   shmem writes a page under its page lock, so nobody maps a half-written page (see cold.c).
+ * - private (cache_fd -1): UFFDIO_COPY the pages into the instance (no sharing; for backends
+ *   without a cache, and for copy-mode restores of compressed templates).
+ * A range's pages are plain (the template segment holds them: lazy restores) or cold (the
+ * template's compressed image holds them, cold.c: the chunk holding the faulting page is
+ * decompressed and installed whole). A plain fault is answered a block at a time (64 KiB by
+ * default: one fault instead of sixteen for a sequential scan).
+ *
+ * The first fault on each page is recorded, in order: the template's working set, which later
+ * restores hand back as `prefetch` to be loaded (and decompressed) in the pager's idle time,
+ * before the instance asks.
  *
  * The pager follows the instance: mremap of a registered range (UFFD_EVENT_REMAP) moves its
  * range, and a fork (UFFD_EVENT_FORK) adds the child's userfaultfd, so neither ever reads a hole
@@ -38,7 +45,12 @@ struct thaw_pager {
     int uffds[MAX_UFFDS];
     int nuffds;
     const uint8_t *src;
-    uint8_t *cache;
+    int cache_fd; /* -1: private fills */
+    uint64_t cache_base;
+    struct thaw_cold *cold;
+    struct thaw_cold_ctx *cold_ctx;
+    uint8_t *bounce; /* private cold fills: the chunk decompressed last */
+    ssize_t bounce_chunk, last_prefetched_chunk;
     struct thaw_pager_range *ranges;
     size_t nranges, ranges_cap;
     size_t block;
@@ -48,7 +60,7 @@ struct thaw_pager {
     size_t seg_pages;
     uint32_t *ws;
     size_t ws_len;
-    uint64_t faults, pages, prefetched, errors;
+    uint64_t faults, pages, prefetched, errors, cold_faults;
     pthread_t thread;
 };
 
@@ -97,16 +109,23 @@ static int wake(int uffd, uint64_t start, uint64_t len)
     return ioctl(uffd, UFFDIO_WAKE, &range);
 }
 
-/* Install [start, start+len) of range r into the instance behind `uffd`. */
-static int fill(struct thaw_pager *p, int uffd, const struct thaw_pager_range *r, uint64_t start, uint64_t len,
-                int do_wake)
+static int write_cache(struct thaw_pager *p, const uint8_t *from, uint64_t seg_off, uint64_t len)
 {
-    uint64_t off = r->seg_off + (start - r->start);
-    if (p->cache) {
-        memcpy(p->cache + off, p->src + off, len);
-        return do_wake ? wake(uffd, start, len) : 0;
+    for (uint64_t done = 0; done < len;) {
+        ssize_t n = pwrite(p->cache_fd, from + done, len - done, (off_t)(p->cache_base + seg_off + done));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return -1;
+        done += (uint64_t)n;
     }
-    struct uffdio_copy copy = {.dst = start, .src = (uint64_t)(uintptr_t)(p->src + off), .len = len,
+    return 0;
+}
+
+/* Private fill: UFFDIO_COPY `len` bytes at `from` to `start` in the instance. */
+static int copy_in(int uffd, uint64_t start, const uint8_t *from, uint64_t len, int do_wake)
+{
+    struct uffdio_copy copy = {.dst = start, .src = (uint64_t)(uintptr_t)from, .len = len,
                                .mode = do_wake ? 0 : UFFDIO_COPY_MODE_DONTWAKE};
     if (ioctl(uffd, UFFDIO_COPY, &copy) == 0)
         return 0;
@@ -115,15 +134,75 @@ static int fill(struct thaw_pager *p, int uffd, const struct thaw_pager_range *r
     return do_wake ? wake(uffd, start, len) : 0;
 }
 
+/* Install [start, start+len) of plain range r into the instance behind `uffd`. */
+static int fill(struct thaw_pager *p, int uffd, const struct thaw_pager_range *r, uint64_t start, uint64_t len,
+                int do_wake)
+{
+    uint64_t off = r->seg_off + (start - r->start);
+    if (p->cache_fd >= 0) {
+        if (write_cache(p, p->src + off, off, len) < 0)
+            return -1;
+        return do_wake ? wake(uffd, start, len) : 0;
+    }
+    return copy_in(uffd, start, p->src + off, len, do_wake);
+}
+
+/* Install cold chunk i, clipped to range r, into the instance behind `uffd`. */
+static int fill_cold(struct thaw_pager *p, int uffd, const struct thaw_pager_range *r, size_t i, int do_wake)
+{
+    const struct thaw_cold_chunk *k = thaw_cold_chunk_at(p->cold, i);
+    uint64_t lo = k->seg_off > r->seg_off ? k->seg_off : r->seg_off;
+    uint64_t hi = k->seg_off + k->len < r->seg_off + r->len ? k->seg_off + k->len : r->seg_off + r->len;
+    uint64_t start = r->start + (lo - r->seg_off), len = hi - lo;
+    if (p->cache_fd >= 0) {
+        /* resident: another instance's pager filled it after our fault was raised */
+        if (!thaw_cold_resident(p->cold, i) &&
+            thaw_cold_fill_cache(p->cold, p->cold_ctx, i, p->cache_fd, p->cache_base, do_wake) < 0)
+            return -1;
+        return do_wake ? wake(uffd, start, len) : 0;
+    }
+    if (p->bounce_chunk != (ssize_t)i) {
+        p->bounce_chunk = -1;
+        if (thaw_cold_decompress(p->cold, p->cold_ctx, i, p->bounce) < 0)
+            return -1;
+        p->bounce_chunk = (ssize_t)i;
+    }
+    return copy_in(uffd, start, p->bounce + (lo - k->seg_off), len, do_wake);
+}
+
+/* A page we cannot serve: the thread gets zeros rather than hanging forever; counted as an error. */
+static void zero_fill(struct thaw_pager *p, int uffd, uint64_t addr)
+{
+    struct uffdio_zeropage zp = {.range = {.start = addr, .len = PAGE}};
+    if (ioctl(uffd, UFFDIO_ZEROPAGE, &zp) < 0)
+        wake(uffd, addr, PAGE);
+    p->errors++;
+}
+
+static void serve_cold_fault(struct thaw_pager *p, int uffd, const struct thaw_pager_range *r, uint64_t addr)
+{
+    uint64_t seg_off = r->seg_off + (addr - r->start);
+    ssize_t i = p->cold ? thaw_cold_find(p->cold, seg_off) : -1;
+    p->cold_faults++;
+    if (i < 0 || fill_cold(p, uffd, r, (size_t)i, 1) < 0) {
+        zero_fill(p, uffd, addr);
+        return;
+    }
+    p->pages += thaw_cold_chunk_at(p->cold, (size_t)i)->len / PAGE;
+    record(p, seg_off);
+}
+
 static void serve_fault(struct thaw_pager *p, int uffd, uint64_t addr)
 {
     addr &= ~(PAGE - 1);
     struct thaw_pager_range *r = range_of_addr(p, addr);
     p->faults++;
-    if (!r) { /* not ours (cannot happen while ranges follow remaps): never leave a thread hanging */
-        struct uffdio_zeropage zp = {.range = {.start = addr, .len = PAGE}};
-        ioctl(uffd, UFFDIO_ZEROPAGE, &zp);
-        p->errors++;
+    if (!r) { /* not ours (cannot happen while ranges follow remaps) */
+        zero_fill(p, uffd, addr);
+        return;
+    }
+    if (r->kind == THAW_RANGE_COLD) {
+        serve_cold_fault(p, uffd, r, addr);
         return;
     }
     uint64_t start = addr & ~((uint64_t)p->block - 1), end = start + p->block;
@@ -134,7 +213,7 @@ static void serve_fault(struct thaw_pager *p, int uffd, uint64_t addr)
     if (fill(p, uffd, r, start, end - start, 1) < 0) {
         /* the block failed as a whole: answer the faulting page alone */
         if (fill(p, uffd, r, addr, PAGE, 1) < 0)
-            p->errors++;
+            zero_fill(p, uffd, addr);
     }
     p->pages += (end - start) / PAGE;
     record(p, r->seg_off + (addr - r->start));
@@ -167,10 +246,10 @@ static void remap(struct thaw_pager *p, uint64_t from, uint64_t to, uint64_t len
             continue;
         p->ranges[i].len = 0; /* replaced by up to three pieces */
         if (lo > r.start)
-            add_range(p, (struct thaw_pager_range){r.start, lo - r.start, r.seg_off});
-        add_range(p, (struct thaw_pager_range){to + (lo - from), hi - lo, r.seg_off + (lo - r.start)});
+            add_range(p, (struct thaw_pager_range){r.start, lo - r.start, r.seg_off, r.kind});
+        add_range(p, (struct thaw_pager_range){to + (lo - from), hi - lo, r.seg_off + (lo - r.start), r.kind});
         if (hi < r.start + r.len)
-            add_range(p, (struct thaw_pager_range){hi, r.start + r.len - hi, r.seg_off + (hi - r.start)});
+            add_range(p, (struct thaw_pager_range){hi, r.start + r.len - hi, r.seg_off + (hi - r.start), r.kind});
     }
     size_t kept = 0;
     for (size_t i = 0; i < p->nranges; i++)
@@ -203,19 +282,33 @@ static int serve_uffd(struct thaw_pager *p, int uffd)
     return 0;
 }
 
+static void prefetch_page(struct thaw_pager *p, uint64_t off)
+{
+    struct thaw_pager_range *r = range_of_offset(p, off);
+    if (!r)
+        return; /* a page this restore maps from the segment (a hot page of a compressed template) */
+    if (r->kind == THAW_RANGE_PLAIN) {
+        if (fill(p, p->uffds[0], r, r->start + (off - r->seg_off), PAGE, 0) == 0)
+            p->prefetched++;
+        return;
+    }
+    ssize_t i = p->cold ? thaw_cold_find(p->cold, off) : -1;
+    if (i < 0 || i == p->last_prefetched_chunk) /* working-set pages come in runs: each chunk once */
+        return;
+    p->last_prefetched_chunk = i;
+    if (p->cache_fd >= 0 && thaw_cold_resident(p->cold, (size_t)i))
+        return;
+    if (fill_cold(p, p->uffds[0], r, (size_t)i, 0) == 0)
+        p->prefetched += thaw_cold_chunk_at(p->cold, (size_t)i)->len / PAGE;
+}
+
 static void prefetch_batch(struct thaw_pager *p)
 {
     size_t end = p->next_prefetch + PREFETCH_BATCH;
     if (end > p->nprefetch)
         end = p->nprefetch;
-    for (; p->next_prefetch < end; p->next_prefetch++) {
-        uint64_t off = (uint64_t)p->prefetch[p->next_prefetch] * PAGE;
-        struct thaw_pager_range *r = range_of_offset(p, off);
-        if (!r)
-            continue;
-        if (fill(p, p->uffds[0], r, r->start + (off - r->seg_off), PAGE, 0) == 0)
-            p->prefetched++;
-    }
+    for (; p->next_prefetch < end; p->next_prefetch++)
+        prefetch_page(p, (uint64_t)p->prefetch[p->next_prefetch] * PAGE);
 }
 
 static void *pager_main(void *arg)
@@ -243,8 +336,8 @@ static void *pager_main(void *arg)
 }
 
 struct thaw_pager *thaw_pager_start(int uffd, const struct thaw_pager_range *ranges, size_t nranges,
-                                    const void *src, void *cache, size_t seg_size, size_t block,
-                                    const uint32_t *prefetch, size_t nprefetch)
+                                    const void *src, int cache_fd, uint64_t cache_base, struct thaw_cold *cold,
+                                    size_t seg_size, size_t block, const uint32_t *prefetch, size_t nprefetch)
 {
     if (block < PAGE || (block & (block - 1))) {
         errno = EINVAL;
@@ -256,7 +349,10 @@ struct thaw_pager *thaw_pager_start(int uffd, const struct thaw_pager_range *ran
     p->uffds[0] = uffd;
     p->nuffds = 1;
     p->src = src;
-    p->cache = cache;
+    p->cache_fd = cache_fd;
+    p->cache_base = cache_base;
+    p->cold = cold;
+    p->bounce_chunk = p->last_prefetched_chunk = -1;
     p->block = block;
     p->seg_pages = seg_size / PAGE;
     p->stop_fd = eventfd(0, EFD_CLOEXEC);
@@ -266,6 +362,8 @@ struct thaw_pager *thaw_pager_start(int uffd, const struct thaw_pager_range *ran
     p->seen = calloc(p->seg_pages + 1, 1);
     p->ws = malloc((p->seg_pages + 1) * sizeof *p->ws);
     if (p->stop_fd < 0 || !p->ranges || !p->prefetch || !p->seen || !p->ws)
+        goto fail;
+    if (cold && (!(p->cold_ctx = thaw_cold_ctx_new(cold)) || !(p->bounce = malloc(THAW_COLD_MAX_CHUNK))))
         goto fail;
     memcpy(p->ranges, ranges, nranges * sizeof *ranges);
     p->nranges = nranges;
@@ -314,6 +412,7 @@ void thaw_pager_stats(const struct thaw_pager *p, uint64_t *out)
     out[1] = __atomic_load_n(&p->pages, __ATOMIC_RELAXED);
     out[2] = __atomic_load_n(&p->prefetched, __ATOMIC_RELAXED);
     out[3] = __atomic_load_n(&p->errors, __ATOMIC_RELAXED);
+    out[4] = __atomic_load_n(&p->cold_faults, __ATOMIC_RELAXED);
 }
 
 void thaw_pager_free(struct thaw_pager *p)
@@ -326,5 +425,7 @@ void thaw_pager_free(struct thaw_pager *p)
     free(p->prefetch);
     free(p->seen);
     free(p->ws);
+    thaw_cold_ctx_free(p->cold_ctx);
+    free(p->bounce);
     free(p);
 }
