@@ -174,7 +174,7 @@ void thaw_cold_stats(const struct thaw_cold *c, uint64_t *out);
 
 struct thaw_pager_range { uint64_t start; uint64_t len; uint64_t seg_off; uint64_t kind; };
 struct thaw_pager;
-struct thaw_pager *thaw_pager_start(int uffd, const struct thaw_pager_range *ranges, size_t nranges,
+struct thaw_pager *thaw_pager_start(int uffd, int pidfd, const struct thaw_pager_range *ranges, size_t nranges,
                                     const void *src, int cache_fd, uint64_t cache_base, struct thaw_cold *cold,
                                     size_t seg_size, size_t block, const uint32_t *prefetch, size_t nprefetch);
 int thaw_pager_stop(struct thaw_pager *p);

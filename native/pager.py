@@ -110,14 +110,17 @@ class PagerRange(NamedTuple):
 
 
 class Pager:
-    """Takes ownership of `uffd`. Serves faults on `ranges` from the template segment mapped at
-    `src` (plain ranges) or from `cold` (cold ranges). With `cache` (a writable fd of the cache
-    segment and the segment's offset in it) pages are filled there and shared; without it they
-    are copied into the instance privately."""
+    """Takes ownership of `uffd` and `pidfd` (the instance's, or -1). Serves faults on `ranges`
+    from the template segment mapped at `src` (plain ranges) or from `cold` (cold ranges). With
+    `cache` (a writable fd of the cache segment and the segment's offset in it) pages are filled
+    there and shared; without it they
+    are copied into the instance privately. A fault it cannot serve (a corrupt chunk) kills the
+    instance through `pidfd` rather than let it run on wrong memory."""
 
     def __init__(
         self,
         uffd: int,
+        pidfd: int,
         ranges: Sequence[PagerRange],
         src: int,
         segment_size: int,
@@ -134,6 +137,7 @@ class Pager:
         cold_handle = cold.handle if cold is not None else ffi.NULL
         handle = lib.thaw_pager_start(
             uffd,
+            pidfd,
             raw,
             len(ranges),
             ffi.cast("void *", src),
@@ -148,7 +152,7 @@ class Pager:
         if handle == ffi.NULL:
             raise_oserror("pager", f"starting the pager for uffd {uffd}")
         self._handle: Any = handle
-        self.uffd = uffd
+        self.uffd, self.pidfd = uffd, pidfd
         self._stopped = False
         self.segment_pages = segment_size // 4096
 
@@ -178,6 +182,8 @@ class Pager:
         lib.thaw_pager_free(self._handle)
         self._handle = ffi.NULL
         os.close(self.uffd)
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
 
     def __del__(self) -> None:
         if getattr(self, "_handle", ffi.NULL) != ffi.NULL and self._stopped:

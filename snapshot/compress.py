@@ -71,15 +71,18 @@ def compress(
         extents = list(_chunk_extents(cold, chunk_size))
         cold_pages = {off // PAGE + i for off, length in cold for i in range(length // PAGE)}
         hot_extents = list(_stretches(source.manifest, lambda page: page not in cold_pages, with_stacks=True))
-        with source.segment.map(private=False, writable=False) as mapped:
-            view = memoryview(mapped)
+        with source.segment.map(private=False, writable=False) as mapped, memoryview(mapped) as view:
             pieces = [view[off : off + length] for off, length in extents]
-            if dictionary_size:
-                codec = ZstdCodec(codec.level, dictionary=_train(pieces, dictionary_size))
-            packed = codec.compress_many(pieces)
-            _write(pool, target or compressed_name(name), source, view, extents, hot_extents, packed, codec, chunk_size)
-            del pieces
-            view.release()
+            try:
+                if dictionary_size:
+                    codec = ZstdCodec(codec.level, dictionary=_train(pieces, dictionary_size))
+                packed = codec.compress_many(pieces)
+                _write(
+                    pool, target or compressed_name(name), source, view, extents, hot_extents, packed, codec, chunk_size
+                )
+            finally:
+                for piece in pieces:  # the mapping closes only once no view of it is left
+                    piece.release()
     return Template.open(pool, target or compressed_name(name), verify=False, mounts=source.mounts)
 
 

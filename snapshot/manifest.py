@@ -19,6 +19,7 @@ import struct
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from native.pager import MAX_COLD_CHUNK
 from snapshot.errors import TemplateCorrupt
 
 MAGIC = b"THAWTPL\0"
@@ -106,6 +107,8 @@ class MmFields:
 
 
 COLD_CHUNK = struct.Struct("<QQII")  # seg_off, comp_off, length, comp_length
+COLD_CODECS = ("lz4", "zstd", "deflate", "iaa")
+PAGE = 4096
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,23 @@ class ColdSection:
         packed = b"".join(COLD_CHUNK.pack(*c) for c in self.chunks)
         doc["chunks"] = base64.b64encode(packed).decode()
         return doc
+
+    def check(self, image_end: int) -> None:
+        """Refuse a chunk table the pager could not follow: chunks out of order, overlapping, not
+        whole pages, larger than the pager's bounce buffer, or bytes outside [header, image_end)."""
+        if self.codec not in COLD_CODECS:
+            raise TemplateCorrupt(f"cold image codec {self.codec!r} is not one of {', '.join(COLD_CODECS)}")
+        end = 0
+        for seg_off, comp_off, length, comp_length in self.chunks:
+            where = f"cold chunk at {seg_off:#x}+{length:#x}"
+            if seg_off < end or seg_off % PAGE or not 0 < length <= MAX_COLD_CHUNK or length % PAGE:
+                raise TemplateCorrupt(f"{where} overlaps, is out of order or is not whole pages")
+            if comp_off < HEADER_SIZE or comp_off + comp_length > image_end:
+                raise TemplateCorrupt(f"{where}: its compressed bytes lie outside the cold image")
+            end = seg_off + length
+        offset, length = self.dictionary
+        if length and (offset < HEADER_SIZE or offset + length > image_end):
+            raise TemplateCorrupt("the zstd dictionary lies outside the cold image")
 
     @classmethod
     def from_doc(cls, d: dict[str, Any]) -> ColdSection:

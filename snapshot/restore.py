@@ -490,7 +490,15 @@ def _restore(template: Template, stub: Stub, mode: str, pagers: list[Pager]) -> 
         _wait_blob(pid, args_addr, what, paused=True)
         pagers.append(_start_pager(template, pid, plan))
         ptrace.cont(pid)
-    _wait_blob(pid, args_addr, what, paused=False)
+    try:
+        _wait_blob(pid, args_addr, what, paused=False)
+    except RestoreError as e:
+        if pagers and (errors := pagers[0].stats().errors):
+            raise RestoreError(
+                f"the pager could not serve {errors} page(s) of {template.name!r} (a compressed chunk that does "
+                f"not decompress?) and killed pid {pid}: {e}"
+            ) from e
+        raise
     manifest = template.manifest
     with SyscallInjector(pid, insn=manifest.syscall_insn) as inj:
         if plan.uffd_fd >= 0:
@@ -552,13 +560,15 @@ def _start_pager(template: Template, pid: int, plan: _Plan) -> Pager:
     handle = pidfd.pidfd_open(pid)  # the uffd belongs to the stub's mm: pull it out to serve it
     try:
         uffd = pidfd.pidfd_getfd(handle, plan.uffd_fd)
-    finally:
+    except BaseException:
         os.close(handle)
+        raise
     cache = template.cache_target() if plan.via_cache else None
     cold = template.cold_image() if template.manifest.cold else None
-    try:
+    try:  # the pager keeps the pidfd: it kills the instance when a fault cannot be served
         return Pager(
             uffd,
+            handle,
             plan.ranges,
             template.source_address(),
             template.segment.size,
@@ -568,4 +578,5 @@ def _start_pager(template: Template, pid: int, plan: _Plan) -> Pager:
         )
     except BaseException:
         os.close(uffd)
+        os.close(handle)
         raise

@@ -83,6 +83,8 @@ class Template:
             header = os.pread(segment.fd, HEADER_SIZE, segment.base)
             offset, length, digest = unpack_header(header, segment.size)
             manifest = check_manifest(os.pread(segment.fd, length, segment.base + offset), digest)
+            if manifest.cold is not None:
+                manifest.cold.check(image_end=offset)
             for ident in manifest.files:
                 fds.append(_open_identical(host_path(ident.path, mounts or {}), ident))
             return cls(pool, segment, manifest, fds, mounts)

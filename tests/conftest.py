@@ -5,6 +5,7 @@ the same after it as before (the machine may have its own)."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ import pytest
 from native.kerndat import kerndat
 from shmpool.errors import HugepagesUnavailable
 from shmpool.pool import Pool
+from tests.qpl_standin import HEADER_JOB_SIZE, HEADER_OFFSETS, build_standin
 
 ROOT_MISSING = "needs root (mounts, ptrace, hugepages, NUMA syscalls)"
 
@@ -96,3 +98,18 @@ def spawn_python(code: str, *args: str) -> subprocess.Popen[str]:
         stdin=subprocess.DEVNULL,
         text=True,
     )
+
+
+@pytest.fixture(scope="session")
+def standin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """libqpl.so built from tests/qpl_standin.c (QPL's entry points over zlib), for the IAA codec."""
+    if shutil.which("gcc") is None:
+        pytest.skip("needs gcc to build the QPL stand-in")
+    if not Path("/usr/include/zlib.h").exists():
+        pytest.skip("needs /usr/include/zlib.h (Debian: zlib1g-dev) to build the QPL stand-in")
+    out = tmp_path_factory.mktemp("qpl") / "libqpl.so"
+    try:
+        # The offsets are the literals in tests/qpl_standin.py, from the header: not the binding's.
+        return build_standin(out, HEADER_OFFSETS, HEADER_JOB_SIZE)
+    except subprocess.CalledProcessError as e:
+        pytest.fail(f"building the QPL stand-in failed:\n{e.stderr}")

@@ -13,7 +13,6 @@ import math
 import os
 import pickle
 import random
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -38,28 +37,10 @@ from shmpool.codecs import (
     train_zstd_dictionary,
 )
 from shmpool.errors import PoolError
+from tests.qpl_standin import HEADER_JOB_SIZE, HEADER_OFFSETS, build_standin
 
 REPO = Path(__file__).resolve().parents[1]
-STANDIN_SOURCE = Path(__file__).with_name("qpl_standin.c")
 SOFTWARE = ["lz4", "zstd", "deflate"]
-
-# Byte offsets of the `qpl_job` fields the binding uses, read from include/qpl/c_api/job.h of
-# intel/qpl, QPL 1.6 (x86-64 SysV ABI: pointers 8 bytes, enums and uint32_t 4): next_in_ptr,
-# available_in, total_in, next_out_ptr, available_out, total_out, op, flags, crc, xor_checksum,
-# last_bit_offset, level, ... in that order, so level follows three uint32_t after flags.
-HEADER_OFFSETS = {
-    "next_in_ptr": 0,
-    "available_in": 8,
-    "total_in": 12,
-    "next_out_ptr": 16,
-    "available_out": 24,
-    "total_out": 28,
-    "op": 32,
-    "flags": 36,
-    "level": 52,
-}
-HEADER_JOB_SIZE = 240  # sizeof(qpl_job): ... int32_t numa_id at 188, then qpl_data (5 pointers + enum) at 192
-
 
 # ---------------------------------------------------------------------------------------------
 # Data: what cold pages of a Python process look like, and the extremes
@@ -276,27 +257,6 @@ def test_deflate_streams_refer_no_further_back_than_4k(name: str, request: pytes
 
 # ---------------------------------------------------------------------------------------------
 # The QPL binding, against the stand-in library
-
-
-def build_standin(out: Path, offsets: dict[str, int], job_size: int) -> Path:
-    defines = [f"-DQPL_OFF_{name.upper()}={offset}" for name, offset in offsets.items()]
-    command = ["gcc", "-shared", "-fPIC", "-O2", "-Wall", "-Wextra", str(STANDIN_SOURCE), "-o", str(out), "-lz"]
-    subprocess.run([*command, *defines, f"-DQPL_JOB_SIZE={job_size}"], check=True, capture_output=True, text=True)
-    return out
-
-
-@pytest.fixture(scope="session")
-def standin(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("gcc") is None:
-        pytest.skip("needs gcc to build the QPL stand-in")
-    if not Path("/usr/include/zlib.h").exists():
-        pytest.skip("needs /usr/include/zlib.h (Debian: zlib1g-dev) to build the QPL stand-in")
-    out = tmp_path_factory.mktemp("qpl") / "libqpl.so"
-    try:
-        # The offsets are the literals above, from the header: not the binding's.
-        return build_standin(out, HEADER_OFFSETS, HEADER_JOB_SIZE)
-    except subprocess.CalledProcessError as e:
-        pytest.fail(f"building the QPL stand-in failed:\n{e.stderr}")
 
 
 @pytest.fixture

@@ -4,11 +4,16 @@ mode (CRIU-style workloads that set up state, park, and verify themselves after 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import dataclasses
+import itertools
 import os
+import random
 import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -17,13 +22,15 @@ from native import ptrace
 from native.constants import CloneFlag, Syscall
 from native.restorer import STUB_SCRATCH, STUB_SCRATCH_SIZE
 from sandbox.guest import protocol
-from shmpool import Pool, SegmentCorrupt
+from shmpool import Pool, PoolFull, SegmentCorrupt
+from shmpool.codecs import Codec, IaaCodec, get_codec
 from snapshot import procfs
 from snapshot.capture import capture
-from snapshot.errors import FileChanged, NotCapturable, RestoreError
+from snapshot.compress import CompressError, compress
+from snapshot.errors import FileChanged, NotCapturable, RestoreError, TemplateCorrupt
 from snapshot.inject import SyscallInjector, seize_stopped
 from snapshot.restore import restore
-from snapshot.stub import launch_stub
+from snapshot.stub import LaunchedStub, launch_stub
 from snapshot.template import Template
 from tests.guests import captured, recv, request, start_guest, thawed
 
@@ -53,11 +60,10 @@ for i in range(int(os.environ.get("THAW_EXTRA_VMAS", "0"))):   # many VMAs: alte
         ctypes.memset(base, 1, 2 * count * 4096)
     libc.mprotect(ctypes.c_void_p(base + 2 * i * 4096), 4096, 1)
 
-def heap_end():
-    for line in open("/proc/self/maps"):
-        if line.rstrip().endswith("[heap]"):
-            return int(line.split("-")[1].split()[0], 16)
-    return 0
+def heap_end():   # the heap may be several VMAs (registered with userfaultfd in parts)
+    heaps = [line for line in open("/proc/self/maps") if line.rstrip().endswith("[heap]")]
+    ends = [int(line.split("-")[1].split()[0], 16) for line in heaps]
+    return max(ends, default=0)
 
 def status(field):
     for line in open("/proc/self/status"):
@@ -129,13 +135,72 @@ def workload(pool: Pool, workload_dir: Path) -> Iterator[Template]:
     template.close()
 
 
+# The workload tests run on the template as captured and on its compressed forms (every codec;
+# iaa through the stand-in libqpl). The hot pages are those a lazy restore answering one small
+# request touched, so nearly all state is cold and served by decompression on fault.
+VARIANTS = ["plain", "lz4", "zstd", "zstd-dict", "deflate", "iaa"]
+SOFT = ["lz4", "zstd", "deflate"]
+
+
+def _codec(variant: str, standin: Path) -> tuple[Codec, int]:
+    if variant == "iaa":
+        return IaaCodec(library=str(standin)), 0
+    if variant == "zstd-dict":
+        return get_codec("zstd"), 16 << 10
+    return get_codec(variant), 0
+
+
+@pytest.fixture(scope="module")
+def hot_pages(workload: Template) -> list[int]:
+    """The pages a lazy restore answering /time faulted (not the template's recorded working set:
+    whichever lazy test ran first recorded that)."""
+    with thawed(workload, "lazy") as (instance, stub):
+        assert request_json(stub, "/time")["now"] > 0
+        assert instance.pager is not None
+        return instance.pager.working_set()
+
+
+@pytest.fixture(scope="module")
+def compressed(pool: Pool) -> Iterator[dict[str, Template]]:
+    made: dict[str, Template] = {}
+    yield made
+    for template in made.values():
+        template.close()
+        Template.delete(pool, template.name)
+
+
+@pytest.fixture(params=VARIANTS)
+def any_workload(
+    request: pytest.FixtureRequest,
+    pool: Pool,
+    workload: Template,
+    compressed: dict[str, Template],
+    hot_pages: list[int],
+) -> Template:
+    variant = request.param
+    if variant == "plain":
+        return workload
+    if variant not in compressed:
+        standin = request.getfixturevalue("standin") if variant == "iaa" else Path()
+        codec, dictionary = _codec(variant, standin)
+        made = compress(pool, workload.name, codec, f"workload.{variant}", hot=hot_pages, dictionary_size=dictionary)
+        compressed[variant] = made
+        assert made.manifest.cold is not None and made.manifest.cold.cold_pages > 10 * len(hot_pages)
+    return compressed[variant]
+
+
+def request_json(stub: LaunchedStub, path: str) -> Any:
+    assert stub.control is not None
+    return request(stub.control, path)
+
+
 def _children() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True)}
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_workload_state_survives_restore(workload: Template, mode: str) -> None:
-    with thawed(workload, mode) as (instance, stub):
+def test_any_workload_state_survives_restore(any_workload: Template, mode: str) -> None:
+    with thawed(any_workload, mode) as (instance, stub):
         assert stub.control is not None
         state = request(stub.control, "/verify")
         assert state["big"] and state["graph"]
@@ -143,12 +208,12 @@ def test_workload_state_survives_restore(workload: Template, mode: str) -> None:
         assert state["file"] == ["HELLO", 5, ", restored world"]
         assert state["pid"] == instance.pid
         assert state["cap_eff"] == "0000000000000000" and state["no_new_privs"] == "1"
-        assert state["uid"] == workload.manifest.credentials.uid[0]
+        assert state["uid"] == any_workload.manifest.credentials.uid[0]
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_signals_threads_brk_time_after_restore(workload: Template, mode: str) -> None:
-    with thawed(workload, mode) as (_, stub):
+def test_signals_threads_brk_time_after_restore(any_workload: Template, mode: str) -> None:
+    with thawed(any_workload, mode) as (_, stub):
         assert stub.control is not None
         assert request(stub.control, "/signal") == {"signals": [signal.SIGUSR1]}
         threaded = request(stub.control, "/thread")
@@ -160,22 +225,22 @@ def test_signals_threads_brk_time_after_restore(workload: Template, mode: str) -
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_exit_status_reaches_the_stub_owner(workload: Template, mode: str) -> None:
-    with thawed(workload, mode) as (instance, stub):
+def test_exit_status_reaches_the_stub_owner(any_workload: Template, mode: str) -> None:
+    with thawed(any_workload, mode) as (instance, stub):
         assert stub.control is not None
         protocol.send(stub.control.fileno(), {"type": "request", "id": 1, "path": "/exit", "body": protocol.b64(b"7")})
         assert instance.wait(30) == 7
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_instances_are_isolated_and_template_untouched(workload: Template, mode: str) -> None:
-    with thawed(workload, mode) as (_, a), thawed(workload, mode) as (_, b):
+def test_instances_are_isolated_and_template_untouched(any_workload: Template, mode: str) -> None:
+    with thawed(any_workload, mode) as (_, a), thawed(any_workload, mode) as (_, b):
         assert a.control is not None and b.control is not None
         original = request(b.control, "/read")["head"]
         assert request(a.control, "/write") == {"head": "XXXX"}
         assert request(b.control, "/read")["head"] == original
-    workload.segment.verify()  # every chunk still matches its checksum
-    with thawed(workload, mode) as (_, c):
+    any_workload.segment.verify()  # every chunk still matches its checksum
+    with thawed(any_workload, mode) as (_, c):
         assert c.control is not None
         assert request(c.control, "/read")["head"] == original
 
@@ -298,6 +363,144 @@ def test_restore_maps_the_scratch_area_when_the_stub_did_not(workload: Template)
             instance.close()
             stub.control.close()
     assert trips[False] == trips[True] + 1  # the injected mmap is the one round trip saved
+
+
+# -- compressed templates -----------------------------------------------------------------------
+def _blocks(template: Template) -> int:
+    return os.fstat(template.segment.fd).st_blocks * 512
+
+
+def test_cold_pages_are_holes_and_hot_pages_stay(pool: Pool, workload: Template, hot_pages: list[int]) -> None:
+    with compress(pool, workload.name, get_codec("zstd"), "holes.z", hot=hot_pages) as z:
+        cold = z.manifest.cold
+        assert cold is not None and cold.source == workload.name and cold.hot_pages >= len(hot_pages)
+        stored = {off // 4096 + i for off, length in z.segment.data_ranges() for i in range(length // 4096)}
+        for seg_off, _, length, _ in cold.chunks:
+            assert not stored & set(range(seg_off // 4096, (seg_off + length) // 4096))
+        assert set(hot_pages) <= stored
+        # the object graph and modules compress; the 24 MiB of random bytes do not
+        assert _blocks(z) < _blocks(workload)
+    Template.delete(pool, "holes.z")
+
+
+def test_second_instance_shares_what_the_first_decompressed(pool: Pool, workload: Template) -> None:
+    with compress(pool, workload.name, get_codec("lz4"), "shared.z", hot=[]) as z:
+        with thawed(z, "cow") as (first, a):
+            assert request_json(a, "/verify")["graph"]
+            first_stats = first.pager_stats()
+        with thawed(z, "cow") as (second, b):
+            assert request_json(b, "/verify")["graph"]
+            second_stats = second.pager_stats()
+        assert first_stats is not None and second_stats is not None
+        assert first_stats.cold_faults > 100
+        # the cache segment holds what the first decompressed, and the second prefetched the rest
+        assert second_stats.cold_faults < first_stats.cold_faults // 10
+        assert z.cold_image().stats().refills == 0
+    Template.delete(pool, "shared.z")
+
+
+def test_punched_pages_refault_and_are_refilled(pool: Pool, workload: Template) -> None:
+    with compress(pool, workload.name, get_codec("lz4"), "punch.z", hot=[]) as z, thawed(z, "cow") as (inst, stub):
+        assert request_json(stub, "/verify")["big"]
+        image = z.cold_image()
+        resident = image.stats().resident
+        assert resident > 0
+        cache_before = os.fstat(z.cache().fd).st_blocks
+        assert z.punch_cold(older_than=3600) == 0  # nothing is that old
+        assert z.punch_cold() >= resident * 4096
+        assert image.stats().resident == 0 and os.fstat(z.cache().fd).st_blocks < cache_before
+        faults_before = inst.pager_stats()
+        state = request_json(stub, "/verify")  # the instance still uses them: it faults again
+        assert state["big"] and state["graph"]
+        after = inst.pager_stats()
+        assert faults_before is not None and after is not None and after.cold_faults > faults_before.cold_faults
+        assert image.stats().refills > 0 and after.errors == 0
+    Template.delete(pool, "punch.z")
+
+
+def _zero_cold_image(pool: Pool, template: Template) -> None:
+    """Overwrite every compressed chunk in the pool's file (after the checksums were verified)."""
+    assert template.manifest.cold is not None
+    chunks = template.manifest.cold.chunks
+    start, end = chunks[0][1], chunks[-1][1] + chunks[-1][3]
+    with open(Path(pool.root) / "segments" / template.segment.record.storage_key, "r+b") as f:
+        f.seek(start)
+        f.write(bytes(end - start))
+
+
+def test_a_chunk_that_does_not_decompress_kills_the_instance(pool: Pool, workload: Template) -> None:
+    z = compress(pool, workload.name, get_codec("zstd"), "broken.z", hot=[])
+    try:
+        with thawed(z, "cow") as (instance, stub):
+            _zero_cold_image(pool, z)  # the 24 MiB buffer's chunks have not been touched yet
+            with contextlib.suppress(OSError, RuntimeError, ValueError, TypeError):
+                request_json(stub, "/verify")
+            assert instance.wait(30) == -signal.SIGKILL  # never runs on with wrong memory
+            stats = instance.pager_stats()
+            assert stats is not None and stats.errors >= 1
+        with pytest.raises(SegmentCorrupt, match="does not match its checksum"):
+            Template.open(pool, "broken.z")  # opened again, it is refused outright
+    finally:
+        z.close()
+        Template.delete(pool, "broken.z")
+
+
+def test_a_restore_the_pager_cannot_serve_fails_and_leaves_nothing(pool: Pool, workload: Template) -> None:
+    with compress(pool, workload.name, get_codec("lz4"), "unservable.z", hot=[]) as z:
+        _zero_cold_image(pool, z)  # the restorer itself touches cold pages (the tid, rseq)
+        stub = launch_stub(z.restore_fds("cow"))
+        with pytest.raises(RestoreError, match="pager could not serve"):
+            restore(z, stub, "cow")
+        assert stub.wait(5) is not None
+        assert stub.control is not None
+        stub.control.close()
+    Template.delete(pool, "unservable.z")
+
+
+def test_compress_refuses_bad_requests(pool: Pool, workload: Template) -> None:
+    with pytest.raises(ValueError, match="multiple of 4096"):
+        compress(pool, workload.name, get_codec("lz4"), "bad.z", chunk_size=5000)
+    with pytest.raises(CompressError, match="larger than the pager"):
+        compress(pool, workload.name, get_codec("lz4"), "bad.z", chunk_size=2 << 20)
+    with pytest.raises(CompressError, match="dictionary is a zstd feature"):
+        compress(pool, workload.name, get_codec("lz4"), "bad.z", dictionary_size=4096)
+    once = compress(pool, workload.name, get_codec("lz4"), "once.z", hot=[])
+    once.close()
+    with pytest.raises(CompressError, match="compressed already"):
+        compress(pool, "once.z", get_codec("lz4"))
+    Template.delete(pool, "once.z")
+    assert not [r.name for r in pool.list(include_all=True) if r.name.startswith("bad")]
+
+
+def test_a_full_pool_says_so_and_keeps_nothing(pool_root: Path, workload_dir: Path) -> None:
+    env = {"THAW_TEST_FILE": str(workload_dir / "data.txt")}
+    small = Pool.create(pool_root, backend="tmpfs", node=0, size=128 << 20)
+    try:
+        with captured(small, workload_dir, "full", env) as template:
+            status = small.status()
+            room = status.capacity - status.used - (2 << 20)
+            filler = small.create_segment("filler", room)
+            for at in range(0, room - (1 << 20), 1 << 20):
+                filler.write(at, random.randbytes(1 << 20))
+            with pytest.raises(PoolFull):
+                compress(small, template.name, get_codec("lz4"), hot=[])
+            filler.abort()
+            assert [r.name for r in small.list(include_all=True)] == ["full"]
+    finally:
+        small.destroy()
+
+
+def test_an_inconsistent_chunk_table_is_refused(pool: Pool, workload: Template) -> None:
+    with compress(pool, workload.name, get_codec("lz4"), "table.z", hot=[]) as z:
+        assert z.manifest.cold is not None
+        chunks = z.manifest.cold.chunks
+        overlapping = dataclasses.replace(z.manifest.cold, chunks=(chunks[1], chunks[0], *chunks[2:]))
+        with pytest.raises(TemplateCorrupt, match="overlaps, is out of order"):
+            overlapping.check(image_end=z.segment.size)
+        outside = dataclasses.replace(z.manifest.cold, chunks=((0, z.segment.size, 4096, 10),))
+        with pytest.raises(TemplateCorrupt, match="outside the cold image"):
+            outside.check(image_end=z.segment.size)
+    Template.delete(pool, "table.z")
 
 
 # -- bad inputs ---------------------------------------------------------------------------------
@@ -445,22 +648,30 @@ def test_torch_model_guest_computes_the_same_outputs(pool: Pool, tmp_path: Path,
     fn = tmp_path / "model"
     fn.mkdir()
     (fn / "handler.py").write_text(MODEL_GUEST)
-    with captured(pool, fn, f"model-{mode}") as template, thawed(template, mode) as (_, stub):
-        assert stub.control is not None
-        result = request(stub.control)
-        assert result["out"] == result["expected"]
-    Template.delete(pool, f"model-{mode}")
+    with captured(pool, fn, f"model-{mode}") as template:
+        variants = [template] + [compress(pool, template.name, get_codec(c), f"model-{mode}.{c}", hot=[]) for c in SOFT]
+        for variant in variants:  # as captured, then with every page cold under each codec
+            with thawed(variant, mode) as (_, stub):
+                assert stub.control is not None
+                result = request(stub.control)
+                assert result["out"] == result["expected"], variant.name
+            variant.close()
+            Template.delete(pool, variant.name)
 
 
 def test_memfd_pool_restores_in_every_mode(pool_root: Path, workload_dir: Path) -> None:
     env = {"THAW_TEST_FILE": str(workload_dir / "data.txt")}
     memfd_pool = Pool.create(pool_root, backend="memfd", node=0, size=256 << 20)
     try:
-        with captured(memfd_pool, workload_dir, "memfd-workload", env) as template:
-            for mode in MODES:  # lazy here copies pages privately: a sealed memfd has no cache
-                with thawed(template, mode) as (_, stub):
-                    assert stub.control is not None
-                    assert request(stub.control, "/verify")["big"]
+        template = captured(memfd_pool, workload_dir, "memfd-workload", env)
+        cold = compress(memfd_pool, template.name, get_codec("lz4"), hot=[])
+        for variant, mode in itertools.product((template, cold), MODES):
+            # lazy (and every cold page) here is copied privately: a sealed memfd has no cache
+            with thawed(variant, mode) as (_, stub):
+                assert stub.control is not None
+                assert request(stub.control, "/verify")["big"]
+        cold.close()
+        template.close()
     finally:
         memfd_pool.destroy()
 

@@ -1,7 +1,7 @@
 /* thaw-agent: pid 1 of a sandbox. Builds the sandbox's rootfs, then serves the daemon.
  *
  *   thaw-agent --control FD --root DIR [--ro PATH]... [--cgroup-fd FD]... [--hostname NAME]
- *              [--uid UID --gid GID] [--tmp OPTIONS]
+ *              [--uid UID --gid GID] [--tmp OPTIONS] [--userns HOSTUID:HOSTGID]
  *
  * The process the daemon starts (in the host's namespaces) writes "0" into each --cgroup-fd (the
  * agent's own cgroup.procs files, so the agent lives apart from the instance cgroup), unshares
@@ -19,6 +19,11 @@
  * no_new_privs), swap the function mount, replace /tmp, set the hostname, hand out a netlink
  * socket of the sandbox's network namespace. Single-threaded; when the daemon closes the control
  * socket the agent exits, and the kernel kills everything left in its pid namespace.
+ *
+ * With --userns the sandbox also gets a user namespace: root inside is HOSTUID:HOSTGID outside (an
+ * unprivileged host id), and UID/GID (the guests' ids) map to themselves, so a guest runs as the
+ * same uid inside and out and a template's recorded uid means the same in every sandbox. See
+ * enter_user_namespaces() for the order this needs.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -61,6 +66,8 @@ struct config {
     const char *hostname;
     unsigned uid, gid;
     const char *tmp_options;
+    int userns;                      /* also a user namespace (--userns) */
+    unsigned userns_uid, userns_gid; /* the host ids root inside maps to */
 };
 
 static int control = -1;
@@ -293,13 +300,15 @@ static int mount_tmp(const char *path, const char *options)
     return mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, options) < 0 ? fail("tmpfs on %s", path) : 0;
 }
 
-static int build_rootfs(const struct config *cfg)
+/* The skeleton on cfg->root: a tmpfs with the mount points, /tmp (a tmpfs unless `tmp_later`: then
+ * a plain directory that leaves under /tmp go into, see finish_tmp), the leaves, /dev and /etc. */
+static int build_skeleton(const struct config *cfg, int tmp_later)
 {
     const char *root = cfg->root;
-    char path[4096];
-    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
-        return fail("making / private");
-    if (mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=16m") < 0)
+    char path[4096], options[64] = "mode=0755,size=16m";
+    if (cfg->userns) /* root inside owns /, so the agent may remove /.oldroot from it */
+        snprintf(options, sizeof options, "mode=0755,size=16m,uid=%u,gid=%u", cfg->userns_uid, cfg->userns_gid);
+    if (mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, options) < 0)
         return fail("tmpfs on %s", root);
     static const char *const dirs[] = {THAW_AGENT_FUNCTION_DIR, "/tmp", "/proc", "/.oldroot"};
     for (size_t i = 0; i < sizeof dirs / sizeof *dirs; i++) {
@@ -308,23 +317,67 @@ static int build_rootfs(const struct config *cfg)
             return -1;
     }
     snprintf(path, sizeof path, "%s/tmp", root);
-    if (mount_tmp(path, cfg->tmp_options) < 0) /* first: leaves under /tmp (a checkout there) go on it */
+    if (!tmp_later && mount_tmp(path, cfg->tmp_options) < 0) /* first: leaves under /tmp go on it */
         return -1;
     for (int i = 0; i < cfg->nro; i++)
         if (add_leaf(root, cfg->ro[i], 1) < 0)
             return -1;
-    if (build_dev(root) < 0 || build_etc(root, cfg->uid, cfg->gid, cfg->hostname) < 0)
-        return -1;
-    snprintf(path, sizeof path, "%s/proc", root);
-    if (mount("proc", path, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
-        return fail("proc on %s", path);
-    snprintf(path, sizeof path, "%s/.oldroot", root);
-    if (syscall(SYS_pivot_root, root, path) < 0)
-        return fail("pivot_root to %s", root);
+    return build_dev(root) < 0 ? -1 : build_etc(root, cfg->uid, cfg->gid, cfg->hostname);
+}
+
+/* Enter the root the cwd is at: mount /proc (before the host's root goes: the kernel mounts a proc
+ * only where one is fully visible already), pivot_root, detach the host's root, remount / read-only.
+ * Paths are relative to the cwd, which a process in a user namespace may be unable to look up. */
+static int enter_root(void)
+{
+    if (mount("proc", "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
+        return fail("mounting /proc");
+    if (syscall(SYS_pivot_root, ".", ".oldroot") < 0)
+        return fail("pivot_root");
     if (chdir("/") < 0 || umount2("/.oldroot", MNT_DETACH) < 0 || rmdir("/.oldroot") < 0)
         return fail("detaching the host's root");
     if (mount(NULL, "/", NULL, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, NULL) < 0)
         return fail("read-only remount of /");
+    return 0;
+}
+
+/* With a user namespace: the skeleton (cwd) came from the host's user namespace, so here each of
+ * its mounts is locked, and pivot_root onto a locked mount would lock the host's root in its turn
+ * (it could then not be detached). A bind made here is not locked: clone the skeleton, attach the
+ * clone over it and go into that. */
+static int own_skeleton(void)
+{
+    int tree = (int)syscall(SYS_open_tree, AT_FDCWD, ".", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE);
+    if (tree < 0)
+        return fail("open_tree of the skeleton");
+    int ok = syscall(SYS_move_mount, tree, "", AT_FDCWD, ".", MOVE_MOUNT_F_EMPTY_PATH) == 0 && fchdir(tree) == 0;
+    int err = errno;
+    close(tree);
+    errno = err;
+    return ok ? 0 : fail("attaching the skeleton's clone");
+}
+
+static int new_tmp(const char *options, int replace, const char **what);
+
+/* In the agent, pid 1: the whole rootfs, or with a user namespace what the starter left to do
+ * (/tmp is mounted here then, so that release can replace it: a locked mount cannot be unmounted). */
+static int build_rootfs(const struct config *cfg)
+{
+    const char *what = "";
+    if (!cfg->userns) {
+        if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
+            return fail("making / private");
+        if (build_skeleton(cfg, 0) < 0)
+            return -1;
+        if (chdir(cfg->root) < 0)
+            return fail("chdir %s", cfg->root);
+        if (enter_root() < 0)
+            return -1;
+    } else if (own_skeleton() < 0 || enter_root() < 0) {
+        return -1;
+    } else if (new_tmp(cfg->tmp_options, 0, &what) < 0) {
+        return fail("%s (the first /tmp)", what);
+    }
     if (sethostname(cfg->hostname, strlen(cfg->hostname)) < 0)
         return fail("sethostname %s", cfg->hostname);
     return 0;
@@ -471,9 +524,10 @@ static void do_mount_function(const int *fds, int nfds)
 
 static int under_tmp(const char *path) { return strncmp(path, "/tmp/", 5) == 0; }
 
-/* A new tmpfs on /tmp. Leaves that live under /tmp on the host (thaw checked out there) are
- * carried over: cloned (open_tree) before the old tmpfs goes, attached (move_mount) on the new. */
-static void do_fresh_tmp(const char *options)
+/* A new tmpfs on /tmp (replacing the one there if `replace`). Leaves that live under /tmp on the
+ * host (thaw checked out there) are carried over: cloned (open_tree) before the old /tmp goes,
+ * attached (move_mount) on the new. Returns -1 with errno and `what` failed. */
+static int new_tmp(const char *options, int replace, const char **what)
 {
     int clones[MAX_PATHS];
     static char links[MAX_PATHS][256];
@@ -492,11 +546,10 @@ static void do_fresh_tmp(const char *options)
         }
     }
     int err = 0;
-    const char *what = "";
-    if (umount2("/tmp", MNT_DETACH) < 0)
-        err = errno, what = "unmounting /tmp";
+    if (replace && umount2("/tmp", MNT_DETACH) < 0)
+        err = errno, *what = "unmounting /tmp";
     else if (mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, options) < 0)
-        err = errno, what = "a new tmpfs on /tmp";
+        err = errno, *what = "a new tmpfs on /tmp";
     for (int i = 0; i < n && !err; i++) {
         if (!under_tmp(settings->ro[i]))
             continue;
@@ -505,23 +558,30 @@ static void do_fresh_tmp(const char *options)
         *strrchr(dir, '/') = 0;
         struct stat st;
         if (mkdirs(dir) < 0)
-            err = errno, what = failure;
+            err = errno, *what = failure;
         else if (clones[i] < 0) { /* a symlink leaf: the same link again */
             if (links[i][0] && symlink(links[i], settings->ro[i]) < 0)
-                err = errno, what = "a symlink leaf under /tmp";
+                err = errno, *what = "a symlink leaf under /tmp";
         } else if (fstat(clones[i], &st) < 0)
-            err = errno, what = "fstat of a leaf under /tmp";
+            err = errno, *what = "fstat of a leaf under /tmp";
         else if (S_ISDIR(st.st_mode) ? mkdir(settings->ro[i], 0755) < 0
                                      : close(open(settings->ro[i], O_WRONLY | O_CREAT | O_CLOEXEC, 0644)) < 0)
-            err = errno, what = "a mount point for a leaf under /tmp";
+            err = errno, *what = "a mount point for a leaf under /tmp";
         else if (syscall(SYS_move_mount, clones[i], "", AT_FDCWD, settings->ro[i], MOVE_MOUNT_F_EMPTY_PATH) < 0)
-            err = errno, what = "move_mount of a leaf under /tmp";
+            err = errno, *what = "move_mount of a leaf under /tmp";
     }
     for (int i = 0; i < n; i++)
         if (clones[i] >= 0)
             close(clones[i]);
-    if (err)
-        return reply_error(err, "%s (fresh /tmp with %s)", what, options);
+    errno = err;
+    return err ? -1 : 0;
+}
+
+static void do_fresh_tmp(const char *options)
+{
+    const char *what = "";
+    if (new_tmp(options, 1, &what) < 0)
+        return reply_error(errno, "%s (fresh /tmp with %s)", what, options);
     reply_ok(0, 0);
 }
 
@@ -649,6 +709,8 @@ static int parse(int argc, char **argv, struct config *cfg)
             cfg->gid = (unsigned)atoi(v);
         else if (!strcmp(k, "--tmp"))
             cfg->tmp_options = v;
+        else if (!strcmp(k, "--userns") && sscanf(v, "%u:%u", &cfg->userns_uid, &cfg->userns_gid) == 2)
+            cfg->userns = 1;
         else {
             fprintf(stderr, "thaw-agent: unknown option %s\n", k);
             return -1;
@@ -656,7 +718,7 @@ static int parse(int argc, char **argv, struct config *cfg)
     }
     if (cfg->control < 0 || !cfg->root || (argc - 1) % 2) {
         fprintf(stderr, "usage: thaw-agent --control FD --root DIR [--ro PATH]... [--cgroup-fd FD]... "
-                        "[--hostname NAME] [--uid UID --gid GID] [--tmp OPTIONS]\n");
+                        "[--hostname NAME] [--uid UID --gid GID] [--tmp OPTIONS] [--userns HOSTUID:HOSTGID]\n");
         return -1;
     }
     return 0;
@@ -671,10 +733,97 @@ static int wait_status(pid_t pid)
     return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
 
-static int enter_namespaces(void)
+#define SANDBOX_NAMESPACES (CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET | CLONE_NEWPID)
+
+/* Write `text` into a /proc file in one write(2), as the id map files want. */
+static int write_proc(const char *path, const char *text)
 {
-    int flags = CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET | CLONE_NEWPID;
-    return unshare(flags) < 0 ? fail("unshare") : 0;
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0)
+        return fail("open %s", path);
+    ssize_t n = write(fd, text, strlen(text));
+    int err = errno;
+    close(fd);
+    errno = err;
+    return n == (ssize_t)strlen(text) ? 0 : fail("write %s", path);
+}
+
+/* Root inside is the host's userns_uid/gid; the guests' uid and gid map to themselves. */
+static int write_id_maps(pid_t pid, const struct config *cfg)
+{
+    char path[64], map[128];
+    snprintf(map, sizeof map, "0 %u 1\n%u %u 1\n", cfg->userns_uid, cfg->uid, cfg->uid);
+    snprintf(path, sizeof path, "/proc/%d/uid_map", (int)pid);
+    if (write_proc(path, map) < 0)
+        return -1;
+    snprintf(map, sizeof map, "0 %u 1\n%u %u 1\n", cfg->userns_gid, cfg->gid, cfg->gid);
+    snprintf(path, sizeof path, "/proc/%d/gid_map", (int)pid);
+    return write_proc(path, map);
+}
+
+/* Unshare a user namespace and become its root. The kernel lets a map of more than one id be
+ * written only by a process with CAP_SETUID over the *parent* namespace, which we no longer are
+ * once inside: a helper forked before (still host root) writes it, and reports "errno text". */
+static int new_user_namespace(const struct config *cfg)
+{
+    int go[2], done[2];
+    if (pipe2(go, O_CLOEXEC) < 0 || pipe2(done, O_CLOEXEC) < 0)
+        return fail("pipe");
+    pid_t self = getpid(), helper = fork();
+    if (helper < 0)
+        return fail("fork of the id map writer");
+    if (helper == 0) {
+        char c, report[sizeof failure + 16];
+        if (read(go[0], &c, 1) == 1 && write_id_maps(self, cfg) < 0) {
+            int len = snprintf(report, sizeof report, "%d %s", errno, failure);
+            if (write(done[1], report, (size_t)len) < 0)
+                _exit(1);
+        }
+        _exit(0);
+    }
+    close(go[0]);
+    close(done[1]);
+    int unshared = unshare(CLONE_NEWUSER), err = errno;
+    if (unshared == 0 && write(go[1], "g", 1) != 1) /* else EOF: the helper exits without writing */
+        err = errno, unshared = -1;
+    close(go[1]);
+    char report[sizeof failure + 16];
+    ssize_t n = read(done[0], report, sizeof report - 1); /* the report, or EOF once the helper exits */
+    close(done[0]);
+    waitpid(helper, NULL, 0);
+    if (unshared < 0)
+        return errno = err, fail("unshare(CLONE_NEWUSER)");
+    if (n > 0) {
+        report[n] = 0;
+        const char *text = strchr(report, ' ');
+        snprintf(failure, sizeof failure, "%.500s", text ? text + 1 : report);
+        errno = atoi(report);
+        return -1;
+    }
+    /* Drop the host's supplementary groups (root's): they would still count outside. */
+    if (setresgid(0, 0, 0) < 0 || setgroups(0, NULL) < 0 || setresuid(0, 0, 0) < 0)
+        return fail("becoming root of the user namespace");
+    return 0;
+}
+
+static int enter_namespaces(void) { return unshare(SANDBOX_NAMESPACES) < 0 ? fail("unshare") : 0; }
+
+/* With a user namespace the order matters. The skeleton is built first, as host root in a mount
+ * namespace of the host's user namespace: host paths are reached with host root's rights (a leaf
+ * under a 0700 home stays reachable, though the agent will be an unprivileged host uid). Then the
+ * user namespace, then the others, which are owned by the new one: that ownership is what lets the
+ * agent (root inside) mount, set the hostname and hand out a working netlink socket. */
+static int enter_user_namespaces(const struct config *cfg)
+{
+    if (unshare(CLONE_NEWNS) < 0)
+        return fail("unshare(CLONE_NEWNS) for the skeleton");
+    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
+        return fail("making / private");
+    if (build_skeleton(cfg, 1) < 0)
+        return -1;
+    if (chdir(cfg->root) < 0) /* the agent finds its root as its cwd: see enter_root */
+        return fail("chdir %s", cfg->root);
+    return new_user_namespace(cfg) < 0 ? -1 : enter_namespaces();
 }
 
 int main(int argc, char **argv)
@@ -692,7 +841,7 @@ int main(int argc, char **argv)
         }
         close(cfg.cgroup_fds[i]);
     }
-    if (enter_namespaces() < 0) {
+    if ((cfg.userns ? enter_user_namespaces(&cfg) : enter_namespaces()) < 0) {
         reply_error(errno, "%s", failure);
         return 1;
     }

@@ -32,7 +32,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <signal.h>
 #include <sys/ioctl.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #define PAGE 4096UL
@@ -45,6 +47,7 @@ struct thaw_pager {
     int uffds[MAX_UFFDS];
     int nuffds;
     const uint8_t *src;
+    int pidfd; /* the instance, killed when a fault cannot be served; -1: none */
     int cache_fd; /* -1: private fills */
     uint64_t cache_base;
     struct thaw_cold *cold;
@@ -170,9 +173,13 @@ static int fill_cold(struct thaw_pager *p, int uffd, const struct thaw_pager_ran
     return copy_in(uffd, start, p->bounce + (lo - k->seg_off), len, do_wake);
 }
 
-/* A page we cannot serve: the thread gets zeros rather than hanging forever; counted as an error. */
-static void zero_fill(struct thaw_pager *p, int uffd, uint64_t addr)
+/* A page we cannot serve (a chunk that does not decompress, a failed write): the instance is
+ * killed, never left running on wrong memory; the page gets zeros only so that no thread hangs
+ * while the kill lands. Counted as an error. */
+static void fail_fault(struct thaw_pager *p, int uffd, uint64_t addr)
 {
+    if (p->pidfd >= 0)
+        syscall(SYS_pidfd_send_signal, p->pidfd, SIGKILL, NULL, 0);
     struct uffdio_zeropage zp = {.range = {.start = addr, .len = PAGE}};
     if (ioctl(uffd, UFFDIO_ZEROPAGE, &zp) < 0)
         wake(uffd, addr, PAGE);
@@ -185,7 +192,7 @@ static void serve_cold_fault(struct thaw_pager *p, int uffd, const struct thaw_p
     ssize_t i = p->cold ? thaw_cold_find(p->cold, seg_off) : -1;
     p->cold_faults++;
     if (i < 0 || fill_cold(p, uffd, r, (size_t)i, 1) < 0) {
-        zero_fill(p, uffd, addr);
+        fail_fault(p, uffd, addr);
         return;
     }
     p->pages += thaw_cold_chunk_at(p->cold, (size_t)i)->len / PAGE;
@@ -198,7 +205,7 @@ static void serve_fault(struct thaw_pager *p, int uffd, uint64_t addr)
     struct thaw_pager_range *r = range_of_addr(p, addr);
     p->faults++;
     if (!r) { /* not ours (cannot happen while ranges follow remaps) */
-        zero_fill(p, uffd, addr);
+        fail_fault(p, uffd, addr);
         return;
     }
     if (r->kind == THAW_RANGE_COLD) {
@@ -213,7 +220,7 @@ static void serve_fault(struct thaw_pager *p, int uffd, uint64_t addr)
     if (fill(p, uffd, r, start, end - start, 1) < 0) {
         /* the block failed as a whole: answer the faulting page alone */
         if (fill(p, uffd, r, addr, PAGE, 1) < 0)
-            zero_fill(p, uffd, addr);
+            fail_fault(p, uffd, addr);
     }
     p->pages += (end - start) / PAGE;
     record(p, r->seg_off + (addr - r->start));
@@ -335,7 +342,7 @@ static void *pager_main(void *arg)
     return NULL;
 }
 
-struct thaw_pager *thaw_pager_start(int uffd, const struct thaw_pager_range *ranges, size_t nranges,
+struct thaw_pager *thaw_pager_start(int uffd, int pidfd, const struct thaw_pager_range *ranges, size_t nranges,
                                     const void *src, int cache_fd, uint64_t cache_base, struct thaw_cold *cold,
                                     size_t seg_size, size_t block, const uint32_t *prefetch, size_t nprefetch)
 {
@@ -347,6 +354,7 @@ struct thaw_pager *thaw_pager_start(int uffd, const struct thaw_pager_range *ran
     if (!p)
         return NULL;
     p->uffds[0] = uffd;
+    p->pidfd = pidfd;
     p->nuffds = 1;
     p->src = src;
     p->cache_fd = cache_fd;
