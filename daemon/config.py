@@ -47,6 +47,8 @@ class DaemonConfig:
     sandboxes_network: bool = _setting("sandboxes", True, "give sandboxes a network interface")
     sandboxes_cgroup: str = _setting("sandboxes", "thaw", "cgroup directory under thawd's own cgroup")
     sandboxes_runtime_dir: str = _setting("sandboxes", "/run/thaw/sandboxes", "sandboxes' rootfs mount points")
+    sandboxes_userns: bool = _setting("sandboxes", False, "give sandboxes a user namespace too (no lazy restores)")
+    sandboxes_userns_root: int = _setting("sandboxes", 100000, "host uid and gid of root inside (with userns)")
     # [instances]
     instances_idle_timeout: float = _setting("instances", 300.0, "seconds an idle instance is kept warm")
     instances_max_per_function: int = _setting("instances", 32, "instances of one function at most")

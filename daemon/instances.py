@@ -585,7 +585,7 @@ class Manager:
         try:
             try:  # the stub comes from the agent off the tracer thread, which only does the ptrace work
                 fds = ref.template.restore_fds(fs.spec.mode)
-                stub = await asyncio.to_thread(sandbox.spawn_stub, fds, theirs.fileno(), log_write)
+                stub = await asyncio.to_thread(sandbox.spawn_stub, fds, theirs.fileno(), log_write, fs.spec.mode)
             finally:
                 theirs.close()
                 os.close(log_write)

@@ -83,7 +83,12 @@ def build_sandboxes(config: DaemonConfig) -> SandboxPool:
     )
     network = NetworkConfig(bridge=config.sandboxes_bridge, subnet=config.sandboxes_subnet)
     try:
-        return SandboxPool(settings, SandboxConfig(runtime_dir=Path(config.sandboxes_runtime_dir)), network)
+        sandbox = SandboxConfig(
+            runtime_dir=Path(config.sandboxes_runtime_dir),
+            userns=config.sandboxes_userns,
+            userns_root=config.sandboxes_userns_root,
+        )
+        return SandboxPool(settings, sandbox, network)
     except (SandboxError, OSError) as e:
         raise StartupError(f"building the sandbox pool: {e}") from e
 

@@ -65,6 +65,7 @@ class AgentOptions:
     uid: int
     gid: int
     tmp_options: str
+    userns: tuple[int, int] | None = None  # a user namespace whose root is this host uid, gid
 
 
 class Agent:
@@ -88,6 +89,8 @@ class Agent:
                 argv += ["--cgroup-fd", str(fd)]
             argv += ["--hostname", options.hostname, "--uid", str(options.uid), "--gid", str(options.gid)]
             argv += ["--tmp", options.tmp_options]
+            if options.userns is not None:
+                argv += ["--userns", "{}:{}".format(*options.userns)]
             starter = subprocess.Popen(
                 argv,
                 pass_fds=[theirs.fileno(), *cgroup_fds],

@@ -23,6 +23,10 @@ class PoolExhausted(SandboxError):
     """The sandbox pool is at its maximum and every sandbox is in use."""
 
 
+class UnsupportedRestore(SandboxError):
+    """A restore mode that the kernel would refuse to a stub in this sandbox."""
+
+
 class AgentError(SandboxError):
     """The sandbox agent refused or failed a request; `errno` is its errno (0 if it died)."""
 

@@ -27,11 +27,12 @@ from native import mounts, pidfd
 from sandbox import rootfs
 from sandbox.agent import Agent, AgentOptions
 from sandbox.cgroups import Cgroup, CgroupTree, Limits
-from sandbox.errors import AgentError, InvalidSpec, SandboxError
+from sandbox.errors import AgentError, InvalidSpec, SandboxError, UnsupportedRestore
 from sandbox.network import Lease, Network
 
 FUNCTION_DIR = "/function"
 FIRST_RESTORE_FD = 1000
+UNPRIVILEGED_USERFAULTFD = Path("/proc/sys/vm/unprivileged_userfaultfd")
 _HOSTNAME = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$")
 
 
@@ -42,6 +43,24 @@ class SandboxConfig:
     gid: int = 65534
     tmp_options: str = "mode=1777,size=64m"
     extra_leaves: tuple[str, ...] = ()
+    # A user namespace too: root inside (the agent, a stub before its restore) is host uid and gid
+    # `userns_root`; uid/gid map to themselves, so guests and instances run as the same unprivileged
+    # ids inside and out, and a template captured in any sandbox restores into any other.
+    userns: bool = False
+    userns_root: int = 100000
+
+    def validate(self) -> SandboxConfig:
+        if self.uid == 0 or self.gid == 0:
+            raise SandboxError(f"guests must run as an unprivileged uid/gid, not {self.uid}/{self.gid}")
+        if self.userns and (self.userns_root in (0, self.uid, self.gid) or self.userns_root < 0):
+            raise SandboxError(
+                f"userns_root {self.userns_root} must be an unprivileged host id other than the guests' "
+                f"uid {self.uid} and gid {self.gid} (one host id maps to one id inside)"
+            )
+        return self
+
+    def agent_userns(self) -> tuple[int, int] | None:
+        return (self.userns_root, self.userns_root) if self.userns else None
 
 
 @dataclass(frozen=True)
@@ -133,6 +152,7 @@ class Sandbox:
     @classmethod
     def create(cls, config: SandboxConfig, tree: CgroupTree, network: Network | None = None) -> Sandbox:
         """Build a sandbox; on failure everything built so far is taken down again."""
+        config.validate()
         sandbox_id = secrets.token_hex(4)
         undo: list[object] = []
         root = config.runtime_dir / sandbox_id
@@ -149,6 +169,7 @@ class Sandbox:
                 uid=config.uid,
                 gid=config.gid,
                 tmp_options=config.tmp_options,
+                userns=config.agent_userns(),
             )
             agent = Agent.start(options, agent_cgroup.procs_files())
             sandbox = cls(sandbox_id, config, agent, agent_cgroup, instance_cgroup)
@@ -198,12 +219,32 @@ class Sandbox:
         return self._track(inner, pid)
 
     def spawn_stub(
-        self, restore_fds: list[int], control_fd: int | None = None, log_fd: int | None = None
+        self,
+        restore_fds: list[int],
+        control_fd: int | None = None,
+        log_fd: int | None = None,
+        mode: str | None = None,
     ) -> SandboxProcess:
-        """A stopped stub in the instance cgroup holding `restore_fds` from fd 1000 (DESIGN.md, stub hand-off)."""
+        """A stopped stub in the instance cgroup holding `restore_fds` from fd 1000 (DESIGN.md, stub
+        hand-off). Given the restore `mode`, first refuses one this sandbox cannot host."""
+        if mode is not None:
+            self.check_restore_mode(mode)
         with _fds(control_fd, log_fd) as (control, log):
             inner, pid = self.agent.stub(log, control, restore_fds, FIRST_RESTORE_FD)
         return self._track(inner, pid)
+
+    def check_restore_mode(self, mode: str) -> None:
+        """UnsupportedRestore for a lazy restore into a user namespace. Lazy restores register a
+        userfaultfd that must also catch the kernel's own writes (the restore's), and the kernel
+        creates such a userfaultfd only for a caller with CAP_SYS_PTRACE in the initial user
+        namespace, or anyone when vm.unprivileged_userfaultfd is 1. The stub creates it, and in a
+        user namespace the stub is root of that namespace only."""
+        if mode == "lazy" and self.config.userns and UNPRIVILEGED_USERFAULTFD.read_text().strip() != "1":
+            raise UnsupportedRestore(
+                f"sandbox {self.id} has a user namespace: a lazy restore needs a userfaultfd for kernel "
+                f"faults, which the kernel refuses to its stub ({UNPRIVILEGED_USERFAULTFD} is 0); "
+                "restore with cow or copy"
+            )
 
     def _track(self, inner: int, pid: int) -> SandboxProcess:
         if not pid:

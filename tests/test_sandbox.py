@@ -19,15 +19,16 @@ from pyroute2 import IPRoute
 
 from sandbox import rootfs
 from sandbox.cgroups import CgroupTree, Limits, detect
-from sandbox.errors import InvalidLimits, InvalidSpec, SandboxError, SubnetExhausted
+from sandbox.errors import InvalidLimits, InvalidSpec, SandboxError, SubnetExhausted, UnsupportedRestore
 from sandbox.guest.launch import recv
 from sandbox.network import NetworkConfig
 from sandbox.pool import PoolSettings, SandboxPool
-from sandbox.sandbox import ProcessExit, Sandbox, SandboxConfig, SandboxSpec
+from sandbox.sandbox import UNPRIVILEGED_USERFAULTFD, ProcessExit, Sandbox, SandboxConfig, SandboxSpec
 from shmpool import Pool
 from snapshot import procfs
 from snapshot.capture import capture
 from snapshot.restore import Stub, restore
+from snapshot.template import Template
 from tests.guests import REPO, request
 
 pytestmark = pytest.mark.privileged
@@ -386,3 +387,136 @@ def test_cgroup_mode_is_detected() -> None:
     assert h.mode in ("v1", "v2", "hybrid")
     if h.mode != "v2":
         assert set(h.v1) >= {"memory", "pids"}
+
+
+# -- the optional user namespace -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def userns_pool(runtime: Path) -> Iterator[SandboxPool]:
+    if not Path("/proc/self/ns/user").exists() or int(Path("/proc/sys/user/max_user_namespaces").read_text()) < 2:
+        pytest.skip("needs user namespaces (CONFIG_USER_NS, user.max_user_namespaces)")
+    pool = SandboxPool(
+        PoolSettings(prewarm=1, max_size=3, cgroup_tree=TREE),
+        SandboxConfig(runtime_dir=runtime, userns=True, userns_root=USERNS_ROOT),
+        NetworkConfig(bridge="thawt3", subnet="10.234.0.0/24"),
+    )
+    yield pool
+    pool.destroy()
+
+
+USERNS_ROOT = 100_000
+
+
+def _ids(pid: int) -> tuple[str, str]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return status.split("Uid:")[1].split()[0], status.split("Gid:")[1].split()[0]
+
+
+def test_user_namespace_maps_root_to_an_unprivileged_uid(userns_pool: SandboxPool, fn_a: Path) -> None:
+    sandbox = userns_pool.acquire(SandboxSpec(fn_a, hostname="fn-u"))
+    try:
+        agent_ids = _ids(sandbox.agent.pid)
+        read, write = os.pipe()
+        try:
+            guest = sandbox.spawn(["/bin/sleep", "60"], log_fd=write)
+        finally:
+            os.close(write)
+        os.close(read)
+        guest_ids = _ids(guest.pid)
+        seen = run_json(
+            sandbox,
+            """
+            import os, socket
+            print(json.dumps({
+                "uid_map": open("/proc/self/uid_map").read().split(),
+                "gid_map": open("/proc/self/gid_map").read().split(),
+                "ids": [os.getuid(), os.getgid(), os.getgroups()],
+                "cap_eff": dict(l.split(":", 1) for l in open("/proc/self/status"))["CapEff"].strip(),
+                "hostname": socket.gethostname(), "function": os.listdir("/function"),
+                "tmp_writable": os.access("/tmp", os.W_OK),
+            }))
+            """,
+        )
+    finally:
+        userns_pool.release(sandbox)
+    root = str(USERNS_ROOT)
+    assert seen["uid_map"] == ["0", root, "1", "65534", "65534", "1"]
+    assert seen["gid_map"] == ["0", root, "1", "65534", "65534", "1"]
+    assert seen["ids"] == [65534, 65534, []] and seen["cap_eff"] == "0000000000000000"
+    assert seen["hostname"] == "fn-u" and seen["function"] == ["handler.py"] and seen["tmp_writable"]
+    assert agent_ids == (root, root)  # root inside is nobody in particular outside
+    assert guest_ids == ("65534", "65534")  # as seen from the host: the mapped unprivileged uid
+
+
+def test_user_namespace_sandbox_is_repurposed_clean(userns_pool: SandboxPool, tmp_path: Path) -> None:
+    fn_a, fn_b = _function(tmp_path / "fn-a"), _function(tmp_path / "fn-b")
+    (fn_b / "b-only.txt").write_text("b")
+    a = userns_pool.acquire(SandboxSpec(fn_a, hostname="fn-a"))
+    a.spawn(["/bin/sh", "-c", "echo a > /tmp/a-file; exec sleep 60"])
+    userns_pool.release(a)
+    b = userns_pool.acquire(SandboxSpec(fn_b, hostname="fn-b"))
+    try:
+        seen = run_json(b, "import os\nprint(json.dumps({'tmp': os.listdir('/tmp'), 'fn': os.listdir('/function')}))")
+    finally:
+        userns_pool.release(b)
+    assert b.id == a.id
+    assert sorted(seen["tmp"]) == _tmp_leaf_tops()  # type: ignore[call-overload]
+    assert sorted(seen["fn"]) == ["b-only.txt", "handler.py"]  # type: ignore[call-overload]
+
+
+def _capture_in(sandboxes: SandboxPool, fn: Path, templates: Pool) -> Template:
+    """Deploy as the daemon does: the guest parks in a sandbox, is captured, the sandbox released."""
+    box = sandboxes.acquire(SandboxSpec(fn, hostname="deploy"))
+    ours, theirs = socket.socketpair()
+    try:
+        with ours:
+            guest = box.spawn([sys.executable, "-m", "sandbox.guest", "/function"], control_fd=theirs.fileno())
+            theirs.close()
+            assert (recv(ours) or {}).get("type") == "ready"
+            while procfs.state(guest.pid) != "T":
+                time.sleep(0.001)
+            return capture(guest.pid, templates, "in-userns")
+    finally:
+        sandboxes.release(box)
+
+
+@pytest.mark.parametrize("mode", ["cow", "copy"])
+def test_restore_into_a_user_namespace_sandbox(userns_pool: SandboxPool, tmp_path: Path, mode: str) -> None:
+    """A template captured in a user namespace sandbox restores into another: the guest's uid maps
+    to itself, so the uid the template recorded (as the host sees it) is the uid inside too."""
+    fn = _function(tmp_path / "fn-s", "import os\ndef handle(event, context):\n    return {'uid': os.getuid()}\n")
+    templates = Pool.create(tmp_path / "pool", backend="tmpfs", node=0, size=256 << 20)
+    try:
+        template = _capture_in(userns_pool, fn, templates)
+        box = userns_pool.acquire(SandboxSpec(fn, hostname="serve"))
+        ours, theirs = socket.socketpair()
+        with ours, template:
+            try:
+                stub = box.spawn_stub(template.restore_fds(mode), control_fd=theirs.fileno(), mode=mode)
+                theirs.close()
+                instance = restore(template, Stub(stub.pid, stub.wait, stub.kill), mode)
+                assert (recv(ours) or {}).get("type") == "restored"
+                reply = request(ours, "/")
+                ids = _ids(instance.pid)
+            finally:
+                userns_pool.release(box)
+    finally:
+        templates.destroy()
+    assert reply == {"uid": 65534} and ids == ("65534", "65534")
+
+
+def test_lazy_restore_into_a_user_namespace_is_refused(userns_pool: SandboxPool, tmp_path: Path) -> None:
+    if UNPRIVILEGED_USERFAULTFD.read_text().strip() == "1":
+        pytest.skip("vm.unprivileged_userfaultfd is 1: the kernel lets a stub in a user namespace page lazily")
+    fn = _function(tmp_path / "fn-l")
+    templates = Pool.create(tmp_path / "pool", backend="tmpfs", node=0, size=256 << 20)
+    try:
+        template = _capture_in(userns_pool, fn, templates)
+        box = userns_pool.acquire(SandboxSpec(fn))
+        try:
+            with template, pytest.raises(UnsupportedRestore, match="lazy restore needs a userfaultfd for kernel"):
+                box.spawn_stub(template.restore_fds("lazy"), mode="lazy")
+            assert box.instance_cgroup.pids() == set()  # refused before a stub existed
+        finally:
+            userns_pool.release(box)
+    finally:
+        templates.destroy()
