@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from shmpool.cli import parse_size
+
+NODE_LIST = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
 
 
 class ConfigError(ValueError):
@@ -47,6 +50,9 @@ class DaemonConfig:
     sandboxes_network: bool = _setting("sandboxes", True, "give sandboxes a network interface")
     sandboxes_cgroup: str = _setting("sandboxes", "thaw", "cgroup directory under thawd's own cgroup")
     sandboxes_runtime_dir: str = _setting("sandboxes", "/run/thaw/sandboxes", "sandboxes' rootfs mount points")
+    sandboxes_mems: str = _setting(
+        "sandboxes", "pool", "NUMA nodes of instances' memory: pool (the pool's node), a list (0-1,3) or '' (thawd's)"
+    )
     sandboxes_userns: bool = _setting("sandboxes", False, "give sandboxes a user namespace too (no lazy restores)")
     sandboxes_userns_root: int = _setting("sandboxes", 100000, "host uid and gid of root inside (with userns)")
     # [instances]
@@ -79,6 +85,8 @@ class DaemonConfig:
         for name in (*non_negative, "lora_request_timeout"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_dotted(name)} must not be negative, not {getattr(self, name)}")
+        if self.sandboxes_mems not in ("pool", "") and not NODE_LIST.fullmatch(self.sandboxes_mems):
+            raise ConfigError(f"sandboxes.mems must be pool, a node list like 0-1,3 or '', not {self.sandboxes_mems!r}")
         if self.gateway_listen:
             host, _, port = self.gateway_listen.rpartition(":")
             if not host or not port.isdigit():

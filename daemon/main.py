@@ -74,12 +74,15 @@ def reap_orphans(config: DaemonConfig) -> None:
                 leftover.rmdir()
 
 
-def build_sandboxes(config: DaemonConfig) -> SandboxPool:
+def build_sandboxes(config: DaemonConfig, pool_node: int) -> SandboxPool:
+    """The sandbox pool; its instances allocate from `pool_node` (the memory pool's) by default."""
+    mems = str(pool_node) if config.sandboxes_mems == "pool" else config.sandboxes_mems or None
     settings = PoolSettings(
         prewarm=config.sandboxes_prewarm,
         max_size=config.sandboxes_max,
         cgroup_tree=config.sandboxes_cgroup,
         network=config.sandboxes_network,
+        cpuset_mems=mems,
     )
     network = NetworkConfig(bridge=config.sandboxes_bridge, subnet=config.sandboxes_subnet)
     try:
@@ -145,7 +148,7 @@ async def renew_leases(pool: Pool) -> None:
 async def serve(config: DaemonConfig) -> None:
     pool = await asyncio.to_thread(open_pool, config)
     await asyncio.to_thread(reap_orphans, config)
-    sandboxes = await asyncio.to_thread(build_sandboxes, config)
+    sandboxes = await asyncio.to_thread(build_sandboxes, config, pool.config.node)
     manager = Manager(config, pool, sandboxes, Metrics())
     lora = build_lora(config, pool, sandboxes)
     runners: list[web.AppRunner] = []

@@ -63,6 +63,15 @@ def _is_node_list(text: str) -> bool:
     return re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", text) is not None
 
 
+def _node_set(text: str) -> set[int]:
+    """The nodes of a list like "0-1,3" (empty text: none)."""
+    nodes: set[int] = set()
+    for part in filter(None, text.split(",")):
+        first, _, last = part.partition("-")
+        nodes.update(range(int(first), int(last or first) + 1))
+    return nodes
+
+
 # -- the hierarchies on this machine ---------------------------------------------------------------
 @dataclass(frozen=True)
 class Hierarchies:
@@ -407,6 +416,22 @@ class CgroupTree:
     @staticmethod
     def _subtree(path: Path) -> list[str]:
         return (path / "cgroup.subtree_control").read_text().split()
+
+    def check_mems(self, nodes: str) -> None:
+        """SandboxError unless thaw's cgroups may use NUMA `nodes` (a node list like "0-1,3")."""
+        allowed_file = self._allowed_mems()
+        if allowed_file is None:
+            raise SandboxError(f"cpuset.mems {nodes} asked for, but no cgroup hierarchy has the cpuset controller")
+        allowed = _node_set(allowed_file.read_text().strip())
+        if not _node_set(nodes) <= allowed:
+            raise SandboxError(f"NUMA nodes {nodes} are not all in {allowed_file} ({sorted(allowed)})")
+
+    def _allowed_mems(self) -> Path | None:
+        """The file naming the nodes thaw's cgroups may use: v1's tree root copied its parent's."""
+        if "cpuset" in self.v1_roots:
+            return self.v1_roots["cpuset"] / "cpuset.mems"
+        effective = self.v2_root.parent / "cpuset.mems.effective" if self.v2_root else None
+        return effective if self.h.mode == "v2" and effective and effective.exists() else None
 
     def children(self) -> list[str]:
         """Names of the cgroups in thaw's tree."""

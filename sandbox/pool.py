@@ -7,16 +7,18 @@
     pool.destroy()
 
 `acquire` takes an idle sandbox (or builds one while the pool is below its maximum) and
-repurposes it: no new namespaces, no new veth. `release` kills the instances and scrubs; a
-sandbox that cannot be made clean is destroyed instead of going back. Thread-safe.
+repurposes it: no new namespaces, no new veth. With `cpuset_mems` (the daemon passes the memory
+pool's node), every instance cgroup gets that cpuset.mems unless the spec's limits name nodes.
+`release` kills the instances and scrubs; a sandbox that cannot be made clean is destroyed
+instead of going back. Thread-safe.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from sandbox.cgroups import CgroupTree
+from sandbox.cgroups import CgroupTree, Limits
 from sandbox.errors import InvalidSpec, PoolExhausted, SandboxError
 from sandbox.network import Network, NetworkConfig
 from sandbox.sandbox import Sandbox, SandboxConfig, SandboxSpec
@@ -29,10 +31,15 @@ class PoolSettings:
     cgroup_tree: str = "thaw"
     cgroup_fallback_root: str = "/"
     network: bool = True
+    # NUMA nodes the instances allocate from unless a spec says otherwise: the memory pool's node.
+    # Pages an instance faults into the pool's tmpfs follow the mount's bind policy only where its
+    # cpuset allows that node (else the kernel ignores the policy and allocates from the cpuset).
+    cpuset_mems: str | None = None
 
     def validate(self) -> PoolSettings:
         if not 0 <= self.prewarm <= self.max_size or self.max_size < 1:
             raise SandboxError(f"need 0 <= prewarm <= max_size and max_size >= 1, got {self.prewarm}, {self.max_size}")
+        Limits(cpuset_mems=self.cpuset_mems).validate()
         return self
 
 
@@ -46,6 +53,8 @@ class SandboxPool:
         self.settings = (settings or PoolSettings()).validate()
         self.config = config or SandboxConfig()
         self.tree = CgroupTree(self.settings.cgroup_tree, self.settings.cgroup_fallback_root)
+        if self.settings.cpuset_mems is not None:
+            self.tree.check_mems(self.settings.cpuset_mems)
         self.network: Network | None = None
         if self.settings.network:
             self.network = Network(network or NetworkConfig())
@@ -71,6 +80,8 @@ class SandboxPool:
         """A sandbox repurposed for `spec`; PoolExhausted at the maximum, InvalidSpec/InvalidLimits
         for a bad spec (checked before any sandbox is touched)."""
         spec.validate()
+        if self.settings.cpuset_mems is not None and spec.limits.cpuset_mems is None:
+            spec = replace(spec, limits=replace(spec.limits, cpuset_mems=self.settings.cpuset_mems))
         with self.lock:
             sandbox = self.idle.pop() if self.idle else None
             if sandbox is None:

@@ -17,6 +17,9 @@ import psutil
 import pytest
 from pyroute2 import IPRoute
 
+from daemon.config import DaemonConfig
+from daemon.main import build_sandboxes
+from native.kerndat import kerndat
 from sandbox import rootfs
 from sandbox.cgroups import CgroupTree, Limits, detect
 from sandbox.errors import InvalidLimits, InvalidSpec, SandboxError, SubnetExhausted, UnsupportedRestore
@@ -520,3 +523,30 @@ def test_lazy_restore_into_a_user_namespace_is_refused(userns_pool: SandboxPool,
             userns_pool.release(box)
     finally:
         templates.destroy()
+
+
+# -- NUMA ----------------------------------------------------------------------------------------------
+def test_instances_allocate_from_the_memory_pools_node(runtime: Path, fn_a: Path) -> None:
+    """thawd hands the pool's node to the sandbox pool; every instance cgroup's cpuset.mems shows it."""
+    node = kerndat().node_ids[-1]  # with several nodes, not all of what a new cgroup inherits
+    config = DaemonConfig(sandboxes_prewarm=0, sandboxes_network=False, sandboxes_cgroup=TREE)
+    config.sandboxes_runtime_dir = str(runtime)
+    pool = build_sandboxes(config, pool_node=node)
+    try:
+        sandbox = pool.acquire(SandboxSpec(fn_a))
+        try:
+            files = [d / "cpuset.mems" for d in sandbox.instance_cgroup.directories() if (d / "cpuset.mems").exists()]
+            mems = [f.read_text().strip() for f in files]
+        finally:
+            pool.release(sandbox)
+    finally:
+        pool.destroy()
+    assert mems == [str(node)]
+
+
+def test_a_node_outside_thaws_cpuset_is_refused(runtime: Path) -> None:
+    with pytest.raises(SandboxError, match=r"NUMA nodes 4095 are not all in .*cpuset"):
+        SandboxPool(
+            PoolSettings(prewarm=0, cgroup_tree=TREE, network=False, cpuset_mems="4095"),
+            SandboxConfig(runtime_dir=runtime),
+        )
