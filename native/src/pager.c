@@ -150,6 +150,13 @@ static int fill(struct thaw_pager *p, int uffd, const struct thaw_pager_range *r
     return copy_in(uffd, start, p->src + off, len, do_wake);
 }
 
+/* Whether the cache segment holds data (not a hole) all through [seg_off, seg_off+len). */
+static int cached(struct thaw_pager *p, uint64_t seg_off, uint64_t len)
+{
+    off_t at = (off_t)(p->cache_base + seg_off);
+    return lseek(p->cache_fd, at, SEEK_DATA) == at && lseek(p->cache_fd, at, SEEK_HOLE) >= at + (off_t)len;
+}
+
 /* Install cold chunk i, clipped to range r, into the instance behind `uffd`. */
 static int fill_cold(struct thaw_pager *p, int uffd, const struct thaw_pager_range *r, size_t i, int do_wake)
 {
@@ -158,10 +165,13 @@ static int fill_cold(struct thaw_pager *p, int uffd, const struct thaw_pager_ran
     uint64_t hi = k->seg_off + k->len < r->seg_off + r->len ? k->seg_off + k->len : r->seg_off + r->len;
     uint64_t start = r->start + (lo - r->seg_off), len = hi - lo;
     if (p->cache_fd >= 0) {
-        /* resident: another instance's pager filled it after our fault was raised */
-        if (!thaw_cold_resident(p->cold, i) &&
-            thaw_cold_fill_cache(p->cold, p->cold_ctx, i, p->cache_fd, p->cache_base, do_wake) < 0)
-            return -1;
+        /* Resident: another instance's pager filled it after our fault was raised; only wake. But
+         * trust the mark only if the page is there: a cache truncated behind the image's back
+         * would otherwise have the instance fault on it forever. */
+        if (!thaw_cold_resident(p->cold, i) || !cached(p, lo, len)) {
+            if (thaw_cold_fill_cache(p->cold, p->cold_ctx, i, p->cache_fd, p->cache_base, do_wake) < 0)
+                return -1;
+        }
         return do_wake ? wake(uffd, start, len) : 0;
     }
     if (p->bounce_chunk != (ssize_t)i) {
