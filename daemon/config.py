@@ -48,6 +48,7 @@ class DaemonConfig:
     sandboxes_bridge: str = _setting("sandboxes", "thaw0", "the bridge sandboxes attach to")
     sandboxes_subnet: str = _setting("sandboxes", "10.88.0.0/16", "addresses of sandboxes (first: the bridge)")
     sandboxes_network: bool = _setting("sandboxes", True, "give sandboxes a network interface")
+    sandboxes_egress: bool = _setting("sandboxes", False, "let sandboxes reach beyond the bridge (masqueraded)")
     sandboxes_cgroup: str = _setting("sandboxes", "thaw", "cgroup directory under thawd's own cgroup")
     sandboxes_runtime_dir: str = _setting("sandboxes", "/run/thaw/sandboxes", "sandboxes' rootfs mount points")
     sandboxes_mems: str = _setting(

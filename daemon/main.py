@@ -84,7 +84,9 @@ def build_sandboxes(config: DaemonConfig, pool_node: int) -> SandboxPool:
         network=config.sandboxes_network,
         cpuset_mems=mems,
     )
-    network = NetworkConfig(bridge=config.sandboxes_bridge, subnet=config.sandboxes_subnet)
+    network = NetworkConfig(
+        bridge=config.sandboxes_bridge, subnet=config.sandboxes_subnet, egress=config.sandboxes_egress
+    )
     try:
         sandbox = SandboxConfig(
             runtime_dir=Path(config.sandboxes_runtime_dir),

@@ -7,9 +7,11 @@ The sandbox side is configured through a NETLINK_ROUTE socket the sandbox's agen
 network namespace and hands over (pyroute2 `IPRoute(fileno=...)`): the multi-threaded daemon
 never enters another namespace, and pyroute2's netns helpers (which fork) are not used.
 
-Egress is off unless configured: thaw never enables forwarding or NAT itself, so a sandbox
-reaches the host's bridge address and nothing beyond, unless the host routes for it (with
-`egress=True`, thaw turns on IPv4 forwarding; NAT for the subnet is the host's firewall's job).
+Egress is off unless configured, and enforced by an nftables table of thaw's for the bridge
+(sandbox/egress.py): a sandbox reaches the bridge's address and nothing beyond, even where the
+host forwards packets. With `egress=True` the table lets the subnet out, masqueraded, and thaw
+turns on IPv4 forwarding (put back as it was at teardown if thaw was the one that turned it on).
+Teardown removes the table.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from sandbox.egress import Egress
 from sandbox.errors import SandboxError, SubnetExhausted
 
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
@@ -65,10 +68,20 @@ class Network:
         self.in_use: set[ipaddress.IPv4Address] = set()
         self.lock = threading.Lock()
         self.created_bridge = False
+        self.egress = Egress(config.bridge, self.net, self.gateway)
+        self.forwarding_was: str | None = None  # ip_forward before we turned it on
         self.ipr = IPRoute()
 
     def setup(self) -> None:
-        """Create the bridge with the gateway address unless it exists; turn on forwarding for egress."""
+        """Create the bridge with the gateway address unless it exists, and the egress table.
+        All or nothing: a failure takes down what was made (and closes this Network)."""
+        try:
+            self._setup()
+        except BaseException:
+            self.teardown()
+            raise
+
+    def _setup(self) -> None:
         name = self.config.bridge
         existing = self.ipr.link_lookup(ifname=name)
         if not existing:
@@ -82,9 +95,11 @@ class Network:
         have = {a.get("IFA_ADDRESS") for a in self.ipr.get_addr(index=index)}
         if str(self.gateway) not in have:
             self.ipr.addr("add", index=index, address=str(self.gateway), prefixlen=self.net.prefixlen)
+        self.egress.install(allow=self.config.egress)  # before the bridge is up: nothing slips out
         self.ipr.link("set", index=index, state="up")
-        if self.config.egress:
+        if self.config.egress and (before := IP_FORWARD.read_text().strip()) != "1":
             IP_FORWARD.write_text("1")
+            self.forwarding_was = before
 
     def _allocate(self) -> ipaddress.IPv4Address:
         with self.lock:
@@ -151,11 +166,16 @@ class Network:
             self._free(lease.address)
 
     def teardown(self) -> None:
-        """Delete the bridge if this Network created it; close the netlink socket."""
+        """Delete the bridge if this Network created it and the egress table; put ip_forward back
+        if we changed it; close the netlink socket."""
         try:
             if self.created_bridge:
                 for index in self.ipr.link_lookup(ifname=self.config.bridge):
                     self.ipr.link("del", index=index)
                 self.created_bridge = False
+            self.egress.remove()
+            if self.forwarding_was is not None:
+                IP_FORWARD.write_text(self.forwarding_was)
+                self.forwarding_was = None
         finally:
             self.ipr.close()
