@@ -9,6 +9,17 @@ content; 4 GiB too with --large, one run only), on a tmpfs pool bound to node 0:
            run records the working set; later runs find those pages in the shared cache segment)
 - cow      restore with the template's pages mapped copy-on-write, to first reply
 
+With --compressed it measures compressed templates instead (snapshot/compress.py), on a
+Python-heavy guest (stdlib imports and 150,000 records; --records to change): the template's
+working set is recorded by one lazy restore answering the request, then the template is compressed
+with each codec (hot pages = the working set). Each row is a restore to first reply (`restore_ms`),
+then the first invocation's own time (`first_invoke_ms`: a request that reads 20,000 records),
+for the uncompressed template in cow, copy and lazy mode and for each compressed one in cow mode,
+with the cache segment emptied (cold chunks punched) before every run: the state after an idle
+spell, when a compressed template earns its keep. `pool_mib` is what the template holds in the pool
+at rest (its stored pages, compressed image included). Rows: `mode`, `codec` (null when
+uncompressed), `restore_ms`, `first_invoke_ms`, `pool_mib`, `ratio_vs_cow` (first invocation).
+
 Restores start from a stub that is already stopped (a sandbox keeps them ready), so the time is
 restore() + RESTORED + one request and its reply. Rss/Pss are per instance after the first reply;
 cow at 256 MiB is also measured with 8 instances alive. Each figure is the median (and p90) of
@@ -34,8 +45,10 @@ from typing import Any
 from sandbox.guest import protocol
 from sandbox.guest.launch import ParkedGuest, recv, start_parked
 from shmpool import Pool
+from shmpool.codecs import available_codecs, get_codec
 from snapshot import procfs
 from snapshot.capture import capture
+from snapshot.compress import compress
 from snapshot.restore import Instance, restore
 from snapshot.stub import LaunchedStub, launch_stub
 from snapshot.template import Template
@@ -181,16 +194,111 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+HEAVY_GUEST = """
+import asyncio, collections, csv, dataclasses, decimal, email.parser, fractions, http.client, json
+import logging, os, random, re, sqlite3, statistics, string, urllib.parse, uuid, xml.etree.ElementTree
+RNG = random.Random(1)
+WORDS = ["".join(RNG.choices(string.ascii_lowercase, k=RNG.randint(3, 10))) for _ in range(5000)]
+RECORDS = [
+    {"id": i, "name": f"user-{i}", "email": f"user{i}@example.com", "score": RNG.random(),
+     "tags": [RNG.choice(WORDS) for _ in range(5)], "visits": list(range(i % 17)),
+     "address": {"city": RNG.choice(WORDS).title(), "zip": f"{RNG.randint(0, 99999):05d}"}}
+    for i in range(int(os.environ["BENCH_RECORDS"]))
+]
+INDEX = {r["name"]: r for r in RECORDS}
+def handle(event, context):
+    if event.path == "/work":
+        return {"score": sum(r["score"] for r in RECORDS[:20000]), "user": INDEX["user-7"]["email"]}
+    return {"ok": True}
+"""
+
+
+def _request(sock: socket.socket, path: str) -> float:
+    """One invocation's round trip in ms."""
+    t0 = time.perf_counter()
+    protocol.send(sock.fileno(), {"type": "request", "id": 2, "path": path, "method": "POST", "body": ""})
+    reply = recv(sock, 600)
+    if reply is None or reply.get("type") != "response":
+        raise RuntimeError(f"the guest answered {reply}")
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _stored_mib(template: Template) -> float:
+    return os.fstat(template.segment.fd).st_blocks * 512 / (1 << 20)
+
+
+def measure_first_invocations(template: Template, mode: str, codec: str | None, reps: int) -> dict[str, Any]:
+    restores, firsts = [], []
+    for _ in range(reps):
+        template.punch_cold()  # an empty cache: the template after an idle spell
+        elapsed, instance, stub = thaw(template, mode)
+        assert stub.control is not None
+        restores.append(elapsed)
+        firsts.append(_request(stub.control, "/work"))
+        _close(instance, stub)
+    return {
+        "mode": mode,
+        "codec": codec,
+        "restore_ms": round(statistics.median(restores), 3),
+        "first_invoke_ms": round(statistics.median(firsts), 3),
+        "pool_mib": round(_stored_mib(template), 1),
+        "runs": reps,
+    }
+
+
+def bench_compressed(pool: Pool, function_dir: Path, records: int, reps: int) -> list[dict[str, Any]]:
+    guest = start_parked(function_dir, {"BENCH_RECORDS": str(records)}, cwd=REPO, timeout=600)
+    try:
+        template = capture(guest.pid, pool, "heavy")
+    finally:
+        guest.kill()
+    rows = []
+    try:
+        _, instance, stub = thaw(template, "lazy")  # records the working set: the hot pages
+        assert stub.control is not None
+        _request(stub.control, "/work")
+        _close(instance, stub)
+        for mode in ("cow", "copy", "lazy"):
+            rows.append(measure_first_invocations(template, mode, None, reps))
+        for codec in available_codecs():
+            with compress(pool, "heavy", get_codec(codec)) as z:
+                rows.append(measure_first_invocations(z, "cow", codec, reps))
+                print(f"  {codec}: {rows[-1]}", file=sys.stderr)
+            Template.delete(pool, z.name)
+    finally:
+        template.close()
+        Template.delete(pool, "heavy")
+    cow = rows[0]["first_invoke_ms"]
+    for row in rows:
+        row["ratio_vs_cow"] = round(row["first_invoke_ms"] / cow, 2)
+    return rows
+
+
+def compressed_table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'mode':>5} {'codec':>8} {'restore ms':>11} {'first invoke ms':>16} {'x cow':>6} {'pool MiB':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['mode']:>5} {r['codec'] or '-':>8} {r['restore_ms']:>11.2f} {r['first_invoke_ms']:>16.2f} "
+            f"{r['ratio_vs_cow']:>6.2f} {r['pool_mib']:>9.1f}"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench_restore", description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="64,256,1024", help="state sizes in MiB (default 64,256,1024)")
     parser.add_argument("--reps", type=int, default=10, help="runs per figure (default 10)")
     parser.add_argument("--large", action="store_true", help="also 4 GiB, one run per mode")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
+    parser.add_argument("--compressed", action="store_true", help="compressed templates vs uncompressed instead")
+    parser.add_argument("--records", type=int, default=150000, help="records in the --compressed guest")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("bench_restore: needs root (it mounts a pool and restores with ptrace)", file=sys.stderr)
         return 2
+    if args.compressed:
+        return main_compressed(args.records, args.reps, args.json)
     sizes = [(int(s), args.reps) for s in args.sizes.split(",")] + ([(4096, 1)] if args.large else [])
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="thaw-bench-") as tmp:
@@ -213,6 +321,25 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=2))
         print(f"wrote {args.json}")
+    return 0
+
+
+def main_compressed(records: int, reps: int, json_path: str | None) -> int:
+    with tempfile.TemporaryDirectory(prefix="thaw-bench-") as tmp:
+        function_dir = Path(tmp) / "fn"
+        function_dir.mkdir()
+        (function_dir / "handler.py").write_text(HEAVY_GUEST)
+        pool = Pool.create(Path(tmp) / "pool", backend="tmpfs", node=0, size=4 << 30)
+        try:
+            rows = bench_compressed(pool, function_dir, records, reps)
+        finally:
+            pool.destroy()
+    print(compressed_table(rows))
+    print(f"host: {platform.node()} kernel {platform.release()}, {os.cpu_count()} CPUs; tmpfs pool on node 0")
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(rows, indent=2))
+        print(f"wrote {json_path}")
     return 0
 
 

@@ -5,7 +5,8 @@ cold regions").
     instance = restore(compressed, stub, "cow")                  # every mode works as before
 
 Which pages are hot comes from the template's recorded working set (the pages its first lazy
-restore faulted, `Template.working_set`) or from `hot=`. Hot pages stay in the page area of a new
+restore faulted, `Template.working_set`, each with the rest of the 64 KiB block the pager
+answered it with) or from `hot=`. Hot pages stay in the page area of a new
 template segment at their old offsets, so cow restores map them exactly as before; every other
 dumped page (stacks excepted: a restore reads them by pread) is cold. Cold pages become holes
 there, and their bytes go into the cold image further on in the same segment: chunks of at most
@@ -20,10 +21,11 @@ new name; the source template is left as it is.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 
-from native.pager import MAX_COLD_CHUNK
+from native.pager import DEFAULT_BLOCK, MAX_COLD_CHUNK
 from shmpool import Pool
 from shmpool.backends import round_up
 from shmpool.codecs import DEFAULT_CHUNK, Codec, ZstdCodec, check_chunk_size, train_zstd_dictionary
@@ -66,7 +68,7 @@ def compress(
     with Template.open(pool, name) as source:
         if source.manifest.cold is not None:
             raise CompressError(f"template {name!r} is compressed already (from {source.manifest.cold.source!r})")
-        hot_pages = set(source.working_set() if hot is None else hot)
+        hot_pages = set(hot) if hot is not None else _served_blocks(source.manifest, source.working_set())
         cold = list(_stretches(source.manifest, lambda page: page not in hot_pages, with_stacks=False))
         extents = list(_chunk_extents(cold, chunk_size))
         cold_pages = {off // PAGE + i for off, length in cold for i in range(length // PAGE)}
@@ -102,6 +104,25 @@ def _stretches(manifest: Manifest, keep: Callable[[int], bool], with_stacks: boo
                     start = off
             if start is not None:
                 yield start, run.offset + run.length - start
+
+
+def _served_blocks(manifest: Manifest, working_set: Iterable[int], block: int = DEFAULT_BLOCK) -> set[int]:
+    """The pages a lazy restore installed for its working set. The pager records the page that
+    faulted, but answers with its whole `block` (aligned by address, within the run), and the
+    instance then used any of those pages without a fault: they are all hot."""
+    runs = sorted((r.offset, r.length, r.start) for v in manifest.vmas for r in v.runs)
+    offsets = [offset for offset, _, _ in runs]
+    pages: set[int] = set()
+    for page in working_set:
+        i = bisect.bisect_right(offsets, page * PAGE) - 1
+        if i < 0 or page * PAGE >= runs[i][0] + runs[i][1]:
+            continue  # not a dumped page (a stale working set): nothing to keep
+        offset, length, start = runs[i]
+        address = start + page * PAGE - offset
+        lo = max(address & ~(block - 1), start)
+        hi = min((address & ~(block - 1)) + block, start + length)
+        pages.update(range((offset + lo - start) // PAGE, (offset + hi - start) // PAGE))
+    return pages
 
 
 def _chunk_extents(extents: Iterable[tuple[int, int]], chunk_size: int) -> Iterator[tuple[int, int]]:
