@@ -3,7 +3,8 @@
 `Agent.start(...)` execs native/thaw-agent (never a fork of the daemon), which joins the agent
 cgroup, unshares the namespaces, forks the agent as pid 1 of the new pid namespace, builds the
 rootfs and says READY; the starter process stays as the agent's parent in the host's pid
-namespace, so the daemon reaps it like any child and no orphan is left to init.
+namespace, so the daemon reaps it like any child and no orphan is left to init. With
+`AgentOptions.userns` the sandbox has a user namespace too (see agent.c: enter_user_namespaces).
 
 Requests go over one SOCK_SEQPACKET socket and are answered in order; EXITED events (the agent
 reaped a child) arrive in between and are kept by pid. A reply that names a new process carries
