@@ -3,6 +3,7 @@ cold regions").
 
     compressed = compress(pool, "hello", get_codec("zstd"))     # publishes "hello.z"
     instance = restore(compressed, stub, "cow")                  # every mode works as before
+    again = expand(pool, "hello.z", "hello")                    # and back, when it is hot again
 
 Which pages are hot comes from the template's recorded working set (the pages its first lazy
 restore faulted, `Template.working_set`, each with the rest of the 64 KiB block the pager
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import os
 from collections.abc import Callable, Iterable, Iterator
 
 from native.pager import DEFAULT_BLOCK, MAX_COLD_CHUNK
@@ -194,3 +196,27 @@ def _write(
 
 def _with_cold(manifest: Manifest, cold: ColdSection) -> Manifest:
     return dataclasses.replace(manifest, cold=cold)
+
+
+def expand(pool: Pool, name: str, target: str) -> Template:
+    """Publish compressed template `name` uncompressed again as `target` (every page in the page
+    area, no cold image) and open it: for a function that has become busy again."""
+    with Template.open(pool, name) as z:
+        cold = z.manifest.cold
+        if cold is None:
+            raise CompressError(f"template {name!r} is not compressed")
+        m = dataclasses.replace(z.manifest, cold=None)
+        raw = m.to_json()
+        manifest_at = HEADER_SIZE + m.data_bytes
+        image = z.cold_image()
+        cold_pages = {off // PAGE + i for off, length in z.cold_spans() for i in range(length // PAGE)}
+        with pool.create_segment(target, round_up(manifest_at + len(raw), PAGE), kind="template") as writer:
+            writer.write(0, pack_header(manifest_at, raw))
+            for off, length in _stretches(m, lambda page: page not in cold_pages, with_stacks=True):
+                writer.write(off, os.pread(z.segment.fd, length, z.segment.base + off))
+            for index, (seg_off, _, _, _) in enumerate(cold.chunks):
+                writer.write(seg_off, image.decompress(index))
+            writer.write(manifest_at, raw)
+            writer.publish(meta={"comm": m.comm, "data_bytes": m.data_bytes, "expanded_from": name})
+        mounts = z.mounts
+    return Template.open(pool, target, verify=False, mounts=mounts)

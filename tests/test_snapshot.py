@@ -26,7 +26,7 @@ from shmpool import Pool, PoolFull, SegmentCorrupt
 from shmpool.codecs import Codec, IaaCodec, get_codec
 from snapshot import procfs
 from snapshot.capture import capture
-from snapshot.compress import CompressError, compress
+from snapshot.compress import CompressError, compress, expand
 from snapshot.errors import FileChanged, NotCapturable, RestoreError, TemplateCorrupt
 from snapshot.inject import SyscallInjector, seize_stopped
 from snapshot.restore import restore
@@ -416,6 +416,24 @@ def test_punched_pages_refault_and_are_refilled(pool: Pool, workload: Template) 
         assert faults_before is not None and after is not None and after.cold_faults > faults_before.cold_faults
         assert image.stats().refills > 0 and after.errors == 0
     Template.delete(pool, "punch.z")
+
+
+def _pages(template: Template) -> bytes:
+    runs = sorted((r.offset, r.length) for v in template.manifest.vmas for r in v.runs)
+    return b"".join(os.pread(template.segment.fd, n, template.segment.base + off) for off, n in runs)
+
+
+def test_expand_gives_back_the_captured_pages(pool: Pool, workload: Template, hot_pages: list[int]) -> None:
+    compress(pool, workload.name, get_codec("deflate"), "round.z", hot=hot_pages).close()
+    with expand(pool, "round.z", "round") as again:
+        assert again.manifest.cold is None
+        assert _pages(again) == _pages(workload)
+        with thawed(again, "cow") as (_, stub):
+            assert request_json(stub, "/verify")["graph"]
+    with pytest.raises(CompressError, match="not compressed"):
+        expand(pool, "round", "round.again")
+    Template.delete(pool, "round.z")
+    Template.delete(pool, "round")
 
 
 def _zero_cold_image(pool: Pool, template: Template) -> None:
