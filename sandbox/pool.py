@@ -51,7 +51,7 @@ class SandboxPool:
         network: NetworkConfig | None = None,
     ) -> None:
         self.settings = (settings or PoolSettings()).validate()
-        self.config = config or SandboxConfig()
+        self.config = (config or SandboxConfig()).validate()
         self.tree = CgroupTree(self.settings.cgroup_tree, self.settings.cgroup_fallback_root)
         if self.settings.cpuset_mems is not None:
             self.tree.check_mems(self.settings.cpuset_mems)

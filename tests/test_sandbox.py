@@ -354,11 +354,12 @@ def _counts() -> dict[str, int]:
     }
 
 
-def test_fifty_sandboxes_leave_nothing_behind(runtime: Path) -> None:
+@pytest.mark.parametrize("userns", [False, True], ids=["", "userns"])
+def test_fifty_sandboxes_leave_nothing_behind(runtime: Path, userns: bool) -> None:
     before = _counts()
     pool = SandboxPool(
         PoolSettings(prewarm=0, max_size=50, cgroup_tree=TREE),
-        SandboxConfig(runtime_dir=runtime),
+        SandboxConfig(runtime_dir=runtime, userns=userns),
         NetworkConfig(bridge="thawt1", subnet="10.232.0.0/24"),
     )
     try:
@@ -452,6 +453,14 @@ def test_user_namespace_maps_root_to_an_unprivileged_uid(userns_pool: SandboxPoo
     assert seen["hostname"] == "fn-u" and seen["function"] == ["handler.py"] and seen["tmp_writable"]
     assert agent_ids == (root, root)  # root inside is nobody in particular outside
     assert guest_ids == ("65534", "65534")  # as seen from the host: the mapped unprivileged uid
+
+
+def test_user_namespace_root_must_differ_from_the_guests_ids(runtime: Path) -> None:
+    with pytest.raises(SandboxError, match="userns_root 65534 must be an unprivileged host id other than"):
+        SandboxPool(
+            PoolSettings(prewarm=0, cgroup_tree=TREE, network=False),
+            SandboxConfig(runtime_dir=runtime, userns=True, userns_root=65534),
+        )
 
 
 def test_user_namespace_sandbox_is_repurposed_clean(userns_pool: SandboxPool, tmp_path: Path) -> None:
