@@ -62,6 +62,23 @@ class DaemonConfig:
     instances_max: int = _setting("instances", 64, "instances in total at most")
     instances_default_timeout: float = _setting("instances", 30.0, "invocation timeout of a function without one")
     instances_deploy_timeout: float = _setting("instances", 300.0, "seconds a function's init may take")
+    # [keepalive]
+    keepalive_policy: str = _setting(
+        "keepalive", "fixed", "fixed (instances.idle_timeout) or hybrid (idle-time histograms, daemon/keepalive.py)"
+    )
+    keepalive_budget: int = _setting(
+        "keepalive",
+        0,
+        "pool memory templates may hold; above it idle ones are compressed or evicted (0: off)",
+        size=True,
+    )
+    keepalive_codec: str = _setting("keepalive", "zstd", "codec of compressed templates: lz4, zstd, deflate or iaa")
+    keepalive_plan_interval: float = _setting("keepalive", 60.0, "seconds between plans of the templates' forms")
+    keepalive_cache_ttl: float = _setting(
+        "keepalive", 300.0, "seconds decompressed cold pages stay in the cache before they are punched out"
+    )
+    keepalive_restore_costs: str = _setting("keepalive", "", "JSON of scripts/bench_restore --json (the cost model)")
+    keepalive_codec_costs: str = _setting("keepalive", "", "JSON of scripts/bench_codecs --json (the cost model)")
     # [gateway]
     gateway_listen: str = _setting("gateway", "", "HOST:PORT of the OpenFaaS provider API (empty: off)")
     gateway_user: str = _setting("gateway", "admin", "Basic auth user for /system/*")
@@ -83,9 +100,20 @@ class DaemonConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_dotted(name)} must be positive, not {getattr(self, name)}")
         non_negative = ("instances_idle_timeout", "instances_default_timeout", "drain_timeout", "sandboxes_prewarm")
-        for name in (*non_negative, "lora_request_timeout"):
+        for name in (*non_negative, "lora_request_timeout", "keepalive_budget"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_dotted(name)} must not be negative, not {getattr(self, name)}")
+        if self.keepalive_policy not in ("fixed", "hybrid"):
+            raise ConfigError(f"keepalive.policy must be fixed or hybrid, not {self.keepalive_policy!r}")
+        if self.keepalive_codec not in ("lz4", "zstd", "deflate", "iaa"):
+            raise ConfigError(f"keepalive.codec must be lz4, zstd, deflate or iaa, not {self.keepalive_codec!r}")
+        for name in ("keepalive_plan_interval", "keepalive_cache_ttl"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{_dotted(name)} must be positive, not {getattr(self, name)}")
+        if self.keepalive_budget and self.keepalive_policy != "hybrid":
+            raise ConfigError("keepalive.budget needs keepalive.policy = hybrid (the cost model reads its histograms)")
+        if self.keepalive_budget and not (self.keepalive_restore_costs and self.keepalive_codec_costs):
+            raise ConfigError("keepalive.budget needs keepalive.restore_costs and keepalive.codec_costs (measured)")
         if self.sandboxes_mems not in ("pool", "") and not NODE_LIST.fullmatch(self.sandboxes_mems):
             raise ConfigError(f"sandboxes.mems must be pool, a node list like 0-1,3 or '', not {self.sandboxes_mems!r}")
         if self.gateway_listen:

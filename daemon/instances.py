@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 import psutil
 
-from daemon.config import DaemonConfig
+from daemon.config import ConfigError, DaemonConfig
 from daemon.errors import (
     Conflict,
     DeployFailed,
@@ -47,18 +47,22 @@ from daemon.errors import (
     TooLarge,
     Unavailable,
 )
+from daemon.keepalive import CostsError, Form, MeasuredCosts, load_costs
 from daemon.logs import FunctionLog, follow_pipe
 from daemon.metrics import Metrics
+from daemon.planner import MIB, Held, Planner
 from daemon.registry import FUNCTION_MOUNT, Deployed, FunctionSpec, Registry, RegistryError, RequirementsFailed
 from sandbox.cgroups import Limits
 from sandbox.errors import SandboxError
 from sandbox.guest import protocol
 from sandbox.pool import SandboxPool
 from sandbox.sandbox import Sandbox, SandboxProcess, SandboxSpec
-from shmpool import Pool
+from shmpool import Pool, SegmentNotFound
+from shmpool.codecs import get_codec
 from shmpool.errors import PoolError
 from shmpool.errors import PoolFull as PoolIsFull
 from snapshot.capture import capture
+from snapshot.compress import compress, compressed_name, expand
 from snapshot.errors import SnapshotError
 from snapshot.restore import Instance as Restored
 from snapshot.restore import Stub, restore
@@ -183,7 +187,8 @@ class FunctionState:
     waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
     min_warm: int = 0
     invocations: int = 0
-    broken: str = ""  # why the function cannot start instances (its template is gone or corrupt)
+    broken: str = ""  # why the function cannot start instances (its template is corrupt)
+    evicted: bool = False  # no template held: the next start captures it again (a cold start)
 
     @property
     def name(self) -> str:
@@ -222,6 +227,13 @@ class Manager:
         self.starting = 0
         self.closing = False
         self.background: set[asyncio.Task[Any]] = set()
+        self.planner = Planner.create(
+            config.keepalive_policy,
+            config.instances_idle_timeout,
+            _measured_costs(config),
+            config.keepalive_budget / MIB,
+            config.keepalive_plan_interval,
+        )
 
     # -- start and stop --------------------------------------------------------------------------
     async def load(self) -> None:
@@ -230,14 +242,24 @@ class Manager:
         for deployed in await asyncio.to_thread(self.registry.load):
             fs = FunctionState(deployed, None, FunctionLog(deployed.log_path))
             try:
-                mounts = {FUNCTION_MOUNT: str(deployed.revision_dir)}
-                template = await asyncio.to_thread(Template.open, self.pool, deployed.template_name, True, mounts)
-                fs.template = TemplateRef(template, deployed.revision_dir)
+                template = await asyncio.to_thread(self._open_template, deployed)
+                if template is None:  # evicted (or a pool made anew): captured again when invoked
+                    fs.evicted = True
+                else:
+                    fs.template = TemplateRef(template, deployed.revision_dir)
             except (PoolError, SnapshotError) as e:
                 fs.broken = f"template {deployed.template_name} cannot be used ({e}): run `thaw snapshot {fs.name}`"
                 log.warning("%s: %s", fs.name, fs.broken)
             self.functions[fs.name] = fs
         self._spawn(self._keep_alive())
+
+    def _open_template(self, deployed: Deployed) -> Template | None:
+        """The function's template as captured or compressed, verified; None when neither is there."""
+        mounts = {FUNCTION_MOUNT: str(deployed.revision_dir)}
+        for name in (deployed.template_name, compressed_name(deployed.template_name)):
+            with contextlib.suppress(SegmentNotFound):
+                return Template.open(self.pool, name, True, mounts)
+        return None
 
     def in_flight(self) -> int:
         return sum(1 for fs in self.functions.values() for i in fs.instances if i.busy)
@@ -334,8 +356,12 @@ class Manager:
             self.metrics.forget(name)
         self.deploying.pop(name, None)
 
-    def _retire_template(self, ref: TemplateRef) -> None:
+    def _retire_template(self, ref: TemplateRef, keep_revision: bool = False) -> None:
+        """Out of force: deleted once no instance uses it, with its revision's code unless
+        `keep_revision` (the template changed form, the revision is still the function's)."""
         ref.retired = True
+        if keep_revision:
+            ref.revision_dir = None
         if ref.users == 0:
             ref.template.close()
             Template.delete(self.pool, ref.name)
@@ -439,6 +465,7 @@ class Manager:
             raise TooLarge(f"the request is too large: {e}") from e
         t0 = time.perf_counter()
         outcome = "error"
+        self.planner.arrived(name, time.monotonic())
         try:
             async with asyncio.timeout(timeout):
                 instance = await self._checkout(fs)
@@ -453,6 +480,7 @@ class Manager:
             raise
         finally:
             fs.invocations += 1
+            self.planner.finished(name, time.monotonic())
             self.metrics.invocations.labels(name, outcome).inc()
             self.metrics.invocation_seconds.labels(name).observe(time.perf_counter() - t0)
 
@@ -552,9 +580,13 @@ class Manager:
         return True
 
     async def _start(self, fs: FunctionState) -> LiveInstance:
-        """Thaw a new instance of `fs` from its template into a repurposed sandbox."""
+        """Thaw a new instance of `fs` from its template into a repurposed sandbox (capturing the
+        template again first if the keep-alive evicted it)."""
+        if fs.template is None and fs.evicted:
+            await self._recapture(fs)
         ref = fs.template
-        assert ref is not None
+        if ref is None:
+            raise Unavailable(f"{fs.name} has no template: {fs.broken or 'it was deleted'}")
         ref.users += 1
         fs.starting += 1
         self.starting += 1
@@ -585,7 +617,8 @@ class Manager:
         try:
             try:  # the stub comes from the agent off the tracer thread, which only does the ptrace work
                 fds = ref.template.restore_fds(fs.spec.mode)
-                stub = await asyncio.to_thread(sandbox.spawn_stub, fds, theirs.fileno(), log_write, fs.spec.mode)
+                paged = ref.template.paged(fs.spec.mode)
+                stub = await asyncio.to_thread(sandbox.spawn_stub, fds, theirs.fileno(), log_write, paged)
             finally:
                 theirs.close()
                 os.close(log_write)
@@ -667,19 +700,90 @@ class Manager:
             raise errors[0]
 
     async def _keep_alive(self) -> None:
+        next_plan = next_punch = time.monotonic()
         while True:
             await asyncio.sleep(1.0)
             now = time.monotonic()
             for fs in list(self.functions.values()):
-                timeout = fs.spec.idle_timeout
-                timeout = self.config.instances_idle_timeout if timeout is None else timeout
+                timeout = self.planner.instance_keepalive_s(fs.name, fs.spec.idle_timeout)
                 for instance in list(fs.idle):
                     if len(fs.instances) <= fs.min_warm:
                         break
                     if now - instance.last_used >= timeout:
                         self._unlist(instance)
                         self._spawn(self._retire(instance))
+            if now >= next_plan:
+                next_plan = now + self.config.keepalive_plan_interval
+                await self._guarded(self.plan_templates())
+            if now >= next_punch:
+                next_punch = now + self.config.keepalive_cache_ttl / 4
+                await self._guarded(self._punch_cold_pages())
             self.refresh_gauges()
+
+    async def _guarded(self, work: Awaitable[Any]) -> None:
+        """Keep-alive work that fails is logged; the loop goes on."""
+        try:
+            await work
+        except (ThawError, PoolError, SnapshotError, OSError) as e:
+            log.warning("keep-alive: %s", e)
+
+    # -- templates' forms (daemon/planner.py) ----------------------------------------------------
+    async def plan_templates(self) -> dict[str, Form]:
+        """Compress, expand or evict idle functions' templates as the planner says; returns the plan."""
+        now = time.monotonic()
+        held = [self._held(fs, now) for fs in self.functions.values() if fs.template is not None and not fs.broken]
+        forms = self.planner.forms(held)
+        for name, form in forms.items():
+            fs = self.functions.get(name)
+            if fs is None or fs.instances or fs.starting:
+                continue
+            async with self._lock(name):
+                if fs.template is not None and not fs.instances and not fs.starting:
+                    await self._take_form(fs, fs.template, form)
+        return forms
+
+    def _held(self, fs: FunctionState, now: float) -> Held:
+        assert fs.template is not None
+        template = fs.template.template
+        memory_mib = template.manifest.data_bytes / MIB
+        working_set = len(template.working_set()) * 4096 / MIB or memory_mib
+        busy = bool(fs.instances or fs.starting or fs.min_warm)
+        return Held(fs.name, memory_mib, working_set, self.planner.idle_s(fs.name, now), busy)
+
+    async def _take_form(self, fs: FunctionState, ref: TemplateRef, form: Form) -> None:
+        compressed = ref.template.manifest.cold is not None
+        if form is Form.EVICTED:
+            log.info("%s: evicting its template (captured again when invoked)", fs.name)
+            fs.template, fs.evicted = None, True
+            self._retire_template(ref, keep_revision=True)
+            return
+        if form is Form.COMPRESSED and not compressed:
+            codec = get_codec(self.config.keepalive_codec)
+            template = await asyncio.to_thread(compress, self.pool, ref.name, codec)
+        elif form is Form.WARM and compressed:
+            template = await asyncio.to_thread(expand, self.pool, ref.name, fs.deployed.template_name)
+        else:
+            return
+        log.info("%s: template %s is now %s (%s)", fs.name, ref.name, template.name, form)
+        fs.template = TemplateRef(template, ref.revision_dir)
+        self._retire_template(ref, keep_revision=True)
+
+    async def _recapture(self, fs: FunctionState) -> None:
+        async with self._lock(fs.name):
+            if fs.template is not None or not fs.evicted:
+                return
+            template = await self._capture(fs.deployed, fs.log)
+            fs.template, fs.evicted = TemplateRef(template, fs.deployed.revision_dir), False
+
+    async def _punch_cold_pages(self) -> None:
+        """Free cold pages decompressed more than cache_ttl ago: an instance still using them faults
+        and the pager refills them."""
+        ttl = self.config.keepalive_cache_ttl
+        for fs in list(self.functions.values()):
+            if fs.template is not None and fs.template.template.manifest.cold is not None:
+                freed = await asyncio.to_thread(fs.template.template.punch_cold, ttl)
+                if freed:
+                    log.debug("%s: punched %d bytes of cold pages out of the cache", fs.name, freed)
 
     def refresh_gauges(self) -> None:
         with contextlib.suppress(PoolError, OSError):
@@ -705,12 +809,31 @@ class Manager:
             "min_warm": fs.min_warm,
             "invocations": fs.invocations,
             "template_bytes": fs.template.template.manifest.data_bytes if fs.template else 0,
+            "template_form": _form(fs),
             "init_ms": None if d.init_ms is None else round(d.init_ms, 1),
         }
 
     def instances(self, name: str | None = None) -> list[dict[str, Any]]:
         chosen = [self.get(name)] if name else list(self.functions.values())
         return [i.describe() for fs in chosen for i in sorted(fs.instances, key=lambda i: i.started_at)]
+
+
+def _measured_costs(config: DaemonConfig) -> MeasuredCosts | None:
+    """The cost model's figures, when the budget is on (config.validate makes sure both are named)."""
+    if not config.keepalive_budget:
+        return None
+    try:
+        return load_costs(
+            Path(config.keepalive_restore_costs), Path(config.keepalive_codec_costs), config.keepalive_codec
+        )
+    except (CostsError, OSError) as e:
+        raise ConfigError(f"keepalive.restore_costs / keepalive.codec_costs: {e}") from e
+
+
+def _form(fs: FunctionState) -> str:
+    if fs.template is None:
+        return str(Form.EVICTED) if fs.evicted else "none"
+    return str(Form.COMPRESSED if fs.template.template.manifest.cold is not None else Form.WARM)
 
 
 def _state(pid: int) -> str:

@@ -151,7 +151,10 @@ async def serve(config: DaemonConfig) -> None:
     pool = await asyncio.to_thread(open_pool, config)
     await asyncio.to_thread(reap_orphans, config)
     sandboxes = await asyncio.to_thread(build_sandboxes, config, pool.config.node)
-    manager = Manager(config, pool, sandboxes, Metrics())
+    try:
+        manager = Manager(config, pool, sandboxes, Metrics())
+    except ConfigError as e:
+        raise StartupError(str(e)) from e
     lora = build_lora(config, pool, sandboxes)
     runners: list[web.AppRunner] = []
     renewer = asyncio.ensure_future(renew_leases(pool))

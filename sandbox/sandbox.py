@@ -223,27 +223,28 @@ class Sandbox:
         restore_fds: list[int],
         control_fd: int | None = None,
         log_fd: int | None = None,
-        mode: str | None = None,
+        paged: bool = False,
     ) -> SandboxProcess:
         """A stopped stub in the instance cgroup holding `restore_fds` from fd 1000 (DESIGN.md, stub
-        hand-off). Given the restore `mode`, first refuses one this sandbox cannot host."""
-        if mode is not None:
-            self.check_restore_mode(mode)
+        hand-off). `paged`: the restore will have a pager (`Template.paged(mode)`: a lazy restore,
+        or any restore of a compressed template); refused first where this sandbox cannot host one."""
+        if paged:
+            self.check_paged_restore()
         with _fds(control_fd, log_fd) as (control, log):
             inner, pid = self.agent.stub(log, control, restore_fds, FIRST_RESTORE_FD)
         return self._track(inner, pid)
 
-    def check_restore_mode(self, mode: str) -> None:
-        """UnsupportedRestore for a lazy restore into a user namespace. Lazy restores register a
-        userfaultfd that must also catch the kernel's own writes (the restore's), and the kernel
-        creates such a userfaultfd only for a caller with CAP_SYS_PTRACE in the initial user
+    def check_paged_restore(self) -> None:
+        """UnsupportedRestore for a paged restore (lazy, or a compressed template) into a user
+        namespace. Its userfaultfd must also catch the kernel's own writes (the restore's), and the
+        kernel creates such a userfaultfd only for a caller with CAP_SYS_PTRACE in the initial user
         namespace, or anyone when vm.unprivileged_userfaultfd is 1. The stub creates it, and in a
         user namespace the stub is root of that namespace only."""
-        if mode == "lazy" and self.config.userns and UNPRIVILEGED_USERFAULTFD.read_text().strip() != "1":
+        if self.config.userns and UNPRIVILEGED_USERFAULTFD.read_text().strip() != "1":
             raise UnsupportedRestore(
-                f"sandbox {self.id} has a user namespace: a lazy restore needs a userfaultfd for kernel "
-                f"faults, which the kernel refuses to its stub ({UNPRIVILEGED_USERFAULTFD} is 0); "
-                "restore with cow or copy"
+                f"sandbox {self.id} has a user namespace: a lazy restore (or one of a compressed template) "
+                f"needs a userfaultfd for kernel faults, which the kernel refuses to its stub "
+                f"({UNPRIVILEGED_USERFAULTFD} is 0); restore with cow or copy, uncompressed"
             )
 
     def _track(self, inner: int, pid: int) -> SandboxProcess:

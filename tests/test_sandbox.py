@@ -507,7 +507,9 @@ def test_restore_into_a_user_namespace_sandbox(userns_pool: SandboxPool, tmp_pat
         ours, theirs = socket.socketpair()
         with ours, template:
             try:
-                stub = box.spawn_stub(template.restore_fds(mode), control_fd=theirs.fileno(), mode=mode)
+                stub = box.spawn_stub(
+                    template.restore_fds(mode), control_fd=theirs.fileno(), paged=template.paged(mode)
+                )
                 theirs.close()
                 instance = restore(template, Stub(stub.pid, stub.wait, stub.kill), mode)
                 assert (recv(ours) or {}).get("type") == "restored"
@@ -530,7 +532,7 @@ def test_lazy_restore_into_a_user_namespace_is_refused(userns_pool: SandboxPool,
         box = userns_pool.acquire(SandboxSpec(fn))
         try:
             with template, pytest.raises(UnsupportedRestore, match="lazy restore needs a userfaultfd for kernel"):
-                box.spawn_stub(template.restore_fds("lazy"), mode="lazy")
+                box.spawn_stub(template.restore_fds("lazy"), paged=template.paged("lazy"))
             assert box.instance_cgroup.pids() == set()  # refused before a stub existed
         finally:
             userns_pool.release(box)

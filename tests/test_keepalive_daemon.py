@@ -1,0 +1,114 @@
+"""thawd's keep-alive under a memory budget, end to end: idle functions' templates are compressed or
+evicted as the cost model says, and invoking them still works (a restore of the compressed
+template; a fresh capture of an evicted one).
+
+The cost model reads the benchmarks' JSON; here the test writes that JSON itself, with a ratio
+chosen so that the outcome does not depend on how large the function's template happens to be:
+ratio 1000 makes any compressed template fit a 1 MiB budget that the template itself does not;
+ratio 1.01 makes it fit no better than uncompressed, so the template is evicted."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.thawd import Thawd, write_function
+
+pytestmark = pytest.mark.privileged
+
+FUNCTION = """
+import json, random
+STATE = [random.Random(i).random() for i in range(50000)]
+def handle(event, context):
+    return {"sum": round(sum(STATE), 6), "echo": json.loads(event.body or b"null")}
+"""
+
+
+def _costs(base: Path, ratio: float) -> dict[str, str]:
+    restore = base / "restore.json"
+    restore.write_text(
+        json.dumps(
+            [
+                {"size_mib": 64, "mode": "cold", "median_ms": 300.0},
+                {"size_mib": 64, "mode": "cow", "median_ms": 3.0},
+            ]
+        )
+    )
+    codecs = base / "codecs.json"
+    codecs.write_text(
+        json.dumps([{"codec": "lz4", "level": 1, "data": "python-heap", "ratio": ratio, "decompress_mb_s": 600.0}])
+    )
+    return {"keepalive_restore_costs": str(restore), "keepalive_codec_costs": str(codecs)}
+
+
+@pytest.fixture
+def daemon_with_budget(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Thawd]:
+    daemon = Thawd(
+        tmp_path,
+        "thawk0",
+        "10.238.0.0/24",
+        keepalive_policy="hybrid",
+        keepalive_budget="1M",
+        keepalive_codec="lz4",
+        keepalive_plan_interval=1,
+        keepalive_cache_ttl=1,
+        sandboxes_prewarm=1,
+        **_costs(tmp_path, request.param),
+    )
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+        daemon.destroy_pool()
+
+
+def _form_becomes(thawd: Thawd, name: str, wanted: str, timeout: float = 30.0) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while True:
+        status, info = thawd.api("GET", f"/functions/{name}")
+        assert status == 200, info
+        if info["template_form"] == wanted:
+            return dict(info)
+        assert time.monotonic() < deadline, f"{name} stayed {info['template_form']}, not {wanted}:\n{thawd.log()}"
+        time.sleep(0.2)
+
+
+def _deploy_and_invoke(thawd: Thawd, tmp_path: Path, name: str) -> float:
+    source = write_function(tmp_path / name, FUNCTION)
+    result = thawd.cli("deploy", str(source), "--name", name, "--idle-timeout", "0", "--json")
+    assert result.returncode == 0, result.stderr + thawd.log()
+    status, reply = thawd.invoke(name, {"n": 1})
+    assert status == 200, reply
+    return float(reply["sum"])
+
+
+@pytest.mark.parametrize("daemon_with_budget", [1000.0], indirect=True)
+def test_an_idle_template_over_budget_is_compressed_and_still_restores(
+    daemon_with_budget: Thawd, tmp_path: Path
+) -> None:
+    thawd = daemon_with_budget
+    expected = _deploy_and_invoke(thawd, tmp_path, "squeezed")
+    info = _form_becomes(thawd, "squeezed", "compressed")
+    assert str(info["template"]).endswith(".z")
+    status, reply = thawd.invoke("squeezed", {"n": 2})  # restored from the compressed template, in a sandbox
+    assert status == 200 and reply == {"sum": expected, "echo": {"n": 2}}
+    assert _form_becomes(thawd, "squeezed", "compressed")["invocations"] == 2
+
+
+@pytest.mark.parametrize("daemon_with_budget", [1.01], indirect=True)
+def test_an_idle_template_that_fits_in_no_form_is_evicted_and_captured_again(
+    daemon_with_budget: Thawd, tmp_path: Path
+) -> None:
+    thawd = daemon_with_budget
+    expected = _deploy_and_invoke(thawd, tmp_path, "evicted")
+    info = _form_becomes(thawd, "evicted", "evicted")
+    assert info["template"] is None
+    status, reply = thawd.invoke("evicted", {"n": 3})  # a cold start: captured again, then restored
+    assert status == 200 and reply == {"sum": expected, "echo": {"n": 3}}
+    _, text = thawd.api("GET", "/metrics")
+    assert 'thaw_starts_total{function="evicted",kind="cold"} 2.0' in text.decode()
