@@ -13,9 +13,10 @@ Some facts about /proc that shape this module:
 
 from __future__ import annotations
 
+import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 PAGE = 4096
 SPECIAL = frozenset({"[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]"})
@@ -23,8 +24,9 @@ _PM_PRESENT = 1 << 63
 _PM_SWAPPED = 1 << 62
 
 
-@dataclass(frozen=True)
-class Vma:
+class Vma(NamedTuple):
+    """One line of /proc/PID/maps (a NamedTuple: restores parse the stub's maps on their critical path)."""
+
     start: int
     end: int
     perms: str  # e.g. "rw-p"
@@ -64,13 +66,20 @@ class Vma:
 
 def parse_maps_line(line: str) -> Vma:
     fields = line.split(maxsplit=5)
-    start, end = (int(x, 16) for x in fields[0].split("-"))
+    start, _, end = fields[0].partition("-")
     path = fields[5].strip() if len(fields) > 5 else ""
-    return Vma(start, end, fields[1], int(fields[2], 16), fields[3], int(fields[4]), path)
+    return Vma(int(start, 16), int(end, 16), fields[1], int(fields[2], 16), fields[3], int(fields[4]), path)
 
 
 def read_maps(pid: int) -> list[Vma]:
-    return [parse_maps_line(line) for line in Path(f"/proc/{pid}/maps").read_text().splitlines()]
+    fd = os.open(f"/proc/{pid}/maps", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return [parse_maps_line(line) for line in b"".join(chunks).decode().splitlines()]
 
 
 def anonymous_bytes(pid: int) -> dict[int, int]:

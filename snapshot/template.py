@@ -58,6 +58,7 @@ class Template:
         self._cache_writer: int | None = None
         self._cold: ColdImage | None = None
         self._cold_spans: list[tuple[int, int]] | None = None
+        self._host_paths: list[str] | None = None
         self._source_view: mmap.mmap | None = None
         self._working_set: list[int] | None = None
         # restore.py's per-template restore programs, built once per (mode, fd base)
@@ -99,8 +100,10 @@ class Template:
 
         One stat of each path: a file modified in place shows a new size/mtime there as well as
         on the fd we hold, and a file replaced under its name shows another device/inode."""
-        for ident in self.manifest.files:
-            st = _stat_or_none(host_path(ident.path, self.mounts))
+        if self._host_paths is None:
+            self._host_paths = [host_path(ident.path, self.mounts) for ident in self.manifest.files]
+        for ident, path in zip(self.manifest.files, self._host_paths, strict=True):
+            st = _stat_or_none(path)
             if st is None:
                 raise FileChanged(f"{ident.path}, which template {self.name!r} maps, no longer exists")
             change = ident.describe_change(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
