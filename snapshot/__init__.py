@@ -4,6 +4,8 @@
 - `restore`   restore(template, stub, mode) -> Instance: a stopped stub becomes an instance, through
               the restorer blob (native/src/restorer.c) running a syscall program inside the stub
 - `template`  Template: an opened template (verified), the fds a stub needs, cache and working set
+- `compress`  compress(pool, name, codec) -> Template "NAME.z": cold pages in a compressed image the
+              pager inflates on fault; expand() gives the plain template back
 - `manifest`  the template format (header, manifest, versioning)
 - `stub`      launch_stub: thaw's own stub launcher for restores without a sandbox
 - `procfs`    mappings, present pages (pagemap), threads and run state of a process
