@@ -24,6 +24,7 @@ All calls for one stub must come from one thread (see `Tracer`). A failed restor
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -459,11 +460,32 @@ def restore(template: Template, stub: Stub, mode: str = "cow") -> Instance:
 
 
 def _kill(stub: Stub) -> None:
-    try:
+    with contextlib.suppress(OSError):
         stub.kill()
+    _reap_traced(stub.pid, 5.0)
+    with contextlib.suppress(OSError):
         stub.wait(5.0)
-    except (OSError, ProcessLookupError):
-        pass
+
+
+def _reap_traced(pid: int, timeout: float) -> None:
+    """Take the exit report of a killed stub we trace but did not create. A traced process's exit
+    goes to its tracer first; its parent (a sandbox's agent) hears of it only once the tracer has
+    waited, and until then would wait for it forever."""
+    try:
+        parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return
+    if parent == os.getpid():
+        return  # our own child: the stub's wait reaps it
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            stop = ptrace.wait(pid, nohang=True)
+        except ChildProcessError:
+            return  # not traced by us (the failure came before the seize)
+        if stop is not None and stop.exited:
+            return
+        time.sleep(0.001)
 
 
 def _restore(template: Template, stub: Stub, mode: str, pagers: list[Pager]) -> Instance:

@@ -33,6 +33,7 @@ from sandbox.sandbox import UNPRIVILEGED_USERFAULTFD, ProcessExit, Sandbox, Sand
 from shmpool import Pool
 from snapshot import procfs
 from snapshot.capture import capture
+from snapshot.errors import RestoreError
 from snapshot.restore import Stub, restore
 from snapshot.template import Template
 from tests.guests import REPO, request
@@ -334,6 +335,36 @@ def test_guest_and_restored_stub_run_as_the_sandbox_uid(pool: SandboxPool, tmp_p
     assert "Uid:\t65534" in status and "CapEff:\t0000000000000000" in status
 
 
+def test_a_failed_restore_in_a_sandbox_leaves_no_stub_and_the_sandbox_releases(
+    pool: SandboxPool, tmp_path: Path
+) -> None:
+    """The stub's parent is the agent, its tracer the restoring thread: the restore that fails must
+    take the stub's exit report as tracer, or the agent would wait for the stub for ever."""
+    fn = _function(tmp_path / "fn-f")
+    templates = Pool.create(tmp_path / "pool", backend="tmpfs", node=0, size=256 << 20)
+    try:
+        box = pool.acquire(SandboxSpec(fn, hostname="deploy"))
+        ours, theirs = socket.socketpair()
+        with ours:
+            guest = box.spawn([sys.executable, "-m", "sandbox.guest", "/function"], control_fd=theirs.fileno())
+            theirs.close()
+            assert (recv(ours) or {}).get("type") == "ready"
+            while procfs.state(guest.pid) != "T":
+                time.sleep(0.001)
+            template = capture(guest.pid, templates, "fails")
+        pool.release(box)
+        box = pool.acquire(SandboxSpec(fn, hostname="serve"))
+        with template:
+            stub = box.spawn_stub(template.restore_fds("cow")[:1])  # the segment only: no library can be mapped
+            with pytest.raises(RestoreError, match="Bad file descriptor"):
+                restore(template, Stub(stub.pid, stub.wait, stub.kill), "cow")
+            assert stub.wait_exit(5) is not None
+            assert box.instance_cgroup.pids() == set()
+            pool.release(box)  # returns: the agent is not stuck waiting for the stub
+    finally:
+        templates.destroy()
+
+
 # -- leaks and exhaustion ------------------------------------------------------------------------------
 def _counts() -> dict[str, int]:
     """What a sandbox creates on the host (processes: not kernel threads, which come and go)."""
@@ -531,7 +562,7 @@ def test_lazy_restore_into_a_user_namespace_is_refused(userns_pool: SandboxPool,
         template = _capture_in(userns_pool, fn, templates)
         box = userns_pool.acquire(SandboxSpec(fn))
         try:
-            with template, pytest.raises(UnsupportedRestore, match="lazy restore needs a userfaultfd for kernel"):
+            with template, pytest.raises(UnsupportedRestore, match="needs a userfaultfd for kernel faults"):
                 box.spawn_stub(template.restore_fds("lazy"), paged=template.paged("lazy"))
             assert box.instance_cgroup.pids() == set()  # refused before a stub existed
         finally:
