@@ -223,9 +223,10 @@ class _Builder:
                 what=f"mmap of {self.m.files[v.file].path} at {where}",
             )
             return
-        by_copy = v.stack or self.mode == "copy" or (self.paged and not self.via_cache)
+        by_copy = v.stack or self.mode == "copy" or (self.mode == "lazy" and not self.via_cache)
         covered = sum(r.length for r in v.runs) == v.size
-        if by_copy or not covered:
+        # a pager without the cache fills cold pages into anonymous memory (cow maps hot ones over it)
+        if by_copy or not covered or (self.paged and not self.via_cache):
             prot = v.prot | Prot.WRITE if by_copy else v.prot
             flags = anon | (MapFlag.GROWSDOWN if v.stack else 0)
             p.syscall(Syscall.MMAP, v.start, v.size, prot, flags, -1, 0, what=f"anonymous mmap at {where}")
