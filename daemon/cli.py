@@ -240,6 +240,14 @@ async def cmd_snapshot(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_template(client: Client, args: argparse.Namespace) -> int:
+    body = {"form": args.form, **({"codec": args.codec} if args.codec else {})}
+    with progress(f"making {args.name}'s template {args.form}", args.json):
+        function = await client.call("POST", f"/functions/{args.name}/template", body, timeout=CAPTURE_TIMEOUT)
+    _show(function, args.json, lambda f: out.print(f"{f['name']}: template {f['template']} ({f['template_form']})"))
+    return 0
+
+
 async def cmd_instances(client: Client, args: argparse.Namespace) -> int:
     query = f"?function={args.name}" if args.name else ""
     data = await client.call("GET", f"/instances{query}")
@@ -464,6 +472,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("snapshot", parents=[common], help="capture a function again from its deployed code")
     p.add_argument("name")
     p.set_defaults(run=cmd_snapshot)
+    p = sub.add_parser(
+        "template",
+        parents=[common],
+        help="hold a function's template warm (as captured), compressed (cold pages compressed) or evicted",
+    )
+    p.add_argument("name")
+    p.add_argument("form", choices=["warm", "compressed", "evicted"])
+    p.add_argument("--codec", choices=["lz4", "zstd", "deflate", "iaa"], help="for compressed (default: thawd's)")
+    p.set_defaults(run=cmd_template)
     p = sub.add_parser("instances", parents=[common], help="list live instances")
     p.add_argument("name", nargs="?", help="only this function's")
     p.set_defaults(run=cmd_instances)

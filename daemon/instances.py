@@ -52,6 +52,7 @@ from daemon.logs import FunctionLog, follow_pipe
 from daemon.metrics import Metrics
 from daemon.planner import MIB, Held, Planner
 from daemon.registry import FUNCTION_MOUNT, Deployed, FunctionSpec, Registry, RegistryError, RequirementsFailed
+from native.qpl import QplUnavailable as CodecUnavailable
 from sandbox.cgroups import Limits
 from sandbox.errors import SandboxError
 from sandbox.guest import protocol
@@ -742,6 +743,30 @@ class Manager:
                     await self._take_form(fs, fs.template, form)
         return forms
 
+    async def set_template_form(self, name: str, form: str, codec: str | None = None) -> FunctionState:
+        """Put the function's template in `form` now (warm, compressed or evicted), whatever the
+        keep-alive would choose; the planner may change it again at its next plan (with a budget)."""
+        fs = self.get(name)
+        try:
+            wanted = Form(form)
+        except ValueError:
+            raise Invalid(f"form must be one of {', '.join(f.value for f in Form)}, not {form!r}") from None
+        if codec is not None and codec not in ("lz4", "zstd", "deflate", "iaa"):
+            raise Invalid(f"codec must be lz4, zstd, deflate or iaa, not {codec!r}")
+        async with self._lock(name):
+            if fs.broken:
+                raise Unavailable(f"{name} has no usable template: {fs.broken}")
+            if fs.template is None and wanted is not Form.EVICTED:
+                await self._recapture_locked(fs)
+            if fs.template is not None:
+                try:
+                    await self._take_form(fs, fs.template, wanted, codec)
+                except PoolIsFull as e:
+                    raise PoolFull(f"changing {name}'s template: the pool is full") from e
+                except CodecUnavailable as e:
+                    raise Unavailable(f"codec {codec or self.config.keepalive_codec}: {e}") from e
+        return fs
+
     def _held(self, fs: FunctionState, now: float) -> Held:
         assert fs.template is not None
         template = fs.template.template
@@ -750,7 +775,7 @@ class Manager:
         busy = bool(fs.instances or fs.starting or fs.min_warm)
         return Held(fs.name, memory_mib, working_set, self.planner.idle_s(fs.name, now), busy)
 
-    async def _take_form(self, fs: FunctionState, ref: TemplateRef, form: Form) -> None:
+    async def _take_form(self, fs: FunctionState, ref: TemplateRef, form: Form, codec: str | None = None) -> None:
         compressed = ref.template.manifest.cold is not None
         if form is Form.EVICTED:
             log.info("%s: evicting its template (captured again when invoked)", fs.name)
@@ -758,8 +783,8 @@ class Manager:
             self._retire_template(ref, keep_revision=True)
             return
         if form is Form.COMPRESSED and not compressed:
-            codec = get_codec(self.config.keepalive_codec)
-            template = await asyncio.to_thread(compress, self.pool, ref.name, codec)
+            chosen = get_codec(codec or self.config.keepalive_codec)
+            template = await asyncio.to_thread(compress, self.pool, ref.name, chosen)
         elif form is Form.WARM and compressed:
             template = await asyncio.to_thread(expand, self.pool, ref.name, fs.deployed.template_name)
         else:
@@ -770,10 +795,13 @@ class Manager:
 
     async def _recapture(self, fs: FunctionState) -> None:
         async with self._lock(fs.name):
-            if fs.template is not None or not fs.evicted:
-                return
-            template = await self._capture(fs.deployed, fs.log)
-            fs.template, fs.evicted = TemplateRef(template, fs.deployed.revision_dir), False
+            await self._recapture_locked(fs)
+
+    async def _recapture_locked(self, fs: FunctionState) -> None:
+        if fs.template is not None or not fs.evicted:
+            return
+        template = await self._capture(fs.deployed, fs.log)
+        fs.template, fs.evicted = TemplateRef(template, fs.deployed.revision_dir), False
 
     async def _punch_cold_pages(self) -> None:
         """Free cold pages decompressed more than cache_ttl ago: an instance still using them faults

@@ -131,6 +131,18 @@ async def scale_function(request: web.Request) -> web.Response:
     return web.json_response(m.describe(m.get(request.match_info["name"])))
 
 
+async def set_template_form(request: web.Request) -> web.Response:
+    m = manager_of(request)
+    body = await json_body(request)
+    form, codec = body.get("form"), body.get("codec")
+    if not isinstance(form, str):
+        raise Invalid("'form' (warm, compressed or evicted) is required")
+    if codec is not None and not isinstance(codec, str):
+        raise Invalid("'codec' must be a string (lz4, zstd, deflate or iaa)")
+    fs = await m.set_template_form(request.match_info["name"], form, codec)
+    return web.json_response(m.describe(fs))
+
+
 async def invoke(request: web.Request) -> web.Response:
     m = manager_of(request)
     name = request.match_info["name"]
@@ -273,6 +285,7 @@ def build_app(manager: Manager, lora: LoraHost | None = None) -> web.Application
     r.add_delete("/functions/{name}", delete_function)
     r.add_post("/functions/{name}/snapshot", snapshot_function)
     r.add_post("/functions/{name}/scale", scale_function)
+    r.add_post("/functions/{name}/template", set_template_form)
     r.add_get("/functions/{name}/logs", function_logs)
     r.add_route("*", "/functions/{name}/invoke", invoke)
     r.add_route("*", "/functions/{name}/invoke/{tail:.*}", invoke)

@@ -112,3 +112,30 @@ def test_an_idle_template_that_fits_in_no_form_is_evicted_and_captured_again(
     assert status == 200 and reply == {"sum": expected, "echo": {"n": 3}}
     _, text = thawd.api("GET", "/metrics")
     assert 'thaw_starts_total{function="evicted",kind="cold"} 2.0' in text.decode()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Thawd]:
+    daemon = Thawd(tmp_path, "thawk0", "10.238.0.0/24", sandboxes_prewarm=1)
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+        daemon.destroy_pool()
+
+
+def test_a_template_is_compressed_expanded_and_evicted_by_hand(daemon: Thawd, tmp_path: Path) -> None:
+    expected = _deploy_and_invoke(daemon, tmp_path, "forms")
+    for form, codec, template_end in (("compressed", "zstd", ".z"), ("warm", None, "fn.forms.1"), ("evicted", None, "")):
+        result = daemon.cli("template", "forms", form, *(["--codec", codec] if codec else []), "--json")
+        assert result.returncode == 0, result.stderr + daemon.log()
+        info = json.loads(result.stdout)
+        assert info["template_form"] == form and str(info["template"] or "").endswith(template_end)
+        status, reply = daemon.invoke("forms", {"form": form})
+        assert status == 200 and reply == {"sum": expected, "echo": {"form": form}}
+    status, error = daemon.api("POST", "/functions/forms/template", {"form": "frozen"})
+    assert status == 400 and "form must be one of warm, compressed, evicted" in error["error"]["message"]
+    status, error = daemon.api("POST", "/functions/forms/template", {"form": "compressed", "codec": "rar"})
+    assert status == 400 and "codec must be" in error["error"]["message"]
+    assert daemon.api("POST", "/functions/nothing/template", {"form": "warm"})[0] == 404
