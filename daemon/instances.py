@@ -838,6 +838,7 @@ class Manager:
             "invocations": fs.invocations,
             "template_bytes": fs.template.template.manifest.data_bytes if fs.template else 0,
             "template_form": _form(fs),
+            "template_stored_bytes": _stored_bytes(fs.template.template) if fs.template else 0,
             "init_ms": None if d.init_ms is None else round(d.init_ms, 1),
         }
 
@@ -856,6 +857,18 @@ def _measured_costs(config: DaemonConfig) -> MeasuredCosts | None:
         )
     except (CostsError, OSError) as e:
         raise ConfigError(f"keepalive.restore_costs / keepalive.codec_costs: {e}") from e
+
+
+def _stored_bytes(template: Template) -> int:
+    """What the template holds of the pool now (holes and punched pages excluded), with the cold
+    pages of a compressed one that are decompressed in its cache segment."""
+    try:
+        held = os.fstat(template.segment.fd).st_blocks * 512
+        if template.manifest.cold is not None:
+            held += os.fstat(template.cache().fd).st_blocks * 512
+    except (OSError, PoolError):
+        return 0
+    return held
 
 
 def _form(fs: FunctionState) -> str:

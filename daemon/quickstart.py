@@ -3,9 +3,12 @@
 Starts thawd (a tmpfs pool bound to NUMA node 0 at /var/lib/thaw/pool, the API on
 /run/thaw/thaw.sock) unless one is serving already, deploys the two bundled example functions
 (daemon/examples: `tiny`, and `heavy`, whose init imports a stack of modules and builds 256 MiB of
-state), invokes each thawed from its template and warm, and prints a table: the cold start (the
-guest's init at deploy), restore + first reply, a warm reply, and the memory of an instance with
-how much of it is its own. Then it stops the thawd it started (`--keep` leaves it running).
+state), invokes each thawed from its template and warm, then compresses each template (zstd: its
+cold pages in a compressed image the pager inflates on fault) and does the same again,
+and prints a table: the cold start (the guest's init at deploy), restore + first reply, a warm
+reply, the memory of an instance with how much of it is its own, and what the template holds of
+the pool. Then it puts the templates back as captured and stops the thawd it started
+(`--keep` leaves it running).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from daemon.cli import ApiError, Client, Unreachable
 
 EXAMPLES = Path(__file__).with_name("examples")
 FUNCTIONS = ("tiny", "heavy")
+COMPRESSED = ("tiny", "heavy")
 SOCKET = "/run/thaw/thaw.sock"
 WARM_RUNS = 50
 RESTORE_RUNS = 7
@@ -110,9 +114,28 @@ async def measure(client: Client, name: str) -> dict[str, Any]:
     }
 
 
+async def measure_compressed(client: Client, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The same measures on the function's template compressed with zstd; then back as captured."""
+    with console.status(f"compressing {name}'s template (zstd)"):
+        function: dict[str, Any] = await client.call(
+            "POST", f"/functions/{name}/template", {"form": "compressed", "codec": "zstd"}, timeout=600
+        )
+    console.print(
+        f"  {name}: compressed into {function['template']}, "
+        f"{function['template_stored_bytes'] / (1 << 20):.1f} MiB of the pool"
+    )
+    try:
+        measured = await measure(client, name)
+        function = await client.call("GET", f"/functions/{name}")  # with the pages decompressed so far
+    finally:
+        await client.call("POST", f"/functions/{name}/template", {"form": "warm"}, timeout=600)
+    return {**function, "name": f"{name} (compressed)"}, measured
+
+
 def table(rows: list[tuple[dict[str, Any], dict[str, Any]]]) -> Table:
     t = Table(title="cold start vs thaw restore vs warm (medians; memory of one of 4 live instances)")
     columns = ["function", "cold start", "thaw: restore + reply", "warm reply", "speed-up", "RSS", "own (USS)"]
+    columns.append("template")
     for column in columns:
         t.add_column(column, justify="left" if column == "function" else "right")
     for function, m in rows:
@@ -124,6 +147,7 @@ def table(rows: list[tuple[dict[str, Any], dict[str, Any]]]) -> Table:
             f"{function['init_ms'] / m['restore_ms']:.0f}x",
             f"{m['rss'] / (1 << 20):.1f} MiB",
             f"{m['uss'] / (1 << 20):.1f} MiB",
+            f"{function['template_stored_bytes'] / (1 << 20):.1f} MiB",
         )
     return t
 
@@ -136,11 +160,14 @@ async def run(socket_path: str, keep: bool, log_path: Path) -> None:
         for name in FUNCTIONS:
             function = await deploy(client, name)
             rows.append((function, await measure(client, name)))
+        rows += [await measure_compressed(client, name) for name in COMPRESSED]
         console.print(table(rows))
         console.print(
             "cold start: the guest's exec, imports and init at deploy; thaw: an instance restored from the "
             "template into a pooled sandbox, to its first reply through the API; own (USS): pages the instance "
-            "does not share with the template."
+            "does not share with the template; template: what it holds of the pool (compressed: its hot pages, "
+            "the compressed image, and the cold pages decompressed so far; heavy's state is random bytes, "
+            "which no codec shrinks)."
         )
     finally:
         if process is not None and not keep:
