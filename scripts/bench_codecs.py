@@ -4,8 +4,8 @@ fault on them costs.
 The data are real template pages: guests are captured into a tmpfs pool on node 0 and every
 dumped page of each template is the sample.
 
-- python-heap   a guest that imported a good part of the standard library and built an object
-                graph of 150,000 records (strings, ints, floats, lists, dicts)
+- python-heap   daemon/examples/records: a guest that imported a good part of the standard library
+                and built an object graph of 150,000 records (strings, ints, floats, lists, dicts)
 - torch-weights a guest holding a 16-layer 1024x1024 MLP (random init, fp32); skipped without torch
 - sparse        a guest whose 32 MiB buffer has a few bytes written per page, zeros elsewhere
 
@@ -51,21 +51,7 @@ from snapshot.template import Template
 REPO = Path(__file__).resolve().parents[1]
 PAGE = 4096
 GUESTS = {
-    "python-heap": """
-import asyncio, collections, csv, dataclasses, decimal, email.parser, fractions, http.client, json
-import logging, random, re, sqlite3, statistics, string, urllib.parse, uuid, xml.etree.ElementTree
-RNG = random.Random(1)
-WORDS = ["".join(RNG.choices(string.ascii_lowercase, k=RNG.randint(3, 10))) for _ in range(5000)]
-RECORDS = [
-    {"id": i, "name": f"user-{i}", "email": f"user{i}@example.com", "score": RNG.random(),
-     "tags": [RNG.choice(WORDS) for _ in range(5)], "visits": list(range(i % 17)),
-     "address": {"city": RNG.choice(WORDS).title(), "zip": f"{RNG.randint(0, 99999):05d}"}}
-    for i in range(150000)
-]
-INDEX = {r["name"]: r for r in RECORDS}
-def handle(event, context):
-    return {"records": len(RECORDS)}
-""",
+    "python-heap": (REPO / "daemon" / "examples" / "records" / "handler.py").read_text(),
     "torch-weights": """
 import torch
 torch.manual_seed(0)

@@ -10,15 +10,16 @@ content; 4 GiB too with --large, one run only), on a tmpfs pool bound to node 0:
 - cow      restore with the template's pages mapped copy-on-write, to first reply
 
 With --compressed it measures compressed templates instead (snapshot/compress.py), on a
-Python-heavy guest (stdlib imports and 150,000 records; --records to change): the template's
-working set is recorded by one lazy restore answering the request, then the template is compressed
-with each codec (hot pages = the working set). Each row is a restore to first reply (`restore_ms`),
-then the first invocation's own time (`first_invoke_ms`: a request that reads 20,000 records),
-for the uncompressed template in cow, copy and lazy mode and for each compressed one in cow mode,
-with the cache segment emptied (cold chunks punched) before every run: the state after an idle
-spell, when a compressed template earns its keep. `pool_mib` is what the template holds in the pool
-at rest (its stored pages, compressed image included). Rows: `mode`, `codec` (null when
-uncompressed), `restore_ms`, `first_invoke_ms`, `pool_mib`, `ratio_vs_cow` (first invocation).
+Python-heavy guest (daemon/examples/records: stdlib imports and 150,000 records; --records to
+change): the template's working set is recorded by one lazy restore answering the request, then
+the template is compressed with each codec (hot pages = the working set). Each row is a restore
+to first reply (`restore_ms`), then the first invocation's own time (`first_invoke_ms`: a request
+that reads 20,000 records), for the uncompressed template in cow, copy and lazy mode and for each
+compressed one in cow mode, with the cache segment emptied (cold chunks punched) before every run:
+the state after an idle spell, when a compressed template earns its keep. `pool_mib` is what the
+template holds in the pool at rest (its stored pages, compressed image included). Rows: `mode`,
+`codec` (null when uncompressed), `restore_ms`, `first_invoke_ms`, `pool_mib`, `ratio_vs_cow`
+(first invocation).
 
 Restores start from a stub that is already stopped (a sandbox keeps them ready), so the time is
 restore() + RESTORED + one request and its reply. Rss/Pss are per instance after the first reply;
@@ -194,23 +195,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-HEAVY_GUEST = """
-import asyncio, collections, csv, dataclasses, decimal, email.parser, fractions, http.client, json
-import logging, os, random, re, sqlite3, statistics, string, urllib.parse, uuid, xml.etree.ElementTree
-RNG = random.Random(1)
-WORDS = ["".join(RNG.choices(string.ascii_lowercase, k=RNG.randint(3, 10))) for _ in range(5000)]
-RECORDS = [
-    {"id": i, "name": f"user-{i}", "email": f"user{i}@example.com", "score": RNG.random(),
-     "tags": [RNG.choice(WORDS) for _ in range(5)], "visits": list(range(i % 17)),
-     "address": {"city": RNG.choice(WORDS).title(), "zip": f"{RNG.randint(0, 99999):05d}"}}
-    for i in range(int(os.environ["BENCH_RECORDS"]))
-]
-INDEX = {r["name"]: r for r in RECORDS}
-def handle(event, context):
-    if event.path == "/work":
-        return {"score": sum(r["score"] for r in RECORDS[:20000]), "user": INDEX["user-7"]["email"]}
-    return {"ok": True}
-"""
+RECORDS_FUNCTION = REPO / "daemon" / "examples" / "records"
 
 
 def _request(sock: socket.socket, path: str) -> float:
@@ -247,7 +232,7 @@ def measure_first_invocations(template: Template, mode: str, codec: str | None, 
 
 
 def bench_compressed(pool: Pool, function_dir: Path, records: int, reps: int) -> list[dict[str, Any]]:
-    guest = start_parked(function_dir, {"BENCH_RECORDS": str(records)}, cwd=REPO, timeout=600)
+    guest = start_parked(function_dir, {"RECORDS": str(records)}, cwd=REPO, timeout=600)
     try:
         template = capture(guest.pid, pool, "heavy")
     finally:
@@ -326,12 +311,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def main_compressed(records: int, reps: int, json_path: str | None) -> int:
     with tempfile.TemporaryDirectory(prefix="thaw-bench-") as tmp:
-        function_dir = Path(tmp) / "fn"
-        function_dir.mkdir()
-        (function_dir / "handler.py").write_text(HEAVY_GUEST)
         pool = Pool.create(Path(tmp) / "pool", backend="tmpfs", node=0, size=4 << 30)
         try:
-            rows = bench_compressed(pool, function_dir, records, reps)
+            rows = bench_compressed(pool, RECORDS_FUNCTION, records, reps)
         finally:
             pool.destroy()
     print(compressed_table(rows))

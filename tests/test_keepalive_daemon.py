@@ -9,10 +9,12 @@ ratio 1.01 makes it fit no better than uncompressed, so the template is evicted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,26 +47,29 @@ def _costs(base: Path, ratio: float) -> dict[str, str]:
     return {"keepalive_restore_costs": str(restore), "keepalive_codec_costs": str(codecs)}
 
 
-@pytest.fixture
-def daemon_with_budget(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Thawd]:
-    daemon = Thawd(
-        tmp_path,
-        "thawk0",
-        "10.238.0.0/24",
-        keepalive_policy="hybrid",
-        keepalive_budget="1M",
-        keepalive_codec="lz4",
-        keepalive_plan_interval=1,
-        keepalive_cache_ttl=1,
-        sandboxes_prewarm=1,
-        **_costs(tmp_path, request.param),
-    )
+@contextlib.contextmanager
+def running(base: Path, **settings: Any) -> Iterator[Thawd]:
+    daemon = Thawd(base, "thawk0", "10.238.0.0/24", sandboxes_prewarm=1, **settings)
     daemon.start()
     try:
         yield daemon
     finally:
         assert daemon.stop() == 0, daemon.log()
         daemon.destroy_pool()
+
+
+@pytest.fixture
+def daemon_with_budget(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Thawd]:
+    budget = {"keepalive_policy": "hybrid", "keepalive_budget": "1M", "keepalive_codec": "lz4"}
+    timers = {"keepalive_plan_interval": 1, "keepalive_cache_ttl": 1}
+    with running(tmp_path, **budget, **timers, **_costs(tmp_path, request.param)) as daemon:
+        yield daemon
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Thawd]:
+    with running(tmp_path) as daemon:
+        yield daemon
 
 
 def _form_becomes(thawd: Thawd, name: str, wanted: str, timeout: float = 30.0) -> dict[str, object]:
@@ -114,20 +119,13 @@ def test_an_idle_template_that_fits_in_no_form_is_evicted_and_captured_again(
     assert 'thaw_starts_total{function="evicted",kind="cold"} 2.0' in text.decode()
 
 
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Thawd]:
-    daemon = Thawd(tmp_path, "thawk0", "10.238.0.0/24", sandboxes_prewarm=1)
-    daemon.start()
-    try:
-        yield daemon
-    finally:
-        assert daemon.stop() == 0, daemon.log()
-        daemon.destroy_pool()
-
-
 def test_a_template_is_compressed_expanded_and_evicted_by_hand(daemon: Thawd, tmp_path: Path) -> None:
     expected = _deploy_and_invoke(daemon, tmp_path, "forms")
-    for form, codec, template_end in (("compressed", "zstd", ".z"), ("warm", None, "fn.forms.1"), ("evicted", None, "")):
+    for form, codec, template_end in (
+        ("compressed", "zstd", ".z"),
+        ("warm", None, "fn.forms.1"),
+        ("evicted", None, ""),
+    ):
         result = daemon.cli("template", "forms", form, *(["--codec", codec] if codec else []), "--json")
         assert result.returncode == 0, result.stderr + daemon.log()
         info = json.loads(result.stdout)

@@ -343,16 +343,7 @@ def test_a_failed_restore_in_a_sandbox_leaves_no_stub_and_the_sandbox_releases(
     fn = _function(tmp_path / "fn-f")
     templates = Pool.create(tmp_path / "pool", backend="tmpfs", node=0, size=256 << 20)
     try:
-        box = pool.acquire(SandboxSpec(fn, hostname="deploy"))
-        ours, theirs = socket.socketpair()
-        with ours:
-            guest = box.spawn([sys.executable, "-m", "sandbox.guest", "/function"], control_fd=theirs.fileno())
-            theirs.close()
-            assert (recv(ours) or {}).get("type") == "ready"
-            while procfs.state(guest.pid) != "T":
-                time.sleep(0.001)
-            template = capture(guest.pid, templates, "fails")
-        pool.release(box)
+        template = _capture_in(pool, fn, templates, "fails")
         box = pool.acquire(SandboxSpec(fn, hostname="serve"))
         with template:
             stub = box.spawn_stub(template.restore_fds("cow")[:1])  # the segment only: no library can be mapped
@@ -510,7 +501,7 @@ def test_user_namespace_sandbox_is_repurposed_clean(userns_pool: SandboxPool, tm
     assert sorted(seen["fn"]) == ["b-only.txt", "handler.py"]  # type: ignore[call-overload]
 
 
-def _capture_in(sandboxes: SandboxPool, fn: Path, templates: Pool) -> Template:
+def _capture_in(sandboxes: SandboxPool, fn: Path, templates: Pool, name: str = "in-userns") -> Template:
     """Deploy as the daemon does: the guest parks in a sandbox, is captured, the sandbox released."""
     box = sandboxes.acquire(SandboxSpec(fn, hostname="deploy"))
     ours, theirs = socket.socketpair()
@@ -521,7 +512,7 @@ def _capture_in(sandboxes: SandboxPool, fn: Path, templates: Pool) -> Template:
             assert (recv(ours) or {}).get("type") == "ready"
             while procfs.state(guest.pid) != "T":
                 time.sleep(0.001)
-            return capture(guest.pid, templates, "in-userns")
+            return capture(guest.pid, templates, name)
     finally:
         sandboxes.release(box)
 
