@@ -58,7 +58,7 @@ from sandbox.errors import SandboxError
 from sandbox.guest import protocol
 from sandbox.pool import SandboxPool
 from sandbox.sandbox import Sandbox, SandboxProcess, SandboxSpec
-from shmpool import Pool, SegmentNotFound
+from shmpool import Pool, SegmentExists, SegmentNotFound
 from shmpool.codecs import get_codec
 from shmpool.errors import PoolError
 from shmpool.errors import PoolFull as PoolIsFull
@@ -254,6 +254,9 @@ class Manager:
             self.functions[fs.name] = fs
         self._spawn(self._keep_alive())
 
+    def _in_force(self, template_name: str) -> bool:
+        return any(fs.template is not None and fs.template.name == template_name for fs in self.functions.values())
+
     def _open_template(self, deployed: Deployed) -> Template | None:
         """The function's template as captured or compressed, verified; None when neither is there."""
         mounts = {FUNCTION_MOUNT: str(deployed.revision_dir)}
@@ -365,7 +368,8 @@ class Manager:
             ref.revision_dir = None
         if ref.users == 0:
             ref.template.close()
-            Template.delete(self.pool, ref.name)
+            if not self._in_force(ref.name):  # a capture since may have taken the name again
+                Template.delete(self.pool, ref.name)
             if ref.revision_dir is not None:
                 shutil.rmtree(ref.revision_dir, ignore_errors=True)
 
@@ -763,6 +767,11 @@ class Manager:
                     await self._take_form(fs, fs.template, wanted, codec)
                 except PoolIsFull as e:
                     raise PoolFull(f"changing {name}'s template: the pool is full") from e
+                except SegmentExists as e:
+                    raise Conflict(
+                        f"{name}'s template in that form is still held by instances of an earlier change: "
+                        "try again once they are gone"
+                    ) from e
                 except CodecUnavailable as e:
                     raise Unavailable(f"codec {codec or self.config.keepalive_codec}: {e}") from e
         return fs
