@@ -59,8 +59,9 @@ def compress(
 ) -> Template:
     """Publish template `name` compressed as `target` (default NAME.z) and open it.
 
-    `hot`: segment page indices to keep uncompressed (default: the recorded working set; with
-    none recorded every page is cold). `dictionary_size`: with zstd, train a dictionary of that
+    `hot`: segment page indices to keep uncompressed (default: the recorded working set, each
+    page with the rest of the block the lazy pager served it with; with none recorded every page
+    is cold). `dictionary_size`: with zstd, train a dictionary of that
     many bytes on the cold chunks first."""
     check_chunk_size(chunk_size)
     if chunk_size > MAX_COLD_CHUNK:
