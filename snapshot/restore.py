@@ -61,6 +61,7 @@ from native.restorer import (
     STUB_SCRATCH_SIZE,
     Program,
 )
+from shmpool import SegmentExists
 from shmpool.backends import round_up
 from snapshot import procfs
 from snapshot.errors import FileChanged, RestoreError
@@ -114,17 +115,39 @@ class Instance:
         return self.pager.stats() if self.pager else None
 
     def close(self) -> None:
-        """Kill the instance if it still runs; stop its pager (saving the working set it saw
-        when the template has none yet)."""
+        """Kill the instance if it still runs; stop its pager. When the template has no working
+        set yet, save the one this instance shows: the pages its pager served, or for a cow
+        instance without a pager, the template pages it has mapped (pagemap's present bits)."""
+        mapped = self._mapped_pages() if self.pager is None and not self.template.working_set() else []
         if self.stub.wait(0) is None:
             self.stub.kill()
             self.stub.wait(None)
+        if mapped:
+            with contextlib.suppress(SegmentExists):  # another instance's close saved one first
+                self.template.save_working_set(mapped)
         if self.pager is not None:
             self.pager.stop()
             if not self.template.working_set():
                 self.template.save_working_set(self.pager.working_set())
             self.pager.close()
             self.pager = None
+
+
+    def _mapped_pages(self) -> list[int]:
+        """Segment page indices of the template pages a running cow instance has mapped (read,
+        written, or brought in with a neighbour by fault-around): the pages its work used."""
+        if self.mode != "cow" or self.stub.wait(0) is not None:
+            return []
+        pages: list[int] = []
+        try:
+            for vma in self.template.manifest.vmas:
+                for run in vma.runs if not vma.stack else ():
+                    for start, length in procfs.present_ranges(self.pid, run.start, run.start + run.length):
+                        first = (run.offset + start - run.start) // PAGE
+                        pages.extend(range(first, first + length // PAGE))
+        except OSError:  # it exited meanwhile: nothing to learn from it
+            return []
+        return pages
 
 
 # -- the per-template program -------------------------------------------------------------------

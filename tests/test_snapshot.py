@@ -320,6 +320,26 @@ def test_lazy_records_working_set_and_later_restores_prefetch(pool: Pool, worklo
         Template.delete(pool, "lazy-ws")
 
 
+def test_a_cow_instance_leaves_its_mapped_pages_as_the_working_set(pool: Pool, workload_dir: Path) -> None:
+    """No pager, no faults to record: the template pages a cow instance has mapped are what it used.
+    Compressed with that working set, a template restores with its used pages hot."""
+    env = {"THAW_TEST_FILE": str(workload_dir / "data.txt")}
+    with captured(pool, workload_dir, "cow-ws", env) as template:
+        with thawed(template, "cow") as (_, stub):
+            assert request_json(stub, "/time")["now"] > 0
+        recorded = template.working_set()
+        dumped = {r.offset // 4096 + i for v in template.manifest.vmas for r in v.runs for i in range(r.length // 4096)}
+        assert recorded and set(recorded) <= dumped and len(recorded) < len(dumped) // 4
+        with compress(pool, "cow-ws", get_codec("lz4")) as z:
+            assert z.manifest.cold is not None and z.manifest.cold.hot_pages >= len(recorded)
+            with thawed(z, "cow") as (instance, stub):
+                assert request_json(stub, "/time")["now"] > 0  # the same work: its pages are hot
+                stats = instance.pager_stats()
+                assert stats is not None and stats.cold_faults < len(z.manifest.cold.chunks) // 20
+        Template.delete(pool, "cow-ws.z")
+    Template.delete(pool, "cow-ws")
+
+
 def test_restore_round_trips_do_not_grow_with_vmas(pool: Pool, workload_dir: Path) -> None:
     env = {"THAW_TEST_FILE": str(workload_dir / "data.txt")}
     trips = {}
