@@ -22,12 +22,11 @@ new name; the source template is left as it is.
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import os
 from collections.abc import Callable, Iterable, Iterator
 
-from native.pager import DEFAULT_BLOCK, MAX_COLD_CHUNK
+from native.pager import MAX_COLD_CHUNK
 from shmpool import Pool
 from shmpool.backends import round_up
 from shmpool.codecs import DEFAULT_CHUNK, Codec, ZstdCodec, check_chunk_size, train_zstd_dictionary
@@ -59,9 +58,8 @@ def compress(
 ) -> Template:
     """Publish template `name` compressed as `target` (default NAME.z) and open it.
 
-    `hot`: segment page indices to keep uncompressed (default: the recorded working set, each
-    page with the rest of the block the lazy pager served it with; with none recorded every page
-    is cold). `dictionary_size`: with zstd, train a dictionary of that
+    `hot`: segment page indices to keep uncompressed (default: the recorded working set; with
+    none recorded every page is cold). `dictionary_size`: with zstd, train a dictionary of that
     many bytes on the cold chunks first."""
     check_chunk_size(chunk_size)
     if chunk_size > MAX_COLD_CHUNK:
@@ -71,7 +69,7 @@ def compress(
     with Template.open(pool, name) as source:
         if source.manifest.cold is not None:
             raise CompressError(f"template {name!r} is compressed already (from {source.manifest.cold.source!r})")
-        hot_pages = set(hot) if hot is not None else _served_blocks(source.manifest, source.working_set())
+        hot_pages = set(source.working_set() if hot is None else hot)
         cold = list(_stretches(source.manifest, lambda page: page not in hot_pages, with_stacks=False))
         extents = list(_chunk_extents(cold, chunk_size))
         cold_pages = {off // PAGE + i for off, length in cold for i in range(length // PAGE)}
@@ -107,25 +105,6 @@ def _stretches(manifest: Manifest, keep: Callable[[int], bool], with_stacks: boo
                     start = off
             if start is not None:
                 yield start, run.offset + run.length - start
-
-
-def _served_blocks(manifest: Manifest, working_set: Iterable[int], block: int = DEFAULT_BLOCK) -> set[int]:
-    """The pages a lazy restore installed for its working set. The pager records the page that
-    faulted, but answers with its whole `block` (aligned by address, within the run), and the
-    instance then used any of those pages without a fault: they are all hot."""
-    runs = sorted((r.offset, r.length, r.start) for v in manifest.vmas for r in v.runs)
-    offsets = [offset for offset, _, _ in runs]
-    pages: set[int] = set()
-    for page in working_set:
-        i = bisect.bisect_right(offsets, page * PAGE) - 1
-        if i < 0 or page * PAGE >= runs[i][0] + runs[i][1]:
-            continue  # not a dumped page (a stale working set): nothing to keep
-        offset, length, start = runs[i]
-        address = start + page * PAGE - offset
-        lo = max(address & ~(block - 1), start)
-        hi = min((address & ~(block - 1)) + block, start + length)
-        pages.update(range((offset + lo - start) // PAGE, (offset + hi - start) // PAGE))
-    return pages
 
 
 def _chunk_extents(extents: Iterable[tuple[int, int]], chunk_size: int) -> Iterator[tuple[int, int]]:

@@ -14,9 +14,9 @@
  * decompressed and installed whole). A plain fault is answered a block at a time (64 KiB by
  * default: one fault instead of sixteen for a sequential scan).
  *
- * The first fault on each page is recorded, in order: the template's working set, which later
- * restores hand back as `prefetch` to be loaded (and decompressed) in the pager's idle time,
- * before the instance asks.
+ * The pages each fault installed are recorded, the faulting page first, in order: the template's
+ * working set, which later restores hand back as `prefetch` to be loaded (and decompressed) in
+ * the pager's idle time, before the instance asks.
  *
  * The pager follows the instance: mremap of a registered range (UFFD_EVENT_REMAP) moves its
  * range, and a fork (UFFD_EVENT_FORK) adds the child's userfaultfd, so neither ever reads a hole
@@ -233,7 +233,11 @@ static void serve_fault(struct thaw_pager *p, int uffd, uint64_t addr)
             fail_fault(p, uffd, addr);
     }
     p->pages += (end - start) / PAGE;
+    /* The faulting page first, then the rest of the block: the instance may use any of them
+     * without another fault, so all are its working set (compress keeps them hot). */
     record(p, r->seg_off + (addr - r->start));
+    for (uint64_t at = start; at < end; at += PAGE)
+        record(p, r->seg_off + (at - r->start));
 }
 
 static void add_range(struct thaw_pager *p, struct thaw_pager_range r)
