@@ -358,6 +358,7 @@ class Manager:
             fs.log.close()
             await asyncio.to_thread(self.registry.remove, name)
             self.metrics.forget(name)
+            self.planner.forget(name)  # a function deployed again under this name starts afresh
         self.deploying.pop(name, None)
 
     def _retire_template(self, ref: TemplateRef, keep_revision: bool = False) -> None:

@@ -162,13 +162,9 @@ struct thaw_cold_ctx;
 struct thaw_cold *thaw_cold_open(int codec, const void *src, const struct thaw_cold_chunk *chunks, size_t n,
                                  const void *dict, size_t dict_len);
 void thaw_cold_free(struct thaw_cold *c);
-ssize_t thaw_cold_find(const struct thaw_cold *c, uint64_t seg_off);
 struct thaw_cold_ctx *thaw_cold_ctx_new(const struct thaw_cold *c);
 void thaw_cold_ctx_free(struct thaw_cold_ctx *x);
 int thaw_cold_decompress(struct thaw_cold *c, struct thaw_cold_ctx *x, size_t i, void *dst);
-int thaw_cold_resident(const struct thaw_cold *c, size_t i);
-int thaw_cold_fill_cache(struct thaw_cold *c, struct thaw_cold_ctx *x, size_t i, int cache_fd, uint64_t cache_base,
-                         int faulted);
 int64_t thaw_cold_punch(struct thaw_cold *c, int cache_fd, uint64_t cache_base, uint64_t cutoff_ns);
 void thaw_cold_stats(const struct thaw_cold *c, uint64_t *out);
 

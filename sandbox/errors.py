@@ -24,7 +24,7 @@ class PoolExhausted(SandboxError):
 
 
 class UnsupportedRestore(SandboxError):
-    """A restore mode that the kernel would refuse to a stub in this sandbox."""
+    """A restore the kernel would refuse to a stub in this sandbox (one with a pager, in a user namespace)."""
 
 
 class AgentError(SandboxError):
