@@ -6,6 +6,7 @@ by hand. Optional libraries that may be absent at run time (Intel QPL) are bound
 ABI mode with `ffi.dlopen`, never here.
 """
 
+import re
 import subprocess
 import tempfile
 from pathlib import Path
@@ -72,6 +73,8 @@ CONSTANTS = {
     """,
     "restorer": """
         THAW_RESTORER_MAGIC THAW_OP_SYSCALL THAW_OP_PREAD THAW_OP_OPEN_FD THAW_OP_PAUSE
+        THAW_OP_CLEAN_STUB THAW_OP_DROP_BOUNDING THAW_SPECIALS_MAX THAW_SPECIALS_DIFFER
+        THAW_STUB_REPORT THAW_STUB_REPORT_MAGIC
         THAW_OPF_ALLOW_ERROR THAW_OPF_SAVE
         THAW_OPF_ARG0_SAVED THAW_OPF_STORE32 THAW_STUB_SCRATCH THAW_STUB_SCRATCH_SIZE
     """,
@@ -79,6 +82,11 @@ CONSTANTS = {
         THAW_AGENT_PING THAW_AGENT_STUB THAW_AGENT_SPAWN THAW_AGENT_MOUNT_FUNCTION THAW_AGENT_FRESH_TMP
         THAW_AGENT_HOSTNAME THAW_AGENT_NETLINK THAW_AGENT_CGROUPS THAW_AGENT_OK THAW_AGENT_ERROR
         THAW_AGENT_EXITED THAW_AGENT_READY THAW_AGENT_MAX_PAYLOAD THAW_AGENT_MAX_FDS
+    """,
+    "tracer": """
+        THAW_TRACE_SEIZE THAW_TRACE_NOT_STOPPED THAW_TRACE_EXITED THAW_TRACE_REGS THAW_TRACE_WRITE
+        THAW_TRACE_RESUME THAW_TRACE_STRAY_STOP THAW_TRACE_READ THAW_TRACE_INJECTED THAW_TRACE_FINAL
+        THAW_TRACE_DETACH
     """,
     "pager": """
         THAW_CODEC_LZ4 THAW_CODEC_ZSTD THAW_CODEC_DEFLATE THAW_RANGE_PLAIN THAW_RANGE_COLD THAW_COLD_MAX_CHUNK
@@ -181,7 +189,31 @@ void thaw_pager_free(struct thaw_pager *p);
 struct thaw_restorer_op { uint32_t kind; uint32_t flags; uint64_t nr; uint64_t args[6]; uint64_t store; };
 struct thaw_restorer_args { uint64_t magic; uint64_t nops; uint64_t ops; int64_t failed_op; int64_t result;
                             uint64_t done; };
+struct thaw_special { char name[16]; uint64_t start; uint64_t end; };
+struct thaw_stub_facts { uint64_t rseq_pointer; uint32_t rseq_size; uint32_t rseq_signature; uint64_t nspecials;
+                         struct thaw_special specials[4]; };
+struct thaw_stub_clean { uint64_t keep_start; uint64_t keep_end; uint64_t park; uint64_t nspecials;
+                         struct thaw_special specials[4]; struct thaw_stub_facts stub; };
+struct thaw_stub_report { uint64_t magic; uint64_t nspecials; struct thaw_special specials[4]; };
 const unsigned char *thaw_restorer_blob(size_t *len);
+
+struct thaw_trace_error { int32_t step; int32_t err; int32_t status; uint32_t trips; uint64_t rip; };
+struct thaw_file_check { int64_t fd; uint64_t dev; uint64_t ino; int64_t size; int64_t mtime_ns; };
+struct thaw_blob_run { const void *image; size_t len; uint64_t scratch; uint64_t args; uint64_t stack_top;
+                       int64_t stub_at; const struct thaw_file_check *files; size_t nfiles; int64_t changed_file; };
+struct thaw_restore_end { uint64_t syscall_insn; int64_t close_fd; uint64_t unmap_start; uint64_t unmap_len;
+                          uint64_t sigmask; const void *regs; const void *xstate; size_t xstate_len;
+                          const struct thaw_pin *pin; };
+struct thaw_pin { uint64_t stub_mask[16]; uint64_t self_mask[16]; int32_t cpu; int32_t stub_pinned; };
+int thaw_trace_pin(pid_t pid, struct thaw_pin *pin);
+void thaw_trace_unpin_stub(pid_t pid, const struct thaw_pin *pin);
+void thaw_trace_unpin_self(const struct thaw_pin *pin);
+void thaw_trace_repin_self(const struct thaw_pin *pin);
+int thaw_trace_seize_stopped(pid_t pid, struct thaw_trace_error *err);
+int thaw_trace_run_blob(pid_t pid, struct thaw_blob_run *run, void *outcome, size_t outcome_len,
+                        struct thaw_trace_error *err);
+int thaw_trace_resume_blob(pid_t pid, uint64_t args, void *outcome, size_t outcome_len, struct thaw_trace_error *err);
+int thaw_trace_end_restore(pid_t pid, const struct thaw_restore_end *end, struct thaw_trace_error *err);
 
 uint64_t thaw_now_ns(void);
 uint64_t thaw_bench_read(const void *buf, size_t len);
@@ -222,6 +254,7 @@ BLOB_CFLAGS = [
     "-nostdlib",
     "-ffreestanding",
     "-fno-builtin",
+    "-fno-tree-loop-distribute-patterns",  # no loop turned into a call to memmove: there is no libc
     "-fno-stack-protector",
     "-fno-asynchronous-unwind-tables",
     "-fcf-protection=none",
@@ -229,6 +262,7 @@ BLOB_CFLAGS = [
     "-Wextra",
     "-Werror",
 ]
+PC_RELATIVE = {"R_X86_64_PC32", "R_X86_64_PLT32"}
 BLOB_SOURCE = SRC / "restorer_blob.gen.c"
 STUB = Path("native") / "thaw-stub"
 AGENT = Path("native") / "thaw-agent"
@@ -243,8 +277,9 @@ def build_restorer_blob() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         obj, elf, flat = Path(tmp) / "r.o", Path(tmp) / "r.elf", Path(tmp) / "r.bin"
         _run("cc", *BLOB_CFLAGS, "-I", SRC, "-c", SRC / "restorer.c", "-o", obj)
-        if "R_X86_64" in _run("readelf", "-r", obj):
-            raise RuntimeError("restorer.c compiled with relocations: the blob must be position-independent")
+        absolute = set(re.findall(r"R_X86_64_\w+", _run("readelf", "-r", obj))) - PC_RELATIVE
+        if absolute:  # pc-relative ones are resolved by ld and hold wherever the blob is copied
+            raise RuntimeError(f"restorer.c needs {sorted(absolute)}: the blob must be position-independent")
         _run("ld", "-static", "-nostdlib", "-T", SRC / "restorer.lds", obj, "-o", elf)
         _run("objcopy", "-O", "binary", elf, flat)
         blob = flat.read_bytes()
@@ -256,12 +291,17 @@ def build_restorer_blob() -> None:
     )
 
 
+# Static: a stub has a handful of mappings instead of a dynamic program's dozens, and the restorer
+# unmaps every one of them at each restore (the agent's stubs are forks of the agent).
+STUB_CFLAGS: list[str | Path] = ["-O2", "-static", "-Wall", "-Wextra", "-Werror", "-I", SRC]
+
+
 def build_stub() -> None:
-    _run("cc", "-O2", "-Wall", "-Wextra", "-Werror", SRC / "stub.c", "-o", STUB)
+    _run("cc", *STUB_CFLAGS, SRC / "stub.c", "-o", STUB)
 
 
 def build_agent() -> None:
-    _run("cc", "-O2", "-Wall", "-Wextra", "-Werror", SRC / "agent.c", "-o", AGENT)
+    _run("cc", *STUB_CFLAGS, SRC / "agent.c", "-o", AGENT)
 
 
 build_restorer_blob()
@@ -273,7 +313,7 @@ ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "native._native",
     HEADERS,
-    sources=[str(SRC / name) for name in ("shims.c", "bench.c", "pager.c", "cold.c", BLOB_SOURCE.name)],
+    sources=[str(SRC / name) for name in ("shims.c", "tracer.c", "bench.c", "pager.c", "cold.c", BLOB_SOURCE.name)],
     libraries=["lz4", "zstd", "z"],
     include_dirs=[str(SRC)],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-pthread"],

@@ -32,8 +32,15 @@ _round_trips = 0
 
 
 def round_trips() -> int:
-    """Stops seen by `wait()` in this process so far (each one a tracee round trip)."""
+    """Stops seen by `wait()` in this process so far (each one a tracee round trip), and those
+    native/tracer.py's C calls saw."""
     return _round_trips
+
+
+def count_round_trips(n: int) -> None:
+    """Add the stops a C tracer call saw to `round_trips()`."""
+    global _round_trips
+    _round_trips += n
 
 
 @dataclass

@@ -29,6 +29,13 @@ ARG0_SAVED = int(lib.THAW_OPF_ARG0_SAVED)
 STORE32 = int(lib.THAW_OPF_STORE32)
 STUB_SCRATCH = int(lib.THAW_STUB_SCRATCH)  # where stubs pre-map the restorer's scratch area
 STUB_SCRATCH_SIZE = int(lib.THAW_STUB_SCRATCH_SIZE)
+SPECIALS_MAX = int(lib.THAW_SPECIALS_MAX)
+SPECIALS_DIFFER = int(lib.THAW_SPECIALS_DIFFER)
+_CLEAN = struct.Struct("<QQQQ")
+_SPECIAL = struct.Struct("<16sQQ")
+_STUB_FACTS = ffi.sizeof("struct thaw_stub_facts")
+assert _CLEAN.size + SPECIALS_MAX * _SPECIAL.size + _STUB_FACTS == ffi.sizeof("struct thaw_stub_clean")
+STUB_IN_CLEAN = int(ffi.offsetof("struct thaw_stub_clean", "stub"))
 
 
 def blob() -> bytes:
@@ -55,7 +62,6 @@ class Program:
         self.image = bytearray(blob())
         self.ops: list[bytes] = []
         self.what: list[str] = []
-        self._frozen: tuple[bytes, bytes] | None = None
 
     def _align(self, n: int) -> None:
         self.image += bytes(-len(self.image) % n)
@@ -84,22 +90,32 @@ class Program:
     def open_fd(self, path: str, flags: int, fd: int, pos: int, what: str) -> None:
         self._op(int(lib.THAW_OP_OPEN_FD), 0, (self.cstr(path), flags, fd, pos), 0, 0, what)
 
+    def clean_stub(self, keep: tuple[int, int], park: int, specials: dict[str, tuple[int, int]], what: str) -> int:
+        """Unmap the stub but for `keep` (the scratch area) and its special mappings, and move
+        those to where `specials` says (see restorer.h). Returns the image offset where the
+        tracer writes in what it knows of the stub (struct thaw_stub_facts)."""
+        if len(specials) > SPECIALS_MAX:
+            raise ValueError(f"at most {SPECIALS_MAX} special mappings, not {sorted(specials)}")
+        entries = b"".join(_SPECIAL.pack(os.fsencode(name), start, end) for name, (start, end) in specials.items())
+        raw = _CLEAN.pack(*keep, park, len(specials)) + entries.ljust(SPECIALS_MAX * _SPECIAL.size, b"\0")
+        addr = self.put(raw + bytes(_STUB_FACTS))
+        self._op(int(lib.THAW_OP_CLEAN_STUB), 0, (addr,), 0, 0, what)
+        return addr - self.base + STUB_IN_CLEAN
+
+    def drop_bounding_set(self, last_cap: int, what: str) -> None:
+        """Drop capabilities 0..last_cap still in the bounding set (failures are not fatal)."""
+        self._op(int(lib.THAW_OP_DROP_BOUNDING), 0, (last_cap,), ALLOW_ERROR, 0, what)
+
     def pause(self, what: str) -> None:
         """Stop with int3 here; the program goes on when the tracer resumes the stub."""
         self._op(int(lib.THAW_OP_PAUSE), 0, (), 0, 0, what)
 
-    def finish(self, prologue: Program | None = None) -> tuple[bytes, int, list[str]]:
-        """The bytes to copy to `base`, the address of the argument block (the blob's rdi) and the
-        description of every op. `prologue`'s ops (which must not use its data area) run first."""
-        if self._frozen is None:  # the data area and ops do not change once built: pack them once
-            self._align(16)
-            self._frozen = (bytes(self.image), b"".join(self.ops))
-        data, ops = self._frozen
-        before = prologue.ops if prologue else []
-        args_addr = self.base + len(data)
-        header = ARGS.pack(int(lib.THAW_RESTORER_MAGIC), len(before) + len(self.ops), args_addr + ARGS.size, -1, 0, 0)
-        what = (prologue.what if prologue else []) + self.what
-        return data + header + b"".join(before) + ops, args_addr, what
+    def finish(self) -> tuple[bytes, int]:
+        """The bytes to copy to `base` and the address of the argument block (the blob's rdi)."""
+        self._align(16)
+        args_addr = self.base + len(self.image)
+        header = ARGS.pack(int(lib.THAW_RESTORER_MAGIC), len(self.ops), args_addr + ARGS.size, -1, 0, 0)
+        return bytes(self.image) + header + b"".join(self.ops), args_addr
 
     @staticmethod
     def outcome(raw_args: bytes) -> Outcome:

@@ -8,9 +8,9 @@ read, and left stopped exactly as it was (it can still be resumed or killed). Wh
 - registers, xstate and rseq through ptrace; brk, every sigaction, the signal mask, the
   alternate stack, the tid address, the robust list and dumpability through injected syscalls;
 - mm fields (/proc/PID/stat), auxv, comm, exe, credentials, personality and the fd table;
-- the VMAs: anonymous memory dumped sparsely (pages never touched are not stored), private file
-  VMAs that were written dumped whole, untouched file VMAs recorded by file identity and mapped
-  from the file again at restore.
+- the VMAs: anonymous memory dumped sparsely (pages never touched are not stored, nor the stack's
+  pages below the red zone: dead, though present), private file VMAs that were written dumped
+  whole, untouched file VMAs recorded by file identity and mapped from the file again at restore.
 
 Refused, with the cause named: a process that is not stopped, more than one thread, writable
 shared mappings, mappings of things that are not regular files, fds other than stdio, the control
@@ -34,7 +34,7 @@ from shmpool import Pool, UnsupportedMapping
 from shmpool.backends import round_up
 from snapshot import procfs
 from snapshot.errors import NotCapturable
-from snapshot.inject import InjectionError, SyscallInjector, seize_stopped
+from snapshot.inject import RED_ZONE, InjectionError, SyscallInjector, seize_stopped
 from snapshot.manifest import (
     HEADER_SIZE,
     Credentials,
@@ -117,7 +117,7 @@ def _read_process(pid: int) -> Manifest:
         head = _read_out(inj, 16, Syscall.GET_ROBUST_LIST, 0, inj.scratch, inj.scratch + 8)
         dumpable = inj.call_ok(Syscall.PRCTL, Prctl.GET_DUMPABLE, what="PR_GET_DUMPABLE")
         syscall_insn = inj.insn
-    vmas, files, specials, data_bytes = _plan_vmas(pid)
+    vmas, files, specials, data_bytes = _plan_vmas(pid, regs.rsp)
     exe = _identity(f"/proc/{pid}/exe", os.readlink(f"/proc/{pid}/exe"))
     files.append(exe)
     return Manifest(
@@ -228,8 +228,17 @@ def _merged_runs(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return merged
 
 
+def _live_stack(ranges: list[tuple[int, int]], rsp: int) -> list[tuple[int, int]]:
+    """The present stack pages from the one holding the red zone up: what lies below is dead (the
+    ABI lets nothing live there), however deep the stack once went."""
+    floor = (rsp - RED_ZONE) & ~(PAGE - 1)
+    live = [(max(start, floor), start + length) for start, length in ranges if start + length > floor]
+    return [(start, end - start) for start, end in live]
+
+
 def _plan_vmas(
     pid: int,
+    rsp: int,
 ) -> tuple[list[VmaRecord], list[FileIdentity], dict[str, tuple[int, int]], int]:
     """Decide per VMA: dump (where in the segment) or re-map (from which file)."""
     anonymous = procfs.anonymous_bytes(pid)
@@ -270,6 +279,8 @@ def _plan_vmas(
             kind = "dump"
         else:
             ranges = _merged_runs(procfs.present_ranges(pid, vma.start, vma.end))
+            if vma.path == "[stack]":
+                ranges = _live_stack(ranges, rsp)
             kind = "anon"
         runs = []
         for start, length in ranges:

@@ -19,10 +19,9 @@ All calls must come from the thread that seized the tracee.
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
 
-from native import memory, ptrace
+from native import memory, ptrace, tracer
 from native.ptrace import Registers
 from snapshot import procfs
 
@@ -47,23 +46,14 @@ def seize_stopped(pid: int) -> None:
     from there never run. SIGCONT ends the group-stop; resumed, the tracee dequeues it and, being
     traced, reports a signal-delivery-stop for SIGCONT before running any of its own code. From
     that stop we inject, and the SIGCONT is never delivered (its job-control effect is done).
+    The sequence runs in C (native/tracer.py): it is on every restore's path.
     """
-    ptrace.seize(pid)
-    ptrace.interrupt(pid)
-    stop = ptrace.wait(pid)
-    while stop is not None and not stop.exited and stop.event == 0 and stop.signal == signal.SIGSTOP:
-        stop = ptrace.wait(pid)  # the plain job-control report a parent gets: the ptrace one follows
-    if stop is None or stop.exited or not stop.is_group_stop:
-        raise InjectionError(f"pid {pid} is not stopped (it reported {stop}): only a parked process is captured")
-    os.kill(pid, signal.SIGCONT)
-    ptrace.cont(pid)
-    while True:
-        stop = ptrace.wait(pid)
-        if stop is None or stop.exited:
-            raise InjectionError(f"pid {pid} exited while being seized")
-        if stop.signal == signal.SIGCONT and stop.event == 0:
-            return
-        ptrace.cont(pid)  # the leftover interrupt's stop: let it reach the SIGCONT delivery
+    try:
+        tracer.seize_stopped(pid)
+    except tracer.TraceError as e:
+        if e.step == tracer.NOT_STOPPED:
+            raise InjectionError(f"{e}: only a parked process is captured or restored") from e
+        raise InjectionError(str(e)) from e
 
 
 def _signed(value: int) -> int:

@@ -4,19 +4,27 @@
     instance = restore(template, stub, "cow")
 
 The stub already holds the fds the restore needs at 1000, 1001, ... (`Template.restore_fds`). The
-tracer seizes it, maps a scratch area with one injected mmap, copies in the restorer blob with a
-*syscall program* (native/restorer.py), and lets the stub run it: unregister the stub's rseq,
-unmap the stub, move [vvar]/[vvar_vclock]/[vdso] to the template's addresses, map every VMA
-(MAP_PRIVATE from the template segment for cow, filled by pread for copy, from the cache segment
-under userfaultfd for lazy), PR_SET_MM_MAP, sigactions, the alternate stack, path fds, tid
-address, robust list, rseq, name, and last the credentials (uid/gid from the template, no
-capabilities, no_new_privs). The blob stops with int3; the tracer unmaps the scratch area with a
-syscall instruction of the restored image, sets the signal mask, registers and xstate, and
-detaches. The number of ptrace round trips does not depend on the number of VMAs.
+tracer seizes it, copies the restorer blob with a *syscall program* (native/restorer.py) into the
+scratch area the stub mapped before it stopped (or maps one with an injected mmap), and lets the
+stub run it: unregister the stub's rseq, unmap the stub, move [vvar]/[vvar_vclock]/[vdso] to the
+template's addresses (where they are in the stub comes from the report the stub left, else from
+its /proc/self/maps), map every VMA (MAP_PRIVATE from the template segment for cow, filled by
+pread for copy, from the cache segment under userfaultfd for lazy), PR_SET_MM_MAP, sigactions,
+the alternate stack, path fds, tid address, robust list, rseq, name, and last the credentials
+(uid/gid from the template, no capabilities, no_new_privs). The blob stops with int3; the tracer
+unmaps the scratch area with a syscall instruction of the restored image, sets the signal mask,
+registers and xstate, and detaches. The files the template maps are checked (one fstat each of
+the fds it holds them by) before the instance runs any code of its own.
 
-The per-template part of the program (everything after the stub-specific prologue) is built once
-and cached: the scratch area sits at an address chosen from the template's layout, free in every
-stub unless the stub happens to use it (then the program is rebuilt for another address).
+The tracer's ptrace work runs in C (native/tracer.py), in three calls with no Python between
+requests, on the caller's CPU with the stub pinned to it: in a VM each round trip between two
+CPUs wakes a halted vCPU (~50 us here), and on one CPU it is a context switch. The number of
+round trips does not depend on the number of VMAs.
+
+The whole program is built once per template and mode and cached: the scratch area sits at an
+address chosen from the template's layout, free in every stub unless the stub happens to use it
+(then the program is rebuilt for another address); what the tracer learns of the stub (its rseq
+registration and special mappings) is written into the image as it is copied in.
 
 All calls for one stub must come from one thread (see `Tracer`). A failed restore kills the stub.
 """
@@ -25,7 +33,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import dataclasses
 import itertools
 import os
 import signal
@@ -34,14 +41,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from native import memory, pidfd, ptrace
+from native import pidfd, ptrace, tracer
 from native.constants import (
     PR_SET_MM_MAP,
     UFFDIO_API,
     UFFDIO_REGISTER,
     MapFlag,
-    MremapFlag,
     Prctl,
     Prot,
     Syscall,
@@ -51,16 +58,17 @@ from native.constants import (
 from native.pager import RANGE_COLD, RANGE_PLAIN, Pager, PagerRange, PagerStats
 from native.ptrace import Registers
 from native.restorer import (
-    ALLOW_ERROR,
     ARG0_SAVED,
     ARGS,
-    OP,
     SAVE,
+    SPECIALS_DIFFER,
     STORE32,
     STUB_SCRATCH,
     STUB_SCRATCH_SIZE,
+    Outcome,
     Program,
 )
+from native.tracer import BlobRun, RestoreEnd, TraceError
 from shmpool import SegmentExists
 from shmpool.backends import round_up
 from snapshot import procfs
@@ -71,14 +79,11 @@ from snapshot.template import FIRST_RESTORE_FD, MODES, Template
 
 PAGE = procfs.PAGE
 STACK_SIZE = 64 << 10
-TASK_TOP = (1 << 47) - PAGE
 SCRATCH_HINTS = (STUB_SCRATCH, 0x1000_0000_0000, 0x3000_0000_0000, 0x0800_0000_0000)
 UFFD_API = 0xAA
 SS_DISABLE = 2
 SS_ONSTACK = 1
-RSEQ_FLAG_UNREGISTER = 1
 CAPABILITY_VERSION_3 = 0x20080522
-PROLOGUE_ROOM = 256  # ops: the stub-specific prologue (rseq, unmaps, special mappings) is far shorter
 _PRCTL_MM_MAP = struct.Struct("<11QQII")
 
 
@@ -132,7 +137,6 @@ class Instance:
             self.pager.close()
             self.pager = None
 
-
     def _mapped_pages(self) -> list[int]:
         """Segment page indices of the template pages a running cow instance has mapped (read,
         written, or brought in with a neighbour by fault-around): the pages its work used."""
@@ -156,13 +160,19 @@ class _Plan:
     """The scratch area is [program image][stack][park area for moving the special mappings]."""
 
     scratch: int
+    size: int
     program: Program
+    stub_at: int  # image offset where the tracer writes in what it knows of the stub
     uffd_fd: int  # where the stub holds the userfaultfd (paged restores), else -1
     ranges: list[PagerRange]  # what the pager serves
     via_cache: bool  # the pager fills the shared cache segment
-    size: int = 0
+    image: bytes = b""
+    args: int = 0  # the argument block's address
     stack_top: int = 0
-    park: int = 0
+    end: RestoreEnd | None = None
+
+    def blob_run(self) -> BlobRun:
+        return BlobRun(self.image, self.scratch, self.args, self.stack_top, self.stub_at)
 
 
 def _intervals(manifest: Manifest) -> list[tuple[int, int]]:
@@ -207,7 +217,14 @@ class _Builder:
     def file_fd(self, index: int) -> int:
         return self.fd_base + 1 + index
 
-    def build(self) -> _Plan:
+    def build(self, size: int, park: int) -> _Plan:
+        specials = ", ".join(self.m.specials)
+        stub_at = self.p.clean_stub(
+            (self.p.base, self.p.base + size),
+            park,
+            self.m.specials,
+            what=f"unmapping the stub and moving its special mappings ({specials}) to the template's addresses",
+        )
         if self.paged:
             self.userfaultfd()
         for vma in self.m.vmas:
@@ -218,7 +235,7 @@ class _Builder:
         self.fds()
         self.thread_state()
         self.credentials()
-        return _Plan(self.p.base, self.p, self.uffd_fd, self.ranges, self.via_cache)
+        return _Plan(self.p.base, size, self.p, stub_at, self.uffd_fd, self.ranges, self.via_cache)
 
     # each step ---------------------------------------------------------------------------------
     def userfaultfd(self) -> None:
@@ -360,8 +377,7 @@ class _Builder:
 
     def credentials(self) -> None:
         p, c = self.p, self.m.credentials
-        for cap in range(_cap_last_cap() + 1):
-            p.syscall(Syscall.PRCTL, Prctl.CAPBSET_DROP, cap, what=f"dropping capability {cap}", flags=ALLOW_ERROR)
+        p.drop_bounding_set(_cap_last_cap(), what="dropping the capability bounding set")
         groups = p.put(struct.pack(f"<{len(c.groups)}I", *c.groups)) if c.groups else 0
         p.syscall(Syscall.SETGROUPS, len(c.groups), groups, what="setgroups")
         p.syscall(Syscall.SETRESGID, *c.gid, what=f"setresgid{c.gid}")
@@ -384,73 +400,26 @@ def _plan(template: Template, mode: str, fd_base: int, avoid: int = 0) -> _Plan:
         return plan
     spans = _intervals(template.manifest)
     specials = sum(end - start for start, end in template.manifest.specials.values())
-    estimate = _Builder(template, mode, 0, fd_base).build()  # sizes do not depend on the address
-    image, _, _ = estimate.program.finish()
-    image_size = round_up(len(image) + PROLOGUE_ROOM * OP.size, PAGE)
+    estimate = _Builder(template, mode, 0, fd_base).build(0, 0)  # sizes do not depend on addresses
+    image_size = round_up(len(estimate.program.finish()[0]), PAGE)
     size = image_size + STACK_SIZE + round_up(specials, PAGE)
     scratch = _scratch_address(spans, size, avoid)
-    plan = _Builder(template, mode, scratch, fd_base).build()
-    plan.size, plan.stack_top, plan.park = size, scratch + image_size + STACK_SIZE, scratch + image_size + STACK_SIZE
+    stack_top = scratch + image_size + STACK_SIZE
+    plan = _Builder(template, mode, scratch, fd_base).build(size, park=stack_top)
+    plan.image, plan.args = plan.program.finish()
+    plan.stack_top = stack_top
+    m = template.manifest
+    plan.end = RestoreEnd(
+        syscall_insn=m.syscall_insn,
+        close_fd=plan.uffd_fd,  # the pager holds its own copy
+        scratch=scratch,
+        scratch_size=size,
+        sigmask=m.sigmask,
+        registers=tracer.final_registers(restart_fixup(Registers(**m.registers))),
+        xstate=m.xstate,
+    )
     plans[key] = plan
     return plan
-
-
-# -- the per-stub part --------------------------------------------------------------------------
-def _prologue(plan: _Plan, template: Template, stub_maps: list[procfs.Vma], stub_rseq: ptrace.RseqConfig) -> Program:
-    """Ops that depend on the stub: unregister its rseq, unmap it, move its special mappings."""
-    pro = Program(0)
-    if stub_rseq.abi_pointer:
-        pro.syscall(
-            Syscall.RSEQ,
-            stub_rseq.abi_pointer,
-            stub_rseq.abi_size,
-            RSEQ_FLAG_UNREGISTER,
-            stub_rseq.signature,
-            what="unregistering the stub's rseq",
-        )
-    ours = {v.path: (v.start, v.end) for v in stub_maps if v.special and v.path != "[vsyscall]"}
-    theirs = template.manifest.specials
-    if {k: e - s for k, (s, e) in ours.items()} != {k: e - s for k, (s, e) in theirs.items()}:
-        raise RestoreError(
-            f"the kernel's special mappings differ from the template's ({sorted(ours)} vs {sorted(theirs)}): "
-            "it was captured under another kernel"
-        )
-    keep = sorted([*ours.values(), (plan.scratch, plan.scratch + plan.size)])
-    cursor = 0
-    for start, end in keep:
-        if start > cursor:
-            pro.syscall(Syscall.MUNMAP, cursor, start - cursor, what=f"unmapping the stub at {cursor:#x}")
-        cursor = max(cursor, end)
-    pro.syscall(Syscall.MUNMAP, cursor, TASK_TOP - cursor, what=f"unmapping the stub at {cursor:#x}")
-    _move_specials(pro, ours, theirs, plan.park)
-    return pro
-
-
-def _move_specials(
-    pro: Program, ours: dict[str, tuple[int, int]], theirs: dict[str, tuple[int, int]], park: int
-) -> None:
-    if all(ours[k][0] == theirs[k][0] for k in ours):
-        return
-    overlap = any(not (oe <= ts or os_ >= te) for os_, oe in ours.values() for ts, te in theirs.values())
-    moves = []
-    if overlap:  # mremap cannot move onto itself: go through the park area at the scratch's end
-        cursor = park
-        for name, (start, end) in sorted(ours.items(), key=lambda kv: kv[1]):
-            moves.append((name, start, end - start, cursor))
-            ours = {**ours, name: (cursor, cursor + end - start)}
-            cursor += end - start
-    for name, (start, end) in sorted(ours.items(), key=lambda kv: kv[1]):
-        moves.append((name, start, end - start, theirs[name][0]))
-    for name, start, size, target in moves:
-        pro.syscall(
-            Syscall.MREMAP,
-            start,
-            size,
-            size,
-            MremapFlag.MAYMOVE | MremapFlag.FIXED,
-            target,
-            what=f"moving {name} to {target:#x}",
-        )
 
 
 # -- restore ------------------------------------------------------------------------------------
@@ -467,7 +436,6 @@ def restore(template: Template, stub: Stub, mode: str = "cow") -> Instance:
     t0, trips0 = time.perf_counter(), ptrace.round_trips()
     pagers: list[Pager] = []  # a pager started before a failure must go with the stub
     try:
-        template.check_files()
         instance = _restore(template, stub, mode, pagers)
     except BaseException as e:
         _kill(stub)
@@ -475,7 +443,7 @@ def restore(template: Template, stub: Stub, mode: str = "cow") -> Instance:
             pager.close()
         if isinstance(e, FileChanged | RestoreError):
             raise
-        if isinstance(e, OSError | InjectionError):
+        if isinstance(e, OSError | InjectionError | TraceError):
             raise RestoreError(f"restoring {template.name!r} into pid {stub.pid} failed: {e}") from e
         raise
     instance.timings["restore_ms"] = (time.perf_counter() - t0) * 1e3
@@ -513,48 +481,77 @@ def _reap_traced(pid: int, timeout: float) -> None:
 
 
 def _restore(template: Template, stub: Stub, mode: str, pagers: list[Pager]) -> Instance:
+    """Seize the stub, run the restorer in it to its end (pausing once to start a pager for a
+    paged restore), finish the thread's state and let it go. The files the template maps are
+    checked while the restorer runs, before the instance runs any code of its own."""
+    with tracer.same_cpu(stub.pid) as pin:
+        return _restore_pinned(template, stub, mode, pagers, pin)
+
+
+def _restore_pinned(template: Template, stub: Stub, mode: str, pagers: list[Pager], pin: Any) -> Instance:
     pid = stub.pid
     seize_stopped(pid)
-    stub_maps = procfs.read_maps(pid)
+    plan, outcome, changed = _run_restorer(template, mode, stub)
+    if changed >= 0:
+        template.check_files()  # raises FileChanged, naming the change
+        raise FileChanged(f"{template.manifest.files[changed].path} changed while {template.name!r} was restored")
+    _check_outcome(pid, template, plan, outcome, paused=plan.uffd_fd >= 0)
+    if plan.uffd_fd >= 0:
+        with tracer.unpinned(pin):  # the pager's thread must not inherit the pin
+            pagers.append(_start_pager(template, pid, plan))
+        try:
+            outcome = Program.outcome(tracer.resume_blob(pid, plan.args, ARGS.size))
+        except TraceError as e:
+            if errors := pagers[0].stats().errors:
+                raise RestoreError(
+                    f"the pager could not serve {errors} page(s) of {template.name!r} (a compressed chunk that does "
+                    f"not decompress?) and killed pid {pid}: {e}"
+                ) from e
+            raise
+        _check_outcome(pid, template, plan, outcome, paused=False)
+    assert plan.end is not None
+    tracer.end_restore(pid, plan.end, pin)
+    return Instance(pid, template, mode, stub, pagers[0] if pagers else None)
+
+
+def _run_restorer(template: Template, mode: str, stub: Stub) -> tuple[_Plan, Outcome, int]:
+    """Copy the restorer into the stub's scratch area and run it to its first int3. Stubs map
+    the area where restorer.h says before they stop; for a stub that did not, or a plan that
+    needs it elsewhere, the stub's maps decide where it goes and an injected mmap makes it."""
+    plan = _plan(template, mode, stub.fd_base)
+    files = template.file_checks()
+    if plan.scratch == STUB_SCRATCH and plan.size <= STUB_SCRATCH_SIZE:
+        try:
+            raw, changed = tracer.run_blob(stub.pid, plan.blob_run(), ARGS.size, files)
+            return plan, Program.outcome(raw), changed
+        except TraceError as e:
+            if e.step != tracer.WRITE:  # only a missing scratch area is worth another try
+                raise
+    stub_maps = procfs.read_maps(stub.pid)
     premapped = _premapped_scratch(stub_maps)
     taken = [(v.start, v.end) for v in stub_maps if v.start != premapped]
-    plan = _plan(template, mode, stub.fd_base)
     if not _free(taken, plan.scratch, plan.size):
         plan = _plan(template, mode, stub.fd_base, avoid=plan.scratch)
-    prologue = _prologue(plan, template, stub_maps, ptrace.get_rseq_configuration(pid))
-    image, args_addr, what = plan.program.finish(prologue)
-    if len(image) > plan.stack_top - STACK_SIZE - plan.scratch:
-        raise RestoreError(f"the restore program ({len(image)} bytes) outgrew its scratch area")
-    if plan.scratch == premapped and plan.size <= STUB_SCRATCH_SIZE:
-        regs = ptrace.getregs(pid)  # the stub mapped the area: the prologue unmaps what is left over
-    else:  # replacing the stub's area where it is in the way (it was too small)
+    if plan.scratch != premapped or plan.size > STUB_SCRATCH_SIZE:
         in_the_way = not _free([(premapped, premapped + STUB_SCRATCH_SIZE)], plan.scratch, plan.size)
-        regs = _map_scratch(pid, plan, replace=in_the_way)
-    memory.process_vm_writev(pid, plan.scratch, image)
-    _start_blob(pid, regs, plan.scratch, plan.stack_top, args_addr)
-    if plan.uffd_fd >= 0:
-        _wait_blob(pid, args_addr, what, paused=True)
-        pagers.append(_start_pager(template, pid, plan))
-        ptrace.cont(pid)
-    try:
-        _wait_blob(pid, args_addr, what, paused=False)
-    except RestoreError as e:
-        if pagers and (errors := pagers[0].stats().errors):
-            raise RestoreError(
-                f"the pager could not serve {errors} page(s) of {template.name!r} (a compressed chunk that does "
-                f"not decompress?) and killed pid {pid}: {e}"
-            ) from e
-        raise
-    manifest = template.manifest
-    with SyscallInjector(pid, insn=manifest.syscall_insn) as inj:
-        if plan.uffd_fd >= 0:
-            inj.call_ok(Syscall.CLOSE, plan.uffd_fd, what="closing the stub's userfaultfd (the pager holds it)")
-        inj.call_ok(Syscall.MUNMAP, plan.scratch, plan.size, what="unmapping the restorer")
-    ptrace.setsigmask(pid, manifest.sigmask)
-    ptrace.setregs(pid, restart_fixup(Registers(**manifest.registers)))
-    ptrace.set_xstate(pid, manifest.xstate)
-    ptrace.detach(pid)
-    return Instance(pid, template, mode, stub, pagers[0] if pagers else None)
+        _map_scratch(stub.pid, plan, replace=in_the_way)
+    raw, changed = tracer.run_blob(stub.pid, plan.blob_run(), ARGS.size, files)
+    return plan, Program.outcome(raw), changed
+
+
+def _check_outcome(pid: int, template: Template, plan: _Plan, outcome: Outcome, paused: bool) -> None:
+    """The restorer stopped at its int3: did every op so far succeed, and is it where it should be?"""
+    what = plan.program.what
+    if outcome.failed_op == 0 and outcome.result == -SPECIALS_DIFFER:
+        specials = ", ".join(template.manifest.specials)
+        raise RestoreError(
+            f"the kernel's special mappings in pid {pid} differ from the template's ({specials} and their sizes): "
+            "it was captured under another kernel"
+        )
+    if not outcome.ok:
+        raise RestoreError(f"restore failed in pid {pid} at {Program.describe(outcome, what)}")
+    if paused != (outcome.done < len(what)):
+        raise RestoreError(f"the restorer in pid {pid} stopped after step {outcome.done} of {len(what)} unexpectedly")
 
 
 def _premapped_scratch(stub_maps: list[procfs.Vma]) -> int:
@@ -565,8 +562,8 @@ def _premapped_scratch(stub_maps: list[procfs.Vma]) -> int:
     return -1
 
 
-def _map_scratch(pid: int, plan: _Plan, replace: bool) -> Registers:
-    """Map the scratch area by an injected mmap; returns the stub's registers from before."""
+def _map_scratch(pid: int, plan: _Plan, replace: bool) -> None:
+    """Map the scratch area by an injected mmap (the stub's registers are put back after)."""
     fixed = MapFlag.FIXED if replace else MapFlag.FIXED_NOREPLACE
     with SyscallInjector(pid) as inj:
         inj.call_ok(
@@ -579,27 +576,6 @@ def _map_scratch(pid: int, plan: _Plan, replace: bool) -> Registers:
             0,
             what="mapping the restorer's scratch area",
         )
-    return inj.saved
-
-
-def _start_blob(pid: int, regs: Registers, entry: int, stack_top: int, args_addr: int) -> None:
-    # rsp as if `entry` had been called (rsp % 16 == 8 at a function's first instruction)
-    start = dataclasses.replace(regs, rip=entry, rdi=args_addr, rsp=stack_top - 8, orig_rax=(1 << 64) - 1)
-    ptrace.setregs(pid, start)
-    ptrace.cont(pid)
-
-
-def _wait_blob(pid: int, args_addr: int, what: list[str], paused: bool) -> None:
-    """Wait for the restorer's int3: its pause (lazy) or its end. One round trip either way."""
-    stop = ptrace.wait(pid)
-    if stop is None or stop.exited or stop.signal != signal.SIGTRAP:
-        rip = ptrace.getregs(pid).rip if stop is not None and not stop.exited else 0
-        raise RestoreError(f"the restorer in pid {pid} stopped with {stop} at rip {rip:#x} instead of its int3")
-    outcome = Program.outcome(memory.read_exact(pid, args_addr, ARGS.size))
-    if not outcome.ok:
-        raise RestoreError(f"restore failed in pid {pid} at {Program.describe(outcome, what)}")
-    if paused != (outcome.done < len(what)):
-        raise RestoreError(f"the restorer in pid {pid} stopped after step {outcome.done} of {len(what)} unexpectedly")
 
 
 def _start_pager(template: Template, pid: int, plan: _Plan) -> Pager:

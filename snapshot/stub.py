@@ -46,11 +46,14 @@ def launch_stub(
     namespaces: int = 0,
     stdout: int | IO[Any] | None = None,
     stderr: int | IO[Any] | None = None,
+    bare: bool = False,
 ) -> LaunchedStub:
-    """Start a stopped stub holding `fds` from fd 1000 and one end of a new socketpair on fd 3."""
+    """Start a stopped stub holding `fds` from fd 1000 and one end of a new socketpair on fd 3.
+    A `bare` stub skips the preparations that save a restore work (native/src/stub_prepare.h):
+    it is like any other process that stops itself, for testing restores into those."""
     ours, theirs = socket.socketpair()
     moves = [f"{fd}:{FIRST_RESTORE_FD + i}" for i, fd in enumerate(fds)] + [f"{theirs.fileno()}:3"]
-    argv = [str(STUB_PROGRAM), "--unshare", str(int(namespaces)), *moves]
+    argv = [str(STUB_PROGRAM), *(["--bare"] if bare else []), "--unshare", str(int(namespaces)), *moves]
     in_pid_namespace = bool(namespaces & CloneFlag.NEWPID)
     try:
         popen = subprocess.Popen(

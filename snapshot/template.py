@@ -26,6 +26,7 @@ from typing import Any, Self
 
 from native import memory
 from native.pager import ColdChunk, ColdImage
+from native.tracer import FileChecks
 from shmpool import Pool, Segment, SegmentNotFound
 from snapshot.errors import FileChanged, TemplateCorrupt
 from snapshot.manifest import HEADER_SIZE, FileIdentity, Manifest, check_manifest, unpack_header
@@ -59,6 +60,7 @@ class Template:
         self._cold: ColdImage | None = None
         self._cold_spans: list[tuple[int, int]] | None = None
         self._host_paths: list[str] | None = None
+        self._file_checks: FileChecks | None = None
         self._source_view: mmap.mmap | None = None
         self._working_set: list[int] | None = None
         # restore.py's per-template restore programs, built once per (mode, fd base)
@@ -95,14 +97,29 @@ class Template:
             segment.close()
             raise
 
+    def host_paths(self) -> list[str]:
+        """Where the files this template maps are, seen from here (its mounts resolved)."""
+        if self._host_paths is None:
+            self._host_paths = [host_path(ident.path, self.mounts) for ident in self.manifest.files]
+        return self._host_paths
+
+    def file_checks(self) -> FileChecks:
+        """The files' captured identities with the fds this template holds them by, for the
+        tracer's check at every restore: one fstat each (a file changed in place, or deleted or
+        replaced under its name). `check_files` then names the change, by path."""
+        if self._file_checks is None:
+            files = self.manifest.files
+            self._file_checks = FileChecks(
+                [(fd, f.dev, f.ino, f.size, f.mtime_ns) for f, fd in zip(files, self.file_fds, strict=True)]
+            )
+        return self._file_checks
+
     def check_files(self) -> None:
         """The files this template maps are still the captured ones (run at every restore).
 
         One stat of each path: a file modified in place shows a new size/mtime there as well as
         on the fd we hold, and a file replaced under its name shows another device/inode."""
-        if self._host_paths is None:
-            self._host_paths = [host_path(ident.path, self.mounts) for ident in self.manifest.files]
-        for ident, path in zip(self.manifest.files, self._host_paths, strict=True):
+        for ident, path in zip(self.manifest.files, self.host_paths(), strict=True):
             st = _stat_or_none(path)
             if st is None:
                 raise FileChanged(f"{ident.path}, which template {self.name!r} maps, no longer exists")
@@ -231,6 +248,7 @@ class Template:
         for fd in self.file_fds:
             os.close(fd)
         self.file_fds = []
+        self._file_checks = None
         self.segment.close()
 
     def __enter__(self) -> Self:

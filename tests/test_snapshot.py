@@ -18,9 +18,8 @@ from typing import Any
 import psutil
 import pytest
 
-from native import ptrace
-from native.constants import CloneFlag, Syscall
-from native.restorer import STUB_SCRATCH, STUB_SCRATCH_SIZE
+from native.constants import CloneFlag
+from native.restorer import STUB_SCRATCH
 from sandbox.guest import protocol
 from shmpool import Pool, PoolFull, SegmentCorrupt
 from shmpool.codecs import Codec, IaaCodec, get_codec
@@ -28,7 +27,6 @@ from snapshot import procfs
 from snapshot.capture import capture
 from snapshot.compress import CompressError, compress, expand
 from snapshot.errors import FileChanged, NotCapturable, RestoreError, TemplateCorrupt
-from snapshot.inject import SyscallInjector, seize_stopped
 from snapshot.restore import restore
 from snapshot.stub import LaunchedStub, launch_stub
 from snapshot.template import Template
@@ -81,7 +79,8 @@ def handle(event, context):
                        + xml.dom.minidom.parseString("<a>ok</a>").documentElement.firstChild.data,
             "file": [HEAD.decode(), os.lseek(FD, 0, os.SEEK_CUR), os.read(FD, 100).decode()],
             "pid": os.getpid(), "random": random.random(), "uid": os.getuid(),
-            "cap_eff": status("CapEff")[0], "no_new_privs": status("NoNewPrivs")[0],
+            "cap_eff": status("CapEff")[0], "cap_bnd": status("CapBnd")[0],
+            "no_new_privs": status("NoNewPrivs")[0],
         }
     if what == "/signal":
         os.kill(os.getpid(), signal.SIGUSR1)
@@ -207,7 +206,7 @@ def test_any_workload_state_survives_restore(any_workload: Template, mode: str) 
         assert state["modules"] == "2.10ok"
         assert state["file"] == ["HELLO", 5, ", restored world"]
         assert state["pid"] == instance.pid
-        assert state["cap_eff"] == "0000000000000000" and state["no_new_privs"] == "1"
+        assert state["cap_eff"] == state["cap_bnd"] == "0000000000000000" and state["no_new_privs"] == "1"
         assert state["uid"] == any_workload.manifest.credentials.uid[0]
 
 
@@ -354,35 +353,80 @@ def test_restore_round_trips_do_not_grow_with_vmas(pool: Pool, workload_dir: Pat
     assert trips[1000][0] == trips[0][0]
 
 
-def _unmap_premapped_scratch(pid: int) -> None:
-    """Make a stub like one that did not map the scratch area itself; leave it stopped."""
-    seize_stopped(pid)
-    with SyscallInjector(pid) as inj:
-        inj.call_ok(Syscall.MUNMAP, STUB_SCRATCH, STUB_SCRATCH_SIZE, what="munmap")
-    ptrace.detach(pid, signal.SIGSTOP)
-    while procfs.state(pid) != "T":
-        time.sleep(0.001)
+def _cap_bnd(pid: int) -> str:
+    return next(line.split()[1] for line in open(f"/proc/{pid}/status") if line.startswith("CapBnd:"))
 
 
-def test_restore_maps_the_scratch_area_when_the_stub_did_not(workload: Template) -> None:
+def test_a_bare_stub_is_restored_like_a_prepared_one(workload: Template) -> None:
+    """A bare stub maps no scratch area, leaves no report of its special mappings and keeps its
+    bounding set, like any program that stops itself: the restore maps the area with an injected
+    mmap (the one round trip more), the restorer reads the specials from /proc/self/maps and
+    empties the bounding set itself."""
     trips = {}
-    for premapped in (True, False):
-        stub = launch_stub(workload.restore_fds("cow"))
+    for bare in (False, True):
+        stub = launch_stub(workload.restore_fds("cow"), bare=bare)
         assert stub.control is not None
-        assert any(v.start == STUB_SCRATCH for v in procfs.read_maps(stub.pid))
-        if not premapped:
-            _unmap_premapped_scratch(stub.pid)
+        assert any(v.start == STUB_SCRATCH for v in procfs.read_maps(stub.pid)) is not bare
+        assert (_cap_bnd(stub.pid) == "0000000000000000") is not bare
         instance = restore(workload, stub, "cow")
         try:
             hello = recv(stub.control)
             assert hello is not None and hello["type"] == "restored"
-            assert request(stub.control, "/verify")["big"]
+            state = request(stub.control, "/verify")
+            assert state["big"] and state["cap_bnd"] == "0000000000000000"
             assert not any(v.start == STUB_SCRATCH for v in procfs.read_maps(instance.pid))
-            trips[premapped] = instance.round_trips
+            trips[bare] = instance.round_trips
         finally:
             instance.close()
             stub.control.close()
-    assert trips[False] == trips[True] + 1  # the injected mmap is the one round trip saved
+    assert trips[True] == trips[False] + 1
+
+
+@pytest.mark.parametrize("bare", [False, True], ids=["from-report", "from-maps"])
+def test_special_mappings_of_another_kernel_are_refused(pool: Pool, workload: Template, bare: bool) -> None:
+    other = Template.open(pool, workload.name)  # its own restore plans: the altered manifest's
+    try:
+        start, end = other.manifest.specials["[vdso]"]
+        specials = {**other.manifest.specials, "[vdso]": (start, end + 4096)}
+        other.manifest = dataclasses.replace(other.manifest, specials=specials)
+        stub = launch_stub(other.restore_fds("cow"), bare=bare)
+        assert stub.control is not None
+        before = _children()
+        with pytest.raises(RestoreError, match=r"special mappings in pid \d+ differ .* another kernel"):
+            restore(other, stub, "cow")
+        assert stub.wait(10) is not None
+        assert _children() <= before - {stub.pid}
+        stub.control.close()
+    finally:
+        other.close()
+
+
+def test_the_stack_below_the_red_zone_is_not_stored(workload: Template) -> None:
+    """Init ran deeper than the guest's stack is when it parks: those pages are dead."""
+    stack = next(v for v in workload.manifest.vmas if v.stack)
+    floor = (workload.manifest.registers["rsp"] - 128) & ~(procfs.PAGE - 1)
+    assert stack.runs and stack.runs[0].start == floor
+    assert sum(run.length for run in stack.runs) <= stack.end - floor
+
+
+def test_the_affinity_of_stub_and_caller_is_theirs_after_a_restore(workload: Template) -> None:
+    """The tracer pins itself and the stub to one CPU both may use for the restore (another than
+    its own, when the stub may not use that); both get their own CPUs back."""
+    ours = os.sched_getaffinity(0)
+    for cpus in (ours, {max(ours)}):
+        stub = launch_stub(workload.restore_fds("cow"))
+        assert stub.control is not None
+        os.sched_setaffinity(stub.pid, cpus)
+        instance = restore(workload, stub, "cow")
+        try:
+            assert os.sched_getaffinity(instance.pid) == cpus
+            assert os.sched_getaffinity(0) == ours
+            hello = recv(stub.control)
+            assert hello is not None and hello["type"] == "restored"
+            assert request(stub.control, "/verify")["big"]
+        finally:
+            instance.close()
+            stub.control.close()
 
 
 # -- compressed templates -----------------------------------------------------------------------
@@ -576,6 +620,13 @@ def test_changed_library_is_refused_and_stub_killed(pool: Pool, workload_dir: Pa
             restore(template, stub, "cow")
         assert stub.wait(10) is not None  # the stub was killed and reaped
         assert stub.pid not in _children()
+        replacement = tmp_path / "libnew.so"
+        replacement.write_bytes(lib.read_bytes())
+        os.replace(replacement, lib)  # another file under the name, as a package upgrade does
+        stub = launch_stub(template.restore_fds("cow"))
+        with pytest.raises(FileChanged, match=r"libcopy\.so is another file now"):
+            restore(template, stub, "cow")
+        assert stub.wait(10) is not None
     Template.delete(pool, "libchange")
 
 

@@ -50,7 +50,7 @@
 #include <unistd.h>
 
 #include "agent.h"
-#include "restorer.h"
+#include "stub_prepare.h"
 
 #define MAX_PATHS 64
 #define MAX_CGROUPS 8
@@ -438,8 +438,7 @@ static void do_stub(const struct thaw_agent_msg *req, const int *fds, int nfds)
     if (pid == 0) {
         if (child_setup(fds, nfds, req->value, -1) < 0)
             _exit(THAW_AGENT_EXEC_FAILED);
-        mmap((void *)THAW_STUB_SCRATCH, THAW_STUB_SCRATCH_SIZE, PROT_READ | PROT_WRITE | PROT_EXEC,
-             MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+        thaw_stub_prepare();
         syscall(SYS_kill, getpid(), SIGSTOP); /* rests after a `syscall`, as restore expects */
         _exit(111);                           /* resumed without a restore */
     }

@@ -26,6 +26,18 @@ static inline long raw_syscall6(long nr, long a, long b, long c, long d, long e,
 #define NR_CLOSE 3
 #define NR_OPENAT 257
 #define NR_DUP3 292
+#define NR_READ 0
+#define NR_MUNMAP 11
+#define NR_MREMAP 25
+#define NR_PRCTL 157
+#define NR_RSEQ 334
+#define PR_CAPBSET_READ_ 23
+#define PR_CAPBSET_DROP_ 24
+#define MREMAP_MAYMOVE_ 1
+#define MREMAP_FIXED_ 2
+#define RSEQ_FLAG_UNREGISTER_ 1
+#define EXDEV_ 18
+#define TASK_TOP_ ((1ULL << 47) - 4096)
 #define AT_FDCWD_ (-100)
 #define O_CLOEXEC_ 02000000
 #define EINTR_ 4
@@ -63,6 +75,245 @@ static long open_fd(uint64_t path, long flags, long fd, long pos)
     return r < 0 && r != -29 /* ESPIPE: not seekable, nothing to restore */ ? r : 0;
 }
 
+/* -- THAW_OP_CLEAN_STUB (see restorer.h) ------------------------------------------------------ */
+/* No arrays of pointers: they would need relocations. The names, NUL-separated, end with "". */
+static const char special_names[] = "[vvar]\0[vvar_vclock]\0[vdso]\0";
+
+struct mapping {
+    uint64_t start;
+    uint64_t end;
+};
+
+static int same(const char *a, const char *b)
+{
+    while (*a && *a == *b)
+        a++, b++;
+    return *a == *b;
+}
+
+static int is_special(const char *name)
+{
+    for (const char *known = special_names; *known;) {
+        if (same(known, name))
+            return 1;
+        while (*known++)
+            ;
+    }
+    return 0;
+}
+
+static uint64_t hex(const char **p, const char *end)
+{
+    uint64_t v = 0;
+    for (; *p < end; (*p)++) {
+        char c = **p;
+        int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+        if (d < 0)
+            break;
+        v = v << 4 | (uint64_t)d;
+    }
+    return v;
+}
+
+/* Note where the stub's special mapping `name` is. -EXDEV when the template lacks it or has it
+ * in another size. */
+static long note_special(const char *name, uint64_t start, uint64_t stop, const struct thaw_stub_clean *c,
+                         struct mapping *seen, uint64_t *nseen)
+{
+    for (uint64_t i = 0; i < c->nspecials; i++) {
+        if (!same(c->specials[i].name, name))
+            continue;
+        if (stop - start != c->specials[i].end - c->specials[i].start)
+            return -EXDEV_;
+        seen[i].start = start;
+        seen[i].end = stop;
+        (*nseen)++;
+        return 0;
+    }
+    return -EXDEV_;
+}
+
+/* One line of /proc/self/maps, "start-end perms offset dev inode   path". */
+static long note_line(const char *p, const char *end, const struct thaw_stub_clean *c, struct mapping *seen,
+                      uint64_t *nseen)
+{
+    uint64_t start = hex(&p, end);
+    p++;
+    uint64_t stop = hex(&p, end);
+    for (int field = 0; field < 4; field++) { /* perms, offset, dev, inode */
+        while (p < end && *p == ' ')
+            p++;
+        while (p < end && *p != ' ')
+            p++;
+    }
+    while (p < end && *p == ' ')
+        p++;
+    char name[16];
+    uint64_t len = (uint64_t)(end - p);
+    if (len == 0 || len >= sizeof name || *p != '[' || start >= TASK_TOP_)
+        return 0;
+    for (uint64_t i = 0; i < len; i++)
+        name[i] = p[i];
+    name[len] = 0;
+    return is_special(name) ? note_special(name, start, stop, c, seen, nseen) : 0;
+}
+
+static long read_specials(const struct thaw_stub_clean *c, struct mapping *seen)
+{
+    char buf[8192];
+    uint64_t have = 0, nseen = 0;
+    int skipping = 0; /* inside a line too long to be a special's */
+    long fd = raw_syscall6(NR_OPENAT, AT_FDCWD_, (long)"/proc/self/maps", O_CLOEXEC_, 0, 0, 0);
+    if (fd < 0)
+        return fd;
+    long r = 0;
+    for (;;) {
+        long n = raw_syscall6(NR_READ, fd, (long)(buf + have), (long)(sizeof buf - have), 0, 0, 0);
+        if (n == -EINTR_)
+            continue;
+        if (n < 0) {
+            r = n;
+            break;
+        }
+        uint64_t end = have + (uint64_t)n, line = 0;
+        for (uint64_t i = have; i < end && r == 0; i++) {
+            if (buf[i] != '\n')
+                continue;
+            if (!skipping)
+                r = note_line(buf + line, buf + i, c, seen, &nseen);
+            skipping = 0;
+            line = i + 1;
+        }
+        if (r < 0)
+            break;
+        if (n == 0)
+            break; /* maps ends with a newline: nothing is left over */
+        if (line == 0 && end == sizeof buf) { /* no newline in a full buffer */
+            skipping = 1;
+            have = 0;
+            continue;
+        }
+        for (uint64_t i = line; i < end; i++)
+            buf[i - line] = buf[i];
+        have = end - line;
+    }
+    raw_syscall6(NR_CLOSE, fd, 0, 0, 0, 0, 0);
+    if (r == 0 && nseen != c->nspecials)
+        r = -EXDEV_;
+    return r;
+}
+
+/* Unmap [0, TASK_TOP) but for the `n` mappings in `keep`, which this sorts. */
+static long unmap_all_but(struct mapping *keep, uint64_t n)
+{
+    for (uint64_t i = 1; i < n; i++)
+        for (uint64_t j = i; j > 0 && keep[j].start < keep[j - 1].start; j--) {
+            struct mapping t = keep[j];
+            keep[j] = keep[j - 1];
+            keep[j - 1] = t;
+        }
+    uint64_t cursor = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        if (keep[i].start > cursor) {
+            long r = raw_syscall6(NR_MUNMAP, (long)cursor, (long)(keep[i].start - cursor), 0, 0, 0, 0);
+            if (r < 0)
+                return r;
+        }
+        if (keep[i].end > cursor)
+            cursor = keep[i].end;
+    }
+    return raw_syscall6(NR_MUNMAP, (long)cursor, (long)(TASK_TOP_ - cursor), 0, 0, 0, 0);
+}
+
+static long move(struct mapping *m, uint64_t to)
+{
+    uint64_t size = m->end - m->start;
+    long r = raw_syscall6(NR_MREMAP, (long)m->start, (long)size, (long)size, MREMAP_MAYMOVE_ | MREMAP_FIXED_,
+                          (long)to, 0);
+    if (r < 0)
+        return r;
+    m->start = to;
+    m->end = to + size;
+    return 0;
+}
+
+/* mremap cannot move a mapping onto one it overlaps: then every special goes to `park` first. */
+static long move_specials(const struct thaw_stub_clean *c, struct mapping *seen)
+{
+    int moved = 0, overlap = 0;
+    for (uint64_t i = 0; i < c->nspecials; i++) {
+        moved |= seen[i].start != c->specials[i].start;
+        for (uint64_t j = 0; j < c->nspecials; j++)
+            overlap |= seen[i].start < c->specials[j].end && c->specials[j].start < seen[i].end;
+    }
+    if (!moved)
+        return 0;
+    uint64_t park = c->park;
+    for (uint64_t i = 0; overlap && i < c->nspecials; i++) {
+        long r = move(&seen[i], park);
+        if (r < 0)
+            return r;
+        park = seen[i].end;
+    }
+    for (uint64_t i = 0; i < c->nspecials; i++) {
+        long r = move(&seen[i], c->specials[i].start);
+        if (r < 0)
+            return r;
+    }
+    return 0;
+}
+
+/* The stub's specials, from its report when the tracer passed one, else from its maps. */
+static long find_specials(const struct thaw_stub_clean *c, struct mapping *seen)
+{
+    uint64_t n = c->stub.nspecials, nseen = 0;
+    if (n == 0)
+        return read_specials(c, seen);
+    for (uint64_t i = 0; i < n && i < THAW_SPECIALS_MAX; i++) {
+        const struct thaw_special *s = &c->stub.specials[i];
+        long r = note_special(s->name, s->start, s->end, c, seen, &nseen);
+        if (r < 0)
+            return r;
+    }
+    return n == c->nspecials && nseen == n ? 0 : -EXDEV_;
+}
+
+static long clean_stub(const struct thaw_stub_clean *c)
+{
+    if (c->nspecials > THAW_SPECIALS_MAX)
+        return -EXDEV_;
+    if (c->stub.rseq_pointer) {
+        long r = raw_syscall6(NR_RSEQ, (long)c->stub.rseq_pointer, c->stub.rseq_size, RSEQ_FLAG_UNREGISTER_,
+                              c->stub.rseq_signature, 0, 0);
+        if (r < 0)
+            return r;
+    }
+    struct mapping seen[THAW_SPECIALS_MAX + 1], keep[THAW_SPECIALS_MAX + 1];
+    long r = find_specials(c, seen);
+    if (r < 0)
+        return r;
+    for (uint64_t i = 0; i < c->nspecials; i++)
+        keep[i] = seen[i];
+    keep[c->nspecials].start = c->keep_start;
+    keep[c->nspecials].end = c->keep_end;
+    r = unmap_all_but(keep, c->nspecials + 1);
+    return r < 0 ? r : move_specials(c, seen);
+}
+
+/* -- THAW_OP_DROP_BOUNDING: a drop costs a credentials commit, a read does not ------------------ */
+static long drop_bounding(long last_cap)
+{
+    long failed = 0;
+    for (long cap = 0; cap <= last_cap; cap++) {
+        if (raw_syscall6(NR_PRCTL, PR_CAPBSET_READ_, cap, 0, 0, 0, 0) != 1)
+            continue;
+        long r = raw_syscall6(NR_PRCTL, PR_CAPBSET_DROP_, cap, 0, 0, 0, 0);
+        if (r < 0)
+            failed = r;
+    }
+    return failed;
+}
+
 static long run_op(const struct thaw_restorer_op *op, long saved)
 {
     long a0 = (op->flags & THAW_OPF_ARG0_SAVED) ? saved : (long)op->args[0];
@@ -72,6 +323,10 @@ static long run_op(const struct thaw_restorer_op *op, long saved)
         __asm__ volatile("int3" ::: "memory");
         return 0;
     }
+    if (op->kind == THAW_OP_CLEAN_STUB)
+        return clean_stub((const struct thaw_stub_clean *)a0);
+    if (op->kind == THAW_OP_DROP_BOUNDING)
+        return drop_bounding(a0);
     if (op->kind == THAW_OP_OPEN_FD)
         return open_fd(op->args[0], (long)op->args[1], (long)op->args[2], (long)op->args[3]);
     return raw_syscall6((long)op->nr, a0, (long)op->args[1], (long)op->args[2], (long)op->args[3],

@@ -23,6 +23,54 @@ enum thaw_restorer_op_kind {
     THAW_OP_PREAD = 2,   /* read args[2] bytes of fd args[0] at offset args[3] into args[1], fully */
     THAW_OP_OPEN_FD = 3, /* open path args[0] with flags args[1] as fd args[2], at position args[3] */
     THAW_OP_PAUSE = 4,   /* int3, then go on when the tracer resumes (it starts the pager here) */
+    THAW_OP_CLEAN_STUB = 5,   /* args[0] = struct thaw_stub_clean *: make room for the template */
+    THAW_OP_DROP_BOUNDING = 6, /* drop capabilities 0..args[0] that are still in the bounding set */
+};
+
+/* THAW_OP_CLEAN_STUB: the stub-specific start of every restore, done by the blob itself so the
+ * tracer never reads the stub's maps. It unregisters the stub's rseq, finds the kernel's special
+ * mappings ([vvar], [vvar_vclock], [vdso]) in the stub, unmaps everything else but the scratch
+ * area, and moves the specials to the template's addresses (through `park` when the moves
+ * overlap). The tracer writes what it knows of the stub into `stub` before the run: its rseq
+ * registration and, from the stub's report (below), its specials; without a report the blob
+ * reads /proc/self/maps. A stub whose specials differ in names or sizes from the template's
+ * fails the op with THAW_SPECIALS_DIFFER: the template was captured under another kernel. */
+#define THAW_SPECIALS_MAX 4
+#define THAW_SPECIALS_DIFFER 18 /* -EXDEV */
+
+struct thaw_special {
+    char name[16];
+    uint64_t start;
+    uint64_t end;
+};
+
+struct thaw_stub_facts {
+    uint64_t rseq_pointer; /* 0: no rseq registered */
+    uint32_t rseq_size;
+    uint32_t rseq_signature;
+    uint64_t nspecials; /* 0: unknown */
+    struct thaw_special specials[THAW_SPECIALS_MAX];
+};
+
+struct thaw_stub_clean {
+    uint64_t keep_start; /* the scratch area, [keep_start, keep_end) */
+    uint64_t keep_end;
+    uint64_t park;
+    uint64_t nspecials;
+    struct thaw_special specials[THAW_SPECIALS_MAX]; /* the template's */
+    struct thaw_stub_facts stub;                      /* written in by the tracer */
+};
+
+/* A stub that pre-maps the scratch area also leaves, in its last page, where the kernel put its
+ * special mappings (it reads its own maps before it stops, off any restore's path). The tracer
+ * reads the report before it copies the restorer in. */
+#define THAW_STUB_REPORT (THAW_STUB_SCRATCH + THAW_STUB_SCRATCH_SIZE - 4096)
+#define THAW_STUB_REPORT_MAGIC 0x6275747377616874ULL /* "thawstub" */
+
+struct thaw_stub_report {
+    uint64_t magic;
+    uint64_t nspecials;
+    struct thaw_special specials[THAW_SPECIALS_MAX];
 };
 
 #define THAW_OPF_ALLOW_ERROR 1u /* a -errno result is not a failure */

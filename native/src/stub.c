@@ -1,10 +1,11 @@
 /* thaw-stub: the minimal process a restore turns into an instance, for use without a sandbox.
  *
- *   thaw-stub [--unshare FLAGS] SRC:DST...
+ *   thaw-stub [--bare] [--unshare FLAGS] SRC:DST...
  *
  * Moves each inherited fd SRC to DST (3: the control socket; the restorer's fds go to >= 1000),
- * closes every other fd but 0-3 (0-2: the log pipe), and stops itself with SIGSTOP; the tracer takes it from
- * there. With CLONE_NEWPID in FLAGS it unshares, forks a reaper that is pid 1 of the new
+ * closes every other fd but 0-3 (0-2: the log pipe), prepares what saves a restore work
+ * (stub_prepare.h; not with --bare, which makes it a stub like any other program that stops
+ * itself) and stops itself with SIGSTOP; the tracer takes it from there. With CLONE_NEWPID in FLAGS it unshares, forks a reaper that is pid 1 of the new
  * namespace, and that reaper forks the stub (pid 2: a pid 1 ignores its own SIGSTOP). The
  * launcher's process waits for the reaper and exits with the stub's status, so the caller sees
  * the instance's exit code. It is exec'd fresh, never a fork of the multi-threaded daemon.
@@ -23,7 +24,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "restorer.h"
+#include "stub_prepare.h"
 
 #define FIRST_RESTORER_FD 1000
 #define CONTROL_FD 3
@@ -49,6 +50,8 @@ static int reap_until(pid_t child)
             return 1;
     }
 }
+
+static int bare;
 
 static int become_stub(int nmoves, char **moves)
 {
@@ -77,9 +80,8 @@ static int become_stub(int nmoves, char **moves)
     }
     syscall(SYS_close_range, 4, FIRST_RESTORER_FD - 1, 0);
     syscall(SYS_close_range, top + 1, ~0U, 0);
-    /* Best effort: without it the restore maps the scratch area by an injected syscall. */
-    mmap((void *)THAW_STUB_SCRATCH, THAW_STUB_SCRATCH_SIZE, PROT_READ | PROT_WRITE | PROT_EXEC,
-         MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+    if (!bare)
+        thaw_stub_prepare();
     /* A direct kill(2): the stub then rests right after a `syscall` instruction, where the
      * tracer's first injected syscall can reuse it. */
     syscall(SYS_kill, getpid(), SIGSTOP);
@@ -90,9 +92,13 @@ static int become_stub(int nmoves, char **moves)
 int main(int argc, char **argv)
 {
     int flags = 0, first = 1;
-    if (argc > 2 && strcmp(argv[1], "--unshare") == 0) {
-        flags = (int)strtol(argv[2], NULL, 0);
-        first = 3;
+    if (argc > first && strcmp(argv[first], "--bare") == 0) {
+        bare = 1;
+        first++;
+    }
+    if (argc > first + 1 && strcmp(argv[first], "--unshare") == 0) {
+        flags = (int)strtol(argv[first + 1], NULL, 0);
+        first += 2;
     }
     if (flags && unshare(flags) < 0) {
         perror("thaw-stub: unshare");

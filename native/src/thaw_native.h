@@ -107,6 +107,81 @@ void thaw_pager_free(struct thaw_pager *p);
 /* The restorer blob (restorer.c), built flat by native/build.py and embedded here. */
 const unsigned char *thaw_restorer_blob(size_t *len);
 
+/* The tracer's side of a restore (tracer.c): each call is one stretch of ptrace work with no
+ * Python in between, so a restore costs its round trips and little else. All calls for a
+ * tracee come from the thread that seized it. They return 0, or -1 with `err` saying which step
+ * failed, with what errno or wait status; `trips` counts the stops waitpid saw either way. */
+enum {
+    THAW_TRACE_SEIZE = 1,       /* PTRACE_SEIZE/INTERRUPT/CONT failed: errno */
+    THAW_TRACE_NOT_STOPPED = 2, /* the process was not in a stop (status) */
+    THAW_TRACE_EXITED = 3,      /* it exited or was killed (status) */
+    THAW_TRACE_REGS = 4,        /* GETREGS/SETREGS/rseq configuration failed: errno */
+    THAW_TRACE_WRITE = 5,       /* writing the image into the tracee failed: errno */
+    THAW_TRACE_RESUME = 6,      /* PTRACE_CONT/SINGLESTEP failed: errno */
+    THAW_TRACE_STRAY_STOP = 7,  /* a stop other than the blob's int3 or the single-step's trap */
+    THAW_TRACE_READ = 8,        /* reading the argument block back failed: errno */
+    THAW_TRACE_INJECTED = 9,    /* an injected syscall returned -errno (err; status: its number) */
+    THAW_TRACE_FINAL = 10,      /* setting the signal mask, registers or xstate failed: errno */
+    THAW_TRACE_DETACH = 11,     /* PTRACE_DETACH failed: errno */
+};
+struct thaw_trace_error {
+    int32_t step;
+    int32_t err;
+    int32_t status;
+    uint32_t trips;
+    uint64_t rip; /* where a stray stop happened */
+};
+/* A file a template maps, as captured, and the fd the template holds it by (what the restore
+ * maps): one fstat shows a change in place (size, mtime) or a file deleted or replaced under its
+ * name (no links left). */
+struct thaw_file_check {
+    int64_t fd;
+    uint64_t dev;
+    uint64_t ino;
+    int64_t size;
+    int64_t mtime_ns;
+};
+struct thaw_blob_run {
+    const void *image;
+    size_t len;
+    uint64_t scratch; /* where the image goes; the blob's entry is its first byte */
+    uint64_t args;    /* the argument block's address in the tracee */
+    uint64_t stack_top;
+    int64_t stub_at; /* image offset of thaw_stub_clean.stub (the tracer fills it in), -1 if none */
+    const struct thaw_file_check *files;
+    size_t nfiles;
+    int64_t changed_file; /* out: index of the first file that is not as captured, -1 if none */
+};
+struct thaw_restore_end {
+    uint64_t syscall_insn; /* a `syscall` instruction of the restored image */
+    int64_t close_fd;      /* an fd the tracee must close first, -1 if none */
+    uint64_t unmap_start;  /* the scratch area */
+    uint64_t unmap_len;
+    uint64_t sigmask;
+    const void *regs; /* struct user_regs_struct */
+    const void *xstate;
+    size_t xstate_len;
+    const struct thaw_pin *pin; /* the stub's own CPUs are given back before it runs; may be NULL */
+};
+/* Waking a halted vCPU costs ~50 us in a VM, once per round trip when tracer and tracee sit on
+ * different CPUs: for the restore both are pinned to the tracer's CPU (one in both masks), and
+ * put back after. */
+struct thaw_pin {
+    uint64_t stub_mask[16];
+    uint64_t self_mask[16];
+    int32_t cpu; /* -1: not pinned (no CPU both may use) */
+    int32_t stub_pinned;
+};
+int thaw_trace_pin(pid_t pid, struct thaw_pin *pin);
+void thaw_trace_unpin_stub(pid_t pid, const struct thaw_pin *pin);
+void thaw_trace_unpin_self(const struct thaw_pin *pin);
+void thaw_trace_repin_self(const struct thaw_pin *pin); /* after a thread was started unpinned */
+int thaw_trace_seize_stopped(pid_t pid, struct thaw_trace_error *err);
+int thaw_trace_run_blob(pid_t pid, struct thaw_blob_run *run, void *outcome, size_t outcome_len,
+                        struct thaw_trace_error *err);
+int thaw_trace_resume_blob(pid_t pid, uint64_t args, void *outcome, size_t outcome_len, struct thaw_trace_error *err);
+int thaw_trace_end_restore(pid_t pid, const struct thaw_restore_end *end, struct thaw_trace_error *err);
+
 /* Microbenchmark hot loops (bench.c). Times are CLOCK_MONOTONIC nanoseconds. */
 uint64_t thaw_now_ns(void);
 uint64_t thaw_bench_read(const void *buf, size_t len);
