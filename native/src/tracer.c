@@ -206,8 +206,9 @@ static int write_image(pid_t pid, const struct thaw_blob_run *run, struct thaw_t
         local[2] = (struct iovec){(char *)run->image + at + sizeof facts, run->len - at - sizeof facts};
         n = 3;
     }
-    if (process_vm_writev(pid, local, n, &remote, 1, 0) != (ssize_t)run->len)
-        return fail(e, THAW_TRACE_WRITE, errno ? errno : EFAULT);
+    ssize_t written = process_vm_writev(pid, local, n, &remote, 1, 0);
+    if (written != (ssize_t)run->len) /* short: the scratch area ends early */
+        return fail(e, THAW_TRACE_WRITE, written < 0 ? errno : EFAULT);
     return 0;
 }
 
