@@ -3,20 +3,42 @@
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from native._native import lib
+
 from sandbox.guest.launch import ParkedGuest, decode_body, invoke, recv, start_parked
 from shmpool import Pool
+from snapshot import procfs
 from snapshot.capture import capture
 from snapshot.restore import Instance, restore
 from snapshot.stub import LaunchedStub, launch_stub
 from snapshot.template import Template
 
 REPO = Path(__file__).resolve().parents[1]
-__all__ = ["captured", "recv", "request", "start_guest", "thawed"]
+__all__ = ["captured", "prepared_stub_facts", "recv", "request", "start_guest", "thawed"]
+_REPORT = struct.Struct("<QQ")
+_SPECIAL = struct.Struct("<16sQQ")
+
+
+def prepared_stub_facts(pid: int) -> tuple[dict[str, tuple[int, int]] | None, dict[str, tuple[int, int]], str]:
+    """What a stopped stub left for the restore (native/src/stub_prepare.h): the special mappings
+    its report names (None without a report), the ones its maps show, its CapBnd."""
+    with open(f"/proc/{pid}/mem", "rb") as mem:
+        mem.seek(int(lib.THAW_STUB_REPORT))
+        raw = mem.read(_REPORT.size + 4 * _SPECIAL.size)
+    magic, count = _REPORT.unpack_from(raw)
+    reported = None
+    if magic == int(lib.THAW_STUB_REPORT_MAGIC):
+        entries = [_SPECIAL.unpack_from(raw, _REPORT.size + i * _SPECIAL.size) for i in range(count)]
+        reported = {name.rstrip(b"\0").decode(): (start, end) for name, start, end in entries}
+    mapped = {v.path: (v.start, v.end) for v in procfs.read_maps(pid) if v.special and v.path != "[vsyscall]"}
+    status = Path(f"/proc/{pid}/status").read_text()
+    return reported, mapped, status.split("CapBnd:")[1].split()[0]
 
 
 def start_guest(function_dir: Path, env: dict[str, str] | None = None) -> ParkedGuest:

@@ -36,7 +36,7 @@ from snapshot.capture import capture
 from snapshot.errors import RestoreError
 from snapshot.restore import Stub, restore
 from snapshot.template import Template
-from tests.guests import REPO, request
+from tests.guests import REPO, prepared_stub_facts, request
 
 pytestmark = pytest.mark.privileged
 BRIDGE = "thawt0"
@@ -284,6 +284,20 @@ def test_release_kills_instances_and_the_agent_survives(pool: SandboxPool, fn_a:
     assert sandbox.alive() and psutil.pid_exists(sandbox.agent.pid)
     sandbox.agent.ping()
     assert sandbox.instance_cgroup.pids() == set()
+
+
+def test_stubs_share_the_agents_report_and_empty_bounding_set(pool: SandboxPool, fn_a: Path) -> None:
+    """The agent reads its special mappings and empties its bounding set once; its stubs, forks of
+    it, start with both (what saves a restore into them the work)."""
+    sandbox = pool.acquire(SandboxSpec(fn_a))
+    try:
+        for _ in range(2):
+            stub = sandbox.spawn_stub([])
+            reported, mapped, bounding = prepared_stub_facts(stub.pid)
+            assert reported == mapped and {"[vdso]", "[vvar]"} <= set(mapped)
+            assert bounding == "0000000000000000"
+    finally:
+        pool.release(sandbox)
 
 
 def test_spawn_of_a_missing_program_says_so(pool: SandboxPool, fn_a: Path) -> None:

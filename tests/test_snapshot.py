@@ -30,7 +30,7 @@ from snapshot.errors import FileChanged, NotCapturable, RestoreError, TemplateCo
 from snapshot.restore import restore
 from snapshot.stub import LaunchedStub, launch_stub
 from snapshot.template import Template
-from tests.guests import captured, recv, request, start_guest, thawed
+from tests.guests import captured, prepared_stub_facts, recv, request, start_guest, thawed
 
 pytestmark = pytest.mark.privileged
 MODES = ["cow", "copy", "lazy"]
@@ -355,6 +355,19 @@ def test_restore_round_trips_do_not_grow_with_vmas(pool: Pool, workload_dir: Pat
 
 def _cap_bnd(pid: int) -> str:
     return next(line.split()[1] for line in open(f"/proc/{pid}/status") if line.startswith("CapBnd:"))
+
+
+def test_a_stub_reports_its_special_mappings_and_empties_its_bounding_set(workload: Template) -> None:
+    stub = launch_stub(workload.restore_fds("cow"))
+    try:
+        reported, mapped, bounding = prepared_stub_facts(stub.pid)
+        assert reported == mapped and set(mapped) == set(workload.manifest.specials)
+        assert bounding == "0000000000000000"
+    finally:
+        stub.kill()
+        stub.wait(10)
+        assert stub.control is not None
+        stub.control.close()
 
 
 def test_a_bare_stub_is_restored_like_a_prepared_one(workload: Template) -> None:

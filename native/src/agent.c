@@ -72,6 +72,7 @@ struct config {
 
 static int control = -1;
 static const struct config *settings;
+static struct thaw_stub_report specials; /* the agent's, which its stubs share (forks) */
 static int instance_cgroups[MAX_CGROUPS];
 static int ninstance_cgroups;
 
@@ -438,7 +439,7 @@ static void do_stub(const struct thaw_agent_msg *req, const int *fds, int nfds)
     if (pid == 0) {
         if (child_setup(fds, nfds, req->value, -1) < 0)
             _exit(THAW_AGENT_EXEC_FAILED);
-        thaw_stub_prepare();
+        thaw_stub_prepare(&specials);
         syscall(SYS_kill, getpid(), SIGSTOP); /* rests after a `syscall`, as restore expects */
         _exit(111);                           /* resumed without a restore */
     }
@@ -858,6 +859,8 @@ int main(int argc, char **argv)
         reply_error(errno, "%s", failure);
         return 1;
     }
+    thaw_read_specials(&specials); /* once, for every stub (see stub_prepare.h) */
+    thaw_empty_bounding_set();
     syscall(SYS_close_range, 3, control > 3 ? control - 1 : 3, 0);
     syscall(SYS_close_range, control + 1, ~0U, 0);
     if (send_msg(THAW_AGENT_READY, 0, NULL, 0, NULL, 0, getpid()) < 0)

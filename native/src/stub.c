@@ -81,7 +81,7 @@ static int become_stub(int nmoves, char **moves)
     syscall(SYS_close_range, 4, FIRST_RESTORER_FD - 1, 0);
     syscall(SYS_close_range, top + 1, ~0U, 0);
     if (!bare)
-        thaw_stub_prepare();
+        thaw_stub_prepare(NULL);
     /* A direct kill(2): the stub then rests right after a `syscall` instruction, where the
      * tracer's first injected syscall can reuse it. */
     syscall(SYS_kill, getpid(), SIGSTOP);
