@@ -203,10 +203,10 @@ struct thaw_blob_run { const void *image; size_t len; uint64_t scratch; uint64_t
                        int64_t stub_at; const struct thaw_file_check *files; size_t nfiles; int64_t changed_file; };
 struct thaw_restore_end { uint64_t syscall_insn; int64_t close_fd; uint64_t unmap_start; uint64_t unmap_len;
                           uint64_t sigmask; const void *regs; const void *xstate; size_t xstate_len;
-                          const struct thaw_pin *pin; };
+                          struct thaw_pin *pin; };
 struct thaw_pin { uint64_t stub_mask[16]; uint64_t self_mask[16]; int32_t cpu; int32_t stub_pinned; };
 int thaw_trace_pin(pid_t pid, struct thaw_pin *pin);
-void thaw_trace_unpin_stub(pid_t pid, const struct thaw_pin *pin);
+void thaw_trace_unpin_stub(pid_t pid, struct thaw_pin *pin);
 void thaw_trace_unpin_self(const struct thaw_pin *pin);
 void thaw_trace_repin_self(const struct thaw_pin *pin);
 int thaw_trace_seize_stopped(pid_t pid, struct thaw_trace_error *err);

@@ -86,7 +86,7 @@ def same_cpu(pid: int) -> Iterator[Any]:
     try:
         yield pin
     finally:
-        lib.thaw_trace_unpin_stub(pid, pin)  # again after end_restore: harmless; gone: ignored
+        lib.thaw_trace_unpin_stub(pid, pin)  # a no-op after end_restore did it; gone: ignored
         lib.thaw_trace_unpin_self(pin)
 
 

@@ -161,7 +161,7 @@ struct thaw_restore_end {
     const void *regs; /* struct user_regs_struct */
     const void *xstate;
     size_t xstate_len;
-    const struct thaw_pin *pin; /* the stub's own CPUs are given back before it runs; may be NULL */
+    struct thaw_pin *pin; /* the stub gets its own CPUs back as it is let go (once); may be NULL */
 };
 /* Waking a halted vCPU costs ~50 us in a VM, once per round trip when tracer and tracee sit on
  * different CPUs: for the restore both are pinned to the tracer's CPU (one in both masks), and
@@ -173,7 +173,7 @@ struct thaw_pin {
     int32_t stub_pinned;
 };
 int thaw_trace_pin(pid_t pid, struct thaw_pin *pin);
-void thaw_trace_unpin_stub(pid_t pid, const struct thaw_pin *pin);
+void thaw_trace_unpin_stub(pid_t pid, struct thaw_pin *pin); /* once: later calls do nothing */
 void thaw_trace_unpin_self(const struct thaw_pin *pin);
 void thaw_trace_repin_self(const struct thaw_pin *pin); /* after a thread was started unpinned */
 int thaw_trace_seize_stopped(pid_t pid, struct thaw_trace_error *err);

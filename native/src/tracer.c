@@ -54,10 +54,12 @@ int thaw_trace_pin(pid_t pid, struct thaw_pin *pin)
     return 0;
 }
 
-void thaw_trace_unpin_stub(pid_t pid, const struct thaw_pin *pin)
+void thaw_trace_unpin_stub(pid_t pid, struct thaw_pin *pin)
 {
+    /* Once: after that the process is the instance's, which may set its own affinity. */
     if (pin->stub_pinned)
         sched_setaffinity(pid, sizeof pin->stub_mask, (const cpu_set_t *)pin->stub_mask);
+    pin->stub_pinned = 0;
 }
 
 void thaw_trace_unpin_self(const struct thaw_pin *pin)
