@@ -1,10 +1,10 @@
 """One type-agnostic sandbox: namespaces held by an agent, two cgroups, a veth, a rootfs.
 
     sandbox = Sandbox.create(config, tree, network)     # ~tens of ms: namespaces, rootfs, veth
-    sandbox.repurpose(spec)                              # < 1 ms: limits, /function, /tmp, hostname
+    sandbox.repurpose(spec)                              # < 1 ms: limits, /function, hostname
     guest = sandbox.spawn([python, "-m", "sandbox.guest", "/function"], control_fd=...)
     stub = sandbox.spawn_stub(restore_fds, control_fd=...)  # stopped, for snapshot.restore
-    sandbox.release()                                    # kill instances, scrub; the agent stays
+    sandbox.release()                                    # kill instances, scrub (a fresh /tmp); the agent stays
     sandbox.destroy()
 
 The agent (pid 1 inside) lives in the sandbox's *agent* cgroup; guests and stubs join the
@@ -145,6 +145,7 @@ class Sandbox:
         self.lease: Lease | None = None
         self.network: Network | None = None
         self.spec: SandboxSpec | None = None
+        self.limits: Limits | None = None  # what the instance cgroup holds (None: not known)
         self.hostname = f"sbx-{sandbox_id}"
         self.processes: list[SandboxProcess] = []
 
@@ -192,15 +193,20 @@ class Sandbox:
 
     # -- use -----------------------------------------------------------------------------------------
     def repurpose(self, spec: SandboxSpec) -> None:
-        """Make this sandbox the given function's: limits, /function, a fresh /tmp, hostname, env."""
+        """Make this sandbox the given function's: limits, /function, hostname, env. /tmp is fresh
+        already: a sandbox is repurposed only new or released, and nothing runs in it in between.
+        Limits the instance cgroup holds already are not written again (a function's instances
+        often follow each other through the same sandbox)."""
         spec.validate()
-        self.instance_cgroup.set_limits(spec.limits)
+        if spec.limits != self.limits:
+            self.limits = None  # unknown until every file is written
+            self.instance_cgroup.set_limits(spec.limits)
+            self.limits = spec.limits
         mount = mounts.detached_bind(str(spec.function_dir))
         try:
             self.agent.mount_function(mount)
         finally:
             os.close(mount)
-        self.agent.fresh_tmp(self.config.tmp_options)
         hostname = spec.hostname or f"sbx-{self.id}"
         if hostname != self.hostname:
             self.agent.hostname(hostname)
@@ -268,8 +274,7 @@ class Sandbox:
         if self.hostname != default:
             self.agent.hostname(default)
             self.hostname = default
-        self.instance_cgroup.set_limits(Limits())
-        self.spec = None
+        self.spec = None  # the limits stay until the next repurpose: nothing runs under them
 
     def destroy(self) -> None:
         """Take everything down: processes, agent, veth, cgroups."""

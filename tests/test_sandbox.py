@@ -212,6 +212,40 @@ def test_fork_bomb_stops_at_pids_max(pool: SandboxPool, fn_a: Path) -> None:
     assert in_cgroup == 11  # the parent has exited; its children remain until release
 
 
+def _pids_and_memory(sandbox: Sandbox) -> tuple[float, float]:
+    """The instance cgroup's pids and memory limits as the kernel has them (inf: none)."""
+    dirs = sandbox.instance_cgroup.directories()
+    files = [d / name for d in dirs for name in ("pids.max", "memory.max", "memory.limit_in_bytes")]
+    values = {f.name: f.read_text().strip() for f in files if f.exists()}
+    memory = values.get("memory.max", values.get("memory.limit_in_bytes", "max"))
+
+    def number(value: str) -> float:
+        return float("inf") if value == "max" or int(value) >= 1 << 60 else float(value)
+
+    return number(values["pids.max"]), number(memory)
+
+
+def test_limits_follow_each_function_through_one_sandbox(pool: SandboxPool, fn_a: Path, tmp_path: Path) -> None:
+    """Repurpose writes only the limits that differ from what the cgroup holds: each function
+    still gets its own."""
+    fn_b = _function(tmp_path / "fn-b")
+    steps = [
+        (fn_a, Limits(memory=48 << 20, pids=12), (12, 48 << 20)),
+        (fn_a, Limits(memory=48 << 20, pids=12), (12, 48 << 20)),
+        (fn_b, Limits(), (float("inf"), float("inf"))),
+        (fn_a, Limits(pids=12), (12, float("inf"))),
+    ]
+    used = set()
+    for fn, limits, expected in steps:
+        sandbox = pool.acquire(SandboxSpec(fn, limits))
+        try:
+            used.add(sandbox.id)
+            assert _pids_and_memory(sandbox) == expected
+        finally:
+            pool.release(sandbox)
+    assert len(used) == 1  # one sandbox served them all, released in between
+
+
 def test_invalid_limits_are_refused_before_anything_changes(pool: SandboxPool, fn_a: Path) -> None:
     idle = len(pool.idle)
     for limits, words in [
