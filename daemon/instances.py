@@ -437,14 +437,32 @@ class Manager:
             await asyncio.sleep(STOP_POLL)
 
     async def _acquire(self, deployed: Deployed) -> Sandbox:
+        return await asyncio.to_thread(self._acquire_now, deployed)
+
+    def _acquire_now(self, deployed: Deployed) -> Sandbox:
         spec = deployed.spec
         limits = Limits(cpu=spec.cpu, memory=spec.memory)
         env = {**GUEST_ENV, **spec.env}
         box = SandboxSpec(deployed.revision_dir, limits, env, hostname=spec.name)
         try:
-            return await asyncio.to_thread(self.sandboxes.acquire, box)
+            return self.sandboxes.acquire(box)
         except SandboxError as e:
             raise Unavailable(f"no sandbox for {spec.name}") from e
+
+    def _sandbox_with_stub(
+        self, deployed: Deployed, fds: list[int], control_fd: int, log_fd: int, paged: bool
+    ) -> tuple[Sandbox, SandboxProcess]:
+        """A sandbox for `deployed` and a stub in it, in one trip to a worker thread (each trip
+        costs tens of microseconds or more). Without a stub, the sandbox goes back."""
+        sandbox = self._acquire_now(deployed)
+        try:
+            return sandbox, sandbox.spawn_stub(fds, control_fd, log_fd, paged)
+        except BaseException:
+            try:
+                self.sandboxes.release(sandbox)
+            except SandboxError as e:
+                log.warning("releasing sandbox %s: %s", sandbox.id, e)
+            raise
 
     async def _release_sandbox(self, sandbox: Sandbox) -> None:
         try:
@@ -614,20 +632,23 @@ class Manager:
     async def _thaw(self, fs: FunctionState, ref: TemplateRef) -> LiveInstance:
         t0 = time.perf_counter()
         deployed = fs.deployed
-        sandbox = await self._acquire(deployed)
         ours, theirs = socket.socketpair()
         log_read, log_write = os.pipe2(os.O_CLOEXEC)
         instance_id = f"{fs.name}-{next(self.ids)}"
         logger = asyncio.ensure_future(follow_pipe(log_read, fs.log, instance_id))
+        sandbox: Sandbox | None = None
         stub: SandboxProcess | None = None
         try:
             try:  # the stub comes from the agent off the tracer thread, which only does the ptrace work
                 fds = ref.template.restore_fds(fs.spec.mode)
                 paged = ref.template.paged(fs.spec.mode)
-                stub = await asyncio.to_thread(sandbox.spawn_stub, fds, theirs.fileno(), log_write, paged)
+                sandbox, stub = await asyncio.to_thread(
+                    self._sandbox_with_stub, deployed, fds, theirs.fileno(), log_write, paged
+                )
             finally:
                 theirs.close()
                 os.close(log_write)
+            assert stub is not None  # (mypy does not see it through the try/finally)
             restored = await self.tracer.run(restore, ref.template, Stub(stub.pid, stub.wait, stub.kill), fs.spec.mode)
             channel = await Channel.open(ours, self.config.max_frame)
             try:
@@ -641,13 +662,14 @@ class Manager:
         except BaseException as e:
             ours.close()
             logger.cancel()
-            await self._release_sandbox(sandbox)
+            if sandbox is not None:
+                await self._release_sandbox(sandbox)
             if isinstance(e, PoolIsFull):
                 raise PoolFull(f"restoring {fs.name}: the pool is full") from e
             if isinstance(e, SnapshotError | SandboxError | PoolError | TimeoutError):
                 raise Unavailable(f"restoring an instance of {fs.name} failed") from e
             raise
-        assert stub is not None
+        assert sandbox is not None and stub is not None
         elapsed = time.perf_counter() - t0
         self.metrics.restore_seconds.observe(elapsed)
         return LiveInstance(

@@ -224,6 +224,32 @@ def test_a_file_the_function_maps_from_its_own_directory_is_remapped_at_restore(
         thawd.remove("mapped")
 
 
+def test_a_failed_restore_is_a_503_and_gives_its_sandbox_back(thawd: Thawd, tmp_path: Path) -> None:
+    """A file the template maps changes under it: the restore is refused, the instance's sandbox
+    goes back to the pool, and the daemon goes on."""
+    body = (
+        "import mmap, os\n"
+        "with open(os.path.join(os.path.dirname(__file__), 'table.bin'), 'rb') as f:\n"
+        "    TABLE = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)\n"
+        "def handle(event, context):\n"
+        "    return TABLE[:5].decode()\n"
+    )
+    source = write_function(tmp_path / "changing", body)
+    (source / "table.bin").write_bytes(b"thaws" * 2000)
+    thawd.deploy("changing", source)
+    try:
+        (mapped,) = [p for p in thawd.base.rglob("table.bin") if "changing" in str(p)]
+        with open(mapped, "ab") as f:
+            f.write(b"!")  # the revision's copy, the one the template maps
+        status, reply = thawd.invoke("changing")
+        assert status == 503 and reply["error"]["code"] == "unavailable", reply
+        assert "table.bin was modified since the capture" in reply["error"]["message"]
+        sandboxes = thawd.api("GET", "/sandboxes")[1]["sandboxes"]
+        assert not [s for s in sandboxes if s["function"] == "changing" and s["state"] == "busy"], sandboxes
+    finally:
+        thawd.remove("changing")
+
+
 def test_update_recaptures_and_delete_removes_the_template(thawd: Thawd, tmp_path: Path) -> None:
     source = write_function(tmp_path / "v", "def handle(event, context):\n    return 'one'\n")
     first = thawd.deploy("versions", source)
