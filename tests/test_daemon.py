@@ -205,19 +205,25 @@ def test_requirements_txt_is_installed_at_deploy(thawd: Thawd, tmp_path: Path) -
     assert status == 422 and "requirements.txt" in reply["error"]["message"]
 
 
+MAPS_A_TABLE = (
+    "import mmap, os\n"
+    "with open(os.path.join(os.path.dirname(__file__), 'table.bin'), 'rb') as f:\n"
+    "    TABLE = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)\n"
+    "def handle(event, context):\n"
+    "    return TABLE[:5].decode()\n"
+)
+
+
+def _table_function(directory: Path) -> Path:
+    source = write_function(directory, MAPS_A_TABLE)
+    (source / "table.bin").write_bytes(b"thaws" * 2000)
+    return source
+
+
 def test_a_file_the_function_maps_from_its_own_directory_is_remapped_at_restore(thawd: Thawd, tmp_path: Path) -> None:
     """The guest sees its code at /function; the daemon finds the mapped file where that is on the host
     (as it must for C extensions installed from requirements.txt)."""
-    body = (
-        "import mmap, os\n"
-        "with open(os.path.join(os.path.dirname(__file__), 'table.bin'), 'rb') as f:\n"
-        "    TABLE = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)\n"
-        "def handle(event, context):\n"
-        "    return TABLE[:5].decode()\n"
-    )
-    source = write_function(tmp_path / "mapped", body)
-    (source / "table.bin").write_bytes(b"thaws" * 2000)
-    thawd.deploy("mapped", source)
+    thawd.deploy("mapped", _table_function(tmp_path / "mapped"))
     try:
         assert thawd.invoke("mapped") == (200, "thaws")
     finally:
@@ -225,18 +231,9 @@ def test_a_file_the_function_maps_from_its_own_directory_is_remapped_at_restore(
 
 
 def test_a_failed_restore_is_a_503_and_gives_its_sandbox_back(thawd: Thawd, tmp_path: Path) -> None:
-    """A file the template maps changes under it: the restore is refused, the instance's sandbox
-    goes back to the pool, and the daemon goes on."""
-    body = (
-        "import mmap, os\n"
-        "with open(os.path.join(os.path.dirname(__file__), 'table.bin'), 'rb') as f:\n"
-        "    TABLE = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)\n"
-        "def handle(event, context):\n"
-        "    return TABLE[:5].decode()\n"
-    )
-    source = write_function(tmp_path / "changing", body)
-    (source / "table.bin").write_bytes(b"thaws" * 2000)
-    thawd.deploy("changing", source)
+    """A file the template maps changes under it: the restore is refused with the cause, the
+    instance's sandbox goes back to the pool, and the daemon goes on."""
+    thawd.deploy("changing", _table_function(tmp_path / "changing"))
     try:
         (mapped,) = [p for p in thawd.base.rglob("table.bin") if "changing" in str(p)]
         with open(mapped, "ab") as f:
@@ -246,6 +243,7 @@ def test_a_failed_restore_is_a_503_and_gives_its_sandbox_back(thawd: Thawd, tmp_
         assert "table.bin was modified since the capture" in reply["error"]["message"]
         sandboxes = thawd.api("GET", "/sandboxes")[1]["sandboxes"]
         assert not [s for s in sandboxes if s["function"] == "changing" and s["state"] == "busy"], sandboxes
+        assert thawd.api("GET", "/functions/changing")[0] == 200
     finally:
         thawd.remove("changing")
 
