@@ -452,8 +452,8 @@ class Manager:
     def _sandbox_with_stub(
         self, deployed: Deployed, fds: list[int], control_fd: int, log_fd: int, paged: bool
     ) -> tuple[Sandbox, SandboxProcess]:
-        """A sandbox for `deployed` and a stub in it, in one trip to a worker thread (each trip
-        costs tens of microseconds or more). Without a stub, the sandbox goes back."""
+        """A sandbox for `deployed` and a stub in it, in one trip to a worker thread (a trip and
+        back cost a few hundred microseconds here). Without a stub, the sandbox goes back."""
         sandbox = self._acquire_now(deployed)
         try:
             return sandbox, sandbox.spawn_stub(fds, control_fd, log_fd, paged)
