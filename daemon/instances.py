@@ -636,8 +636,7 @@ class Manager:
         log_read, log_write = os.pipe2(os.O_CLOEXEC)
         instance_id = f"{fs.name}-{next(self.ids)}"
         logger = asyncio.ensure_future(follow_pipe(log_read, fs.log, instance_id))
-        sandbox: Sandbox | None = None
-        stub: SandboxProcess | None = None
+        acquired: Sandbox | None = None  # to give back if the thaw fails
         try:
             try:  # the stub comes from the agent off the tracer thread, which only does the ptrace work
                 fds = ref.template.restore_fds(fs.spec.mode)
@@ -645,10 +644,10 @@ class Manager:
                 sandbox, stub = await asyncio.to_thread(
                     self._sandbox_with_stub, deployed, fds, theirs.fileno(), log_write, paged
                 )
+                acquired = sandbox
             finally:
                 theirs.close()
                 os.close(log_write)
-            assert stub is not None  # (mypy does not see it through the try/finally)
             restored = await self.tracer.run(restore, ref.template, Stub(stub.pid, stub.wait, stub.kill), fs.spec.mode)
             channel = await Channel.open(ours, self.config.max_frame)
             try:
@@ -662,14 +661,13 @@ class Manager:
         except BaseException as e:
             ours.close()
             logger.cancel()
-            if sandbox is not None:
-                await self._release_sandbox(sandbox)
+            if acquired is not None:
+                await self._release_sandbox(acquired)
             if isinstance(e, PoolIsFull):
                 raise PoolFull(f"restoring {fs.name}: the pool is full") from e
             if isinstance(e, SnapshotError | SandboxError | PoolError | TimeoutError):
                 raise Unavailable(f"restoring an instance of {fs.name} failed") from e
             raise
-        assert sandbox is not None and stub is not None
         elapsed = time.perf_counter() - t0
         self.metrics.restore_seconds.observe(elapsed)
         return LiveInstance(

@@ -189,12 +189,8 @@ void thaw_pager_free(struct thaw_pager *p);
 struct thaw_restorer_op { uint32_t kind; uint32_t flags; uint64_t nr; uint64_t args[6]; uint64_t store; };
 struct thaw_restorer_args { uint64_t magic; uint64_t nops; uint64_t ops; int64_t failed_op; int64_t result;
                             uint64_t done; };
-struct thaw_special { char name[16]; uint64_t start; uint64_t end; };
-struct thaw_stub_facts { uint64_t rseq_pointer; uint32_t rseq_size; uint32_t rseq_signature; uint64_t nspecials;
-                         struct thaw_special specials[4]; };
-struct thaw_stub_clean { uint64_t keep_start; uint64_t keep_end; uint64_t park; uint64_t nspecials;
-                         struct thaw_special specials[4]; struct thaw_stub_facts stub; };
-struct thaw_stub_report { uint64_t magic; uint64_t nspecials; struct thaw_special specials[4]; };
+struct thaw_stub_facts { ...; };
+struct thaw_stub_clean { struct thaw_stub_facts stub; ...; };  /* the rest is packed in native/restorer.py */
 const unsigned char *thaw_restorer_blob(size_t *len);
 
 struct thaw_trace_error { int32_t step; int32_t err; int32_t status; uint32_t trips; uint64_t rip; };
