@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 
 import psutil
 
-from native import memory, mounts, pidfd
+from native import fileattr, memory, mounts, pidfd
 from native.constants import Mempolicy, MfdFlag, MountFlag, UmountFlag
 from native.kerndat import kerndat
 from shmpool.errors import HugepagesUnavailable, PoolError, PoolFull, SegmentNotFound, UnknownNode
@@ -193,8 +193,9 @@ class Backend(ABC):
         """Make writable storage for `size` bytes; PoolFull if there is no room."""
 
     @abstractmethod
-    def publish(self, tmp_key: str, key: str) -> None:
-        """Give finished storage its final name (atomic)."""
+    def publish(self, tmp_key: str, key: str, immutable: bool = True) -> None:
+        """Give finished storage its final name (atomic) and, unless it is a mutable cache, make
+        it unwritable through any path where the backend can."""
 
     @abstractmethod
     def open(self, key: str) -> tuple[int, int]:
@@ -215,6 +216,14 @@ class Backend(ABC):
 
 # ---------------------------------------------------------------------------------------------
 # File backends
+
+
+def seal_file(path: Path) -> None:
+    """Make a published segment file unwritable: read-only modes for everybody, and the immutable
+    inode flag where the filesystem has it (tmpfs), which refuses writes from root too. hugetlbfs
+    has no inode flags: there the modes keep thaw's own processes out, the scrubber the rest."""
+    os.chmod(path, 0o444)
+    fileattr.set_immutable(path, True)
 
 
 class FileBackend(Backend):
@@ -247,8 +256,10 @@ class FileBackend(Backend):
         st = self._statvfs()
         return st.f_bavail * st.f_frsize
 
-    def publish(self, tmp_key: str, key: str) -> None:
-        os.rename(self._path(tmp_key), self._path(key))
+    def publish(self, tmp_key: str, key: str, immutable: bool = True) -> None:
+        os.rename(self._path(tmp_key), self._path(key))  # an immutable inode cannot be renamed: flag it after
+        if immutable:
+            seal_file(self._path(key))
 
     def open(self, key: str) -> tuple[int, int]:
         try:
@@ -257,7 +268,12 @@ class FileBackend(Backend):
             raise SegmentNotFound(f"segment storage {key} is missing from {self.data_dir}") from e
 
     def remove(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        try:
+            path.unlink(missing_ok=True)
+        except PermissionError:  # a published segment: immutable until we let go of it
+            fileattr.set_immutable(path, False)
+            path.unlink(missing_ok=True)
 
     def keys(self) -> set[str]:
         return {p.name for p in self.data_dir.iterdir()}
@@ -511,7 +527,9 @@ class DevdaxBackend(Backend):
         fd = os.open(self.device, os.O_RDWR | os.O_CLOEXEC)
         return StorageWriter(fd, offset, length, True, str(self.root))
 
-    def publish(self, tmp_key: str, key: str) -> None:
+    def publish(self, tmp_key: str, key: str, immutable: bool = True) -> None:
+        # A device has no per-extent protection: published extents are kept unchanged by thaw
+        # opening them read-only, and the scrubber catches what changes them anyway.
         with locked_table(self._table) as t:
             t[key] = t.pop(tmp_key)
 
@@ -588,10 +606,11 @@ class MemfdBackend(Backend):
         self._owned[key] = fd
         return StorageWriter(os.dup(fd), 0, size, False, str(self.root), bind_node=self.config.node)
 
-    def publish(self, tmp_key: str, key: str) -> None:
+    def publish(self, tmp_key: str, key: str, immutable: bool = True) -> None:
         # Published segments are immutable: seal the memfd so no holder of it can change it.
-        seals = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
-        fcntl.fcntl(self._owned[tmp_key], fcntl.F_ADD_SEALS, seals)
+        if immutable:
+            seals = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+            fcntl.fcntl(self._owned[tmp_key], fcntl.F_ADD_SEALS, seals)
         with locked_table(self._table) as t:
             t[key] = t.pop(tmp_key)
         self._owned[key] = self._owned.pop(tmp_key)

@@ -313,7 +313,7 @@ class SegmentWriter:
                 meta or {},
                 self.pool.holder,
                 pin,
-                lambda: self.pool.backend.publish(self.tmp_key, final_key),
+                lambda: self.pool.backend.publish(self.tmp_key, final_key, immutable=checksums),
             )
         except BaseException:
             self.pool.backend.remove(self.tmp_key)

@@ -30,6 +30,7 @@ from shmpool.errors import (
 )
 from shmpool.pool import Pool
 from tests.conftest import run_python, spawn_python
+from tests.damage import write_behind
 
 pytestmark = pytest.mark.privileged
 MiB = 1 << 20
@@ -119,6 +120,27 @@ def test_published_segments_cannot_be_mapped_shared_writable(tmpfs_pool: Pool) -
     publish(tmpfs_pool, "frozen", b"f" * 4096)
     with tmpfs_pool.open_segment("frozen") as seg, pytest.raises(PoolError, match="immutable"):
         seg.map(private=False, writable=True)
+
+
+def test_published_segment_files_refuse_writes_even_from_root(tmpfs_pool: Pool) -> None:
+    """Nothing thaw runs, root included, can change a published segment; deleting still frees it."""
+    publish(tmpfs_pool, "sealed", varied(MiB))
+    path = tmpfs_pool.backend.data_dir / tmpfs_pool.catalog.lookup("sealed").storage_key  # type: ignore[attr-defined]
+    assert os.geteuid() == 0
+    for flags in (os.O_WRONLY, os.O_RDWR, os.O_WRONLY | os.O_TRUNC):
+        with pytest.raises(PermissionError):
+            os.open(path, flags)
+    with pytest.raises(PermissionError):
+        path.unlink()
+    with pytest.raises(PermissionError):
+        os.truncate(path, 0)
+    cache = tmpfs_pool.open_cache("sealed.cache", MiB)  # a cache is mutable by design
+    os.close(os.open(tmpfs_pool.backend.data_dir / cache.record.storage_key, os.O_RDWR))  # type: ignore[attr-defined]
+    cache.close()
+    tmpfs_pool.delete("sealed")
+    tmpfs_pool.delete("sealed.cache")
+    assert not path.exists()
+    assert tmpfs_pool.list(include_all=True) == []
 
 
 def test_unknown_node_is_refused_before_anything_is_mounted(pool_root: Path) -> None:
@@ -291,10 +313,8 @@ def test_flipped_byte_is_caught_by_its_chunk_checksum(tmpfs_pool: Pool) -> None:
     publish(tmpfs_pool, "flip", data)
     record = tmpfs_pool.list()[0]
     path = tmpfs_pool.backend.data_dir / record.storage_key  # type: ignore[attr-defined]
-    with open(path, "r+b") as f:
-        offset = 3 * record.chunk_size + 1234
-        f.seek(offset)
-        f.write(bytes([data[offset] ^ 0x01]))
+    offset = 3 * record.chunk_size + 1234
+    write_behind(path, offset, bytes([data[offset] ^ 0x01]))
     with pytest.raises(SegmentCorrupt, match=r"segment 'flip' chunk 3 .* does not match its checksum"):
         tmpfs_pool.open_segment("flip")
     with tmpfs_pool.open_segment("flip", verify=False) as seg:

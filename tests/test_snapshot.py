@@ -30,6 +30,7 @@ from snapshot.errors import FileChanged, NotCapturable, RestoreError, TemplateCo
 from snapshot.restore import restore
 from snapshot.stub import LaunchedStub, launch_stub
 from snapshot.template import Template
+from tests.damage import flip_byte, segment_path, write_behind
 from tests.guests import captured, prepared_stub_facts, recv, request, start_guest, thawed
 
 pytestmark = pytest.mark.privileged
@@ -518,9 +519,7 @@ def _zero_cold_image(pool: Pool, template: Template) -> None:
     assert template.manifest.cold is not None
     chunks = template.manifest.cold.chunks
     start, end = chunks[0][1], chunks[-1][1] + chunks[-1][3]
-    with open(Path(pool.root) / "segments" / template.segment.record.storage_key, "r+b") as f:
-        f.seek(start)
-        f.write(bytes(end - start))
+    write_behind(Path(pool.root) / "segments" / template.segment.record.storage_key, start, bytes(end - start))
 
 
 def test_a_chunk_that_does_not_decompress_kills_the_instance(pool: Pool, workload: Template) -> None:
@@ -602,13 +601,7 @@ def test_an_inconsistent_chunk_table_is_refused(pool: Pool, workload: Template) 
 def test_corrupt_segment_is_refused_and_nothing_runs(pool: Pool, workload_dir: Path) -> None:
     env = {"THAW_TEST_FILE": str(workload_dir / "data.txt")}
     captured(pool, workload_dir, "corrupt", env).close()
-    key = pool.catalog.lookup("corrupt").storage_key
-    path = Path(pool.root) / "segments" / key
-    with open(path, "r+b") as f:
-        f.seek(5 << 20)
-        byte = f.read(1)
-        f.seek(5 << 20)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    flip_byte(segment_path(pool, "corrupt"), 5 << 20)
     before = _children()
     with pytest.raises(SegmentCorrupt, match="does not match its checksum"):
         Template.open(pool, "corrupt")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import mmap
 import os
 import re
 import struct
@@ -14,6 +13,7 @@ from native import memory
 from shmpool.errors import PoolFull, SegmentCorrupt, SegmentNotFound
 from shmpool.pool import Pool
 from shmpool.tensors import HEADER_SIZE, StoreCorrupt, TensorIndex, TensorSource, open_store, write_store
+from tests.damage import segment_path, write_behind
 
 pytestmark = pytest.mark.privileged
 
@@ -66,13 +66,7 @@ def test_a_store_larger_than_the_pool_says_so_and_leaves_nothing(tmpfs_pool: Poo
 
 def _corrupt(pool: Pool, name: str, offset: int, data: bytes) -> None:
     """Write into a published segment's storage behind the pool's back (a flipped bit in memory)."""
-    with pool.open_segment(name, verify=False) as seg:
-        fd = os.open(f"/proc/self/fd/{seg.fd}", os.O_RDWR)
-        try:
-            with mmap.mmap(fd, seg.size) as m:
-                m[offset : offset + len(data)] = data
-        finally:
-            os.close(fd)
+    write_behind(segment_path(pool, name), offset, data)
 
 
 def test_a_corrupt_index_or_header_is_never_used(tmpfs_pool: Pool) -> None:
