@@ -4,6 +4,12 @@ Each instance's stdout and stderr are one pipe the daemon reads (`follow_pipe`).
 function's log file as JSON lines (`{"timestamp", "instance", "text"}`, the OpenFaaS log message
 shape without name/namespace), into a ring of recent lines, and to live followers (`thaw logs -f`,
 the gateway's `/system/logs?follow=true`). The file is rotated once it passes `MAX_FILE` bytes.
+
+A follower is a client on the other end of a socket, and it may stop reading while the function
+keeps logging: each has a buffer of at most `FOLLOW_BUFFER` lines (the HTTP side waits for the
+socket to drain, so lines pile up here). A follower that falls further behind loses its oldest
+lines, and the next line it reads is a marker (`"dropped": N`) saying how many: memory stays
+bounded whoever follows, and a slow reader still sees the newest lines and knows what it missed.
 """
 
 from __future__ import annotations
@@ -14,24 +20,46 @@ import datetime
 import json
 import os
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
 MAX_FILE = 16 << 20
 RING = 2000
 MAX_LINE = 16 << 10
+FOLLOW_BUFFER = 1000
 
 
 def _timestamp() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+class _Follower:
+    """One live reader's lines not yet read: at most `limit`, the oldest dropped and counted."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(limit)
+        self.dropped = 0
+
+    def put(self, entry: dict[str, Any]) -> None:
+        if self.queue.full():
+            self.queue.get_nowait()
+            self.dropped += 1
+        self.queue.put_nowait(entry)
+
+    def marker(self) -> dict[str, Any]:
+        """The line that stands for the lines dropped since the last marker (and resets the count)."""
+        count, self.dropped = self.dropped, 0
+        text = f"thawd: {count} log lines dropped: this reader fell more than {self.limit} lines behind"
+        return {"timestamp": _timestamp(), "instance": "thawd", "text": text, "dropped": count}
+
+
 class FunctionLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.ring: deque[dict[str, Any]] = deque(maxlen=RING)
-        self.followers: set[asyncio.Queue[dict[str, Any]]] = set()
+        self.followers: set[_Follower] = set()
         self.file = open(path, "a", buffering=1)  # noqa: SIM115 - lives as long as the function
         self._load_tail()
 
@@ -48,8 +76,8 @@ class FunctionLog:
         self.file.write(json.dumps(entry) + "\n")
         if self.file.tell() > MAX_FILE:
             self._rotate()
-        for queue in self.followers:
-            queue.put_nowait(entry)
+        for follower in self.followers:
+            follower.put(entry)
 
     def _rotate(self) -> None:
         self.file.close()
@@ -64,14 +92,20 @@ class FunctionLog:
             entries = entries[-tail:] if tail > 0 else []
         return entries
 
-    async def follow(self) -> AsyncIterator[dict[str, Any]]:
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.followers.add(queue)
+    async def follow(self, buffer: int = FOLLOW_BUFFER) -> AsyncGenerator[dict[str, Any], None]:
+        """New lines as they are written; `buffer` lines at most wait for a slow reader."""
+        follower = _Follower(buffer)
+        self.followers.add(follower)
         try:
             while True:
-                yield await queue.get()
+                entry = await follower.queue.get()
+                # Drops take the oldest lines, so every line dropped so far was older than this one:
+                # the marker goes where the gap is.
+                if follower.dropped:
+                    yield follower.marker()
+                yield entry
         finally:
-            self.followers.discard(queue)
+            self.followers.discard(follower)
 
     def close(self) -> None:
         self.file.close()

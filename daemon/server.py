@@ -186,8 +186,11 @@ async def stream_logs(
         if instance is None or entry["instance"] == instance:
             await response.write((json.dumps(shape(entry)) + "\n").encode())
     if follow:
+        # write() waits for the socket to drain once 64 KiB are pending, so a client that stops
+        # reading stops this loop: its follower's bounded buffer then drops lines, counted in a
+        # marker ("dropped": N) that is passed whatever instance is asked for.
         async for entry in fs.log.follow():
-            if instance is None or entry["instance"] == instance:
+            if instance is None or entry["instance"] == instance or "dropped" in entry:
                 await response.write((json.dumps(shape(entry)) + "\n").encode())
     await response.write_eof()
     return response
