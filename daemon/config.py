@@ -42,6 +42,13 @@ class DaemonConfig:
     pool_node: int = _setting("pool", 0, "NUMA node of a new pool (the 'CXL' node)")
     pool_size: int = _setting("pool", 8 << 30, "size of a new pool", size=True)
     pool_device: str = _setting("pool", "", "the /dev/daxX.Y of a devdax pool")
+    # [integrity]
+    integrity_scrub_interval: float = _setting(
+        "integrity", 3600.0, "seconds between the scrubber's passes over the pool's checksums (0: off)"
+    )
+    integrity_scrub_bandwidth: int = _setting(
+        "integrity", 32 << 20, "bytes per second the scrubber reads at most", size=True
+    )
     # [sandboxes]
     sandboxes_prewarm: int = _setting("sandboxes", 4, "sandboxes built at start")
     sandboxes_max: int = _setting("sandboxes", 64, "sandboxes at most (bounds instances in total)")
@@ -96,11 +103,18 @@ class DaemonConfig:
         if self.pool_backend not in ("tmpfs", "hugetlbfs", "devdax", "memfd"):
             raise ConfigError(f"pool.backend must be tmpfs, hugetlbfs, devdax or memfd, not {self.pool_backend!r}")
         positive = ("sandboxes_max", "instances_max", "instances_max_per_function", "max_frame", "pool_size")
-        for name in (*positive, "lora_max_batch", "lora_slots", "lora_max_rank", "lora_merge_after"):
+        for name in (
+            *positive,
+            "integrity_scrub_bandwidth",
+            "lora_max_batch",
+            "lora_slots",
+            "lora_max_rank",
+            "lora_merge_after",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_dotted(name)} must be positive, not {getattr(self, name)}")
         non_negative = ("instances_idle_timeout", "instances_default_timeout", "drain_timeout", "sandboxes_prewarm")
-        for name in (*non_negative, "lora_request_timeout", "keepalive_budget"):
+        for name in (*non_negative, "integrity_scrub_interval", "lora_request_timeout", "keepalive_budget"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_dotted(name)} must not be negative, not {getattr(self, name)}")
         if self.keepalive_policy not in ("fixed", "hybrid"):

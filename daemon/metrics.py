@@ -31,6 +31,11 @@ class Metrics:
         self.invocation_seconds = Histogram(
             "thaw_invocation_seconds", "Invocation latency inside the daemon", ["function"], registry=self.registry
         )
+        self.quarantined = Counter(
+            "thaw_quarantined_segments",
+            "Pool segments that failed a checksum and were taken out of use",
+            registry=self.registry,
+        )
         self.instances = Gauge("thaw_instances", "Live instances", ["function"], registry=self.registry)
         self.pool_bytes = Gauge("thaw_pool_bytes", "Pool capacity and use", ["kind"], registry=self.registry)
         self.sandboxes = Gauge("thaw_sandboxes", "Sandboxes by state", ["state"], registry=self.registry)

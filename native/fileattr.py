@@ -29,7 +29,9 @@ def _flags(fd: int) -> int:
     try:
         raw = fcntl.ioctl(fd, FS_IOC_GETFLAGS, b"\0" * 4)
     except OSError as e:
-        raise OSError(e.errno, f"reading inode flags: {os.strerror(e.errno)} (originated from FS_IOC_GETFLAGS)") from e
+        raise OSError(
+            e.errno, f"reading inode flags: {os.strerror(e.errno or 0)} (originated from FS_IOC_GETFLAGS)"
+        ) from e
     return int(struct.unpack("i", raw)[0])
 
 
@@ -37,7 +39,9 @@ def _set_flags(fd: int, flags: int) -> None:
     try:
         fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("i", flags))
     except OSError as e:
-        raise OSError(e.errno, f"setting inode flags: {os.strerror(e.errno)} (originated from FS_IOC_SETFLAGS)") from e
+        raise OSError(
+            e.errno, f"setting inode flags: {os.strerror(e.errno or 0)} (originated from FS_IOC_SETFLAGS)"
+        ) from e
 
 
 def _open(path: str | os.PathLike[str]) -> int:
