@@ -69,7 +69,11 @@ CONSTANTS = {
         SYS_rt_sigprocmask SYS_sigaltstack SYS_prctl SYS_set_tid_address SYS_set_robust_list
         SYS_get_robust_list SYS_rseq SYS_openat SYS_dup3 SYS_lseek SYS_close SYS_close_range
         SYS_userfaultfd SYS_ioctl SYS_setresuid SYS_setresgid SYS_setgroups SYS_capset
-        SYS_personality SYS_getpid SYS_kill
+        SYS_personality SYS_getpid SYS_kill SYS_seccomp
+    """,
+    "seccomp": """
+        SECCOMP_SET_MODE_FILTER SCMP_ACT_ALLOW SCMP_ACT_KILL_PROCESS SCMP_ARCH_NATIVE SCMP_ARCH_X86_64
+        __NR_SCMP_ERROR
     """,
     "restorer": """
         THAW_RESTORER_MAGIC THAW_OP_SYSCALL THAW_OP_PREAD THAW_OP_OPEN_FD THAW_OP_PAUSE
@@ -217,6 +221,26 @@ void thaw_bench_copy(void *dst, const void *src, size_t len);
 void thaw_bench_chase_init(void *buf, size_t nslots, size_t slot_size, uint64_t seed);
 uint64_t thaw_bench_chase(const void *buf, size_t steps);
 int64_t thaw_bench_map_touch(int fd, off_t offset, size_t len, size_t page, int flags, int write);
+
+/* libseccomp (<seccomp.h>): native/seccomp.py builds the filter of guests and instances with it. */
+typedef void *scmp_filter_ctx;
+typedef uint64_t scmp_datum_t;
+enum scmp_compare { SCMP_CMP_NE, SCMP_CMP_LT, SCMP_CMP_LE, SCMP_CMP_EQ, SCMP_CMP_GE, SCMP_CMP_GT,
+                    SCMP_CMP_MASKED_EQ, ... };
+enum scmp_filter_attr { SCMP_FLTATR_ACT_DEFAULT, SCMP_FLTATR_ACT_BADARCH, SCMP_FLTATR_CTL_NNP,
+                        SCMP_FLTATR_CTL_TSYNC, SCMP_FLTATR_CTL_OPTIMIZE, ... };
+struct scmp_arg_cmp { unsigned int arg; enum scmp_compare op; scmp_datum_t datum_a; scmp_datum_t datum_b; };
+struct scmp_version { unsigned int major; unsigned int minor; unsigned int micro; };
+uint32_t SCMP_ACT_ERRNO(uint32_t err);  /* a macro in <seccomp.h>; cffi API mode calls it like a function */
+scmp_filter_ctx seccomp_init(uint32_t def_action);
+void seccomp_release(scmp_filter_ctx ctx);
+int seccomp_attr_set(scmp_filter_ctx ctx, enum scmp_filter_attr attr, uint32_t value);
+int seccomp_rule_add_exact_array(scmp_filter_ctx ctx, uint32_t action, int syscall, unsigned int arg_cnt,
+                                 const struct scmp_arg_cmp *arg_array);
+int seccomp_syscall_resolve_name(const char *name);
+int seccomp_export_bpf(const scmp_filter_ctx ctx, int fd);
+int seccomp_export_pfc(const scmp_filter_ctx ctx, int fd);
+const struct scmp_version *seccomp_version(void);
 """ + _constant_decls()
 
 HEADERS = """
@@ -225,6 +249,7 @@ HEADERS = """
 #include <linux/close_range.h>
 #include <linux/mempolicy.h>
 #include <linux/memfd.h>
+#include <linux/seccomp.h>
 #include <linux/userfaultfd.h>
 #include <sched.h>
 #include <sys/mman.h>
@@ -237,6 +262,7 @@ HEADERS = """
 #include <sys/syscall.h>
 #include <sys/user.h>
 #include <unistd.h>
+#include <seccomp.h>
 #include "thaw_native.h"
 #include "restorer.h"
 #include "agent.h"
@@ -310,7 +336,7 @@ ffibuilder.set_source(
     "native._native",
     HEADERS,
     sources=[str(SRC / name) for name in ("shims.c", "tracer.c", "bench.c", "pager.c", "cold.c", BLOB_SOURCE.name)],
-    libraries=["lz4", "zstd", "z"],
+    libraries=["lz4", "zstd", "z", "seccomp"],
     include_dirs=[str(SRC)],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-pthread"],
     extra_link_args=["-pthread"],

@@ -236,6 +236,7 @@ class Syscall(IntEnum):
     PERSONALITY = lib.SYS_personality
     GETPID = lib.SYS_getpid
     KILL = lib.SYS_kill
+    SECCOMP = lib.SYS_seccomp
 
 
 UFFDIO_API: int = lib.UFFDIO_API
