@@ -3,12 +3,17 @@
 Tables for people, `--json` for scripts, a spinner while a capture runs. Exit codes:
 0 done; 1 the daemon answered with an error (for `invoke`: the function failed); 2 bad usage;
 3 no such function; 4 timed out; 69 thawd cannot be reached.
+
+A command should answer in a few tens of milliseconds, most of it the interpreter's own start:
+this module imports only the standard library's light modules at start. HTTP goes over
+http.client on an AF_UNIX socket (imported when a command talks to thawd, not for `--help`), and
+rich only for the spinner of a long command on a terminal. tests/test_cli.py keeps aiohttp, rich
+and asyncio out of the start; `scripts/bench_cli` times the commands.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
@@ -16,20 +21,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
-from rich.console import Console
-from rich.table import Table
-
-from shmpool.cli import parse_size
+if TYPE_CHECKING:
+    import http.client
 
 DEFAULT_SOCKET = os.environ.get("THAW_SOCKET", "/run/thaw/thaw.sock")
 EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_UNREACHABLE = 1, 2, 3, 4, 69
 CAPTURE_TIMEOUT = 900.0
-
-out = Console()
-err = Console(stderr=True)
 
 
 class ApiError(Exception):
@@ -47,43 +46,70 @@ class Unreachable(Exception):
 
 
 class Client:
+    """One HTTP/1.1 request per connection to thawd's Unix socket (a command makes one or two)."""
+
     def __init__(self, socket_path: str) -> None:
         self.socket_path = socket_path
 
-    async def request(
-        self, method: str, path: str, body: Any = None, data: bytes | None = None, timeout: float = 60.0
-    ) -> tuple[int, dict[str, str], bytes]:
-        connector = aiohttp.UnixConnector(path=self.socket_path)
+    def _connect(self, timeout: float | None) -> http.client.HTTPConnection:
+        import http.client
+        import socket
+
+        connection = http.client.HTTPConnection("thawd", timeout=timeout)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
         try:
-            async with (
-                aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) as session,
-                session.request(method, f"http://thawd{path}", json=body, data=data) as response,
-            ):
-                return response.status, dict(response.headers), await response.read()
-        except (aiohttp.ClientConnectionError, FileNotFoundError) as e:
+            sock.connect(self.socket_path)
+        except OSError as e:
+            sock.close()
             raise Unreachable(f"cannot reach thawd at {self.socket_path}: {e} (is thawd running?)") from e
+        connection.sock = sock
+        return connection
+
+    @contextmanager
+    def _exchange(
+        self, method: str, path: str, body: bytes | None, headers: dict[str, str], timeout: float | None
+    ) -> Iterator[http.client.HTTPResponse]:
+        """The response with its headers read; the body is the caller's to read, within `timeout`
+        seconds of silence (None: wait for ever, for a followed log)."""
+        import http.client
+
+        connection = self._connect(timeout)
+        try:
+            connection.request(method, path, body=body, headers=headers)
+            yield connection.getresponse()
         except TimeoutError:
             raise ApiError(504, "timeout", f"thawd did not answer {method} {path} within {timeout:g} s") from None
+        except (ConnectionError, http.client.HTTPException) as e:
+            raise Unreachable(f"lost thawd at {self.socket_path} during {method} {path}: {e!r}") from e
+        finally:
+            connection.close()
 
-    async def call(self, method: str, path: str, body: Any = None, timeout: float = 60.0) -> Any:
-        status, _, payload = await self.request(method, path, body, timeout=timeout)
+    def request(
+        self, method: str, path: str, body: Any = None, data: bytes | None = None, timeout: float = 60.0
+    ) -> tuple[int, dict[str, str], bytes]:
+        """`body` goes as JSON, `data` as raw bytes (application/octet-stream)."""
+        if body is not None:
+            data, headers = json.dumps(body).encode(), {"Content-Type": "application/json"}
+        else:
+            headers = {"Content-Type": "application/octet-stream"} if data is not None else {}
+        with self._exchange(method, path, data, headers, timeout) as response:
+            return response.status, dict(response.getheaders()), response.read()
+
+    def call(self, method: str, path: str, body: Any = None, timeout: float = 60.0) -> Any:
+        status, _, payload = self.request(method, path, body, timeout=timeout)
         if status >= 400:
             raise _api_error(status, payload)
         return json.loads(payload) if payload else None
 
-    async def lines(self, path: str) -> Any:
-        connector = aiohttp.UnixConnector(path=self.socket_path)
-        try:
-            async with (
-                aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session,
-                session.get(f"http://thawd{path}") as response,
-            ):
-                if response.status >= 400:
-                    raise _api_error(response.status, await response.read())
-                async for line in response.content:
+    def lines(self, path: str) -> Iterator[Any]:
+        """An ndjson stream, one object per line as it comes (the connection stays open)."""
+        with self._exchange("GET", path, None, {}, None) as response:
+            if response.status >= 400:
+                raise _api_error(response.status, response.read())
+            for line in response:
+                if line.strip():
                     yield json.loads(line)
-        except aiohttp.ClientConnectionError as e:
-            raise Unreachable(f"cannot reach thawd at {self.socket_path}: {e} (is thawd running?)") from e
 
 
 def _api_error(status: int, payload: bytes) -> ApiError:
@@ -96,23 +122,29 @@ def _api_error(status: int, payload: bytes) -> ApiError:
 
 @contextmanager
 def progress(what: str, quiet: bool) -> Iterator[None]:
-    """A spinner with the elapsed time on stderr, for people watching a long capture."""
-    if quiet or not err.is_terminal:
+    """A spinner with the elapsed time on stderr, for people watching a long capture. The request
+    blocks this thread, so a second one ticks the clock."""
+    if quiet or not sys.stderr.isatty():
         yield
         return
-    t0 = time.monotonic()
-    with err.status(what) as status:
-        task = asyncio.get_event_loop().create_task(_tick(status, what, t0))
+    import threading
+
+    from rich.console import Console  # ~60 ms of imports: only a long command on a terminal pays them
+
+    t0, done = time.monotonic(), threading.Event()
+    with Console(stderr=True).status(what) as status:
+
+        def tick() -> None:
+            while not done.wait(0.2):
+                status.update(f"{what} ({time.monotonic() - t0:.1f} s)")
+
+        ticker = threading.Thread(target=tick, name="thaw-progress", daemon=True)
+        ticker.start()
         try:
             yield
         finally:
-            task.cancel()
-
-
-async def _tick(status: Any, what: str, t0: float) -> None:
-    while True:
-        await asyncio.sleep(0.2)
-        status.update(f"{what} ({time.monotonic() - t0:.1f} s)")
+            done.set()
+            ticker.join()
 
 
 # -- output --------------------------------------------------------------------------------------
@@ -127,12 +159,13 @@ def _size(n: int | None) -> str:
 
 
 def _table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
-    table = Table(title=title, title_justify="left")
-    for column in columns:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*("-" if v is None else str(v) for v in row))
-    out.print(table)
+    """Plain aligned columns under a title, whatever the terminal's width: a cell is never cut or
+    wrapped, so a name can be copied from it (and grep and awk see one row per line)."""
+    cells = [columns, *(["-" if v is None else str(v) for v in row] for row in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    print(title)
+    for row in cells:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
 def _show(data: Any, as_json: bool, render: Any) -> None:
@@ -166,7 +199,7 @@ INSTANCE_KEYS = ("id", "function", "revision", "pid", "sandbox", "address", "sta
 
 
 # -- commands ----------------------------------------------------------------------------------
-async def cmd_deploy(client: Client, args: argparse.Namespace) -> int:
+def cmd_deploy(client: Client, args: argparse.Namespace) -> int:
     source = Path(args.dir).resolve()
     name = args.name or source.name.lower().replace("_", "-")
     body: dict[str, Any] = {"name": name, "source": str(source), "handler": args.handler, "mode": args.mode}
@@ -175,12 +208,12 @@ async def cmd_deploy(client: Client, args: argparse.Namespace) -> int:
             body[key] = getattr(args, key)
     if args.env:
         body["env"] = dict(_key_value(e) for e in args.env)
-    status, _, _ = await client.request("GET", f"/functions/{name}")
+    status, _, _ = client.request("GET", f"/functions/{name}")
     method, path = ("PUT", f"/functions/{name}") if status == 200 else ("POST", "/functions")
     verb = "updating" if method == "PUT" else "deploying"
     with progress(f"{verb} {name}: installing, initialising and capturing", args.json):
-        function = await client.call(method, path, body, timeout=CAPTURE_TIMEOUT)
-    _show(function, args.json, lambda f: out.print(_deployed_line(f)))
+        function = client.call(method, path, body, timeout=CAPTURE_TIMEOUT)
+    _show(function, args.json, lambda f: print(_deployed_line(f)))
     return 0
 
 
@@ -195,10 +228,10 @@ def _key_value(text: str) -> tuple[str, str]:
     return key, value
 
 
-async def cmd_invoke(client: Client, args: argparse.Namespace) -> int:
+def cmd_invoke(client: Client, args: argparse.Namespace) -> int:
     data = sys.stdin.buffer.read() if args.data == "-" else (args.data or "").encode()
     path = f"/functions/{args.name}/invoke{'/' + args.path.lstrip('/') if args.path else ''}"
-    status, headers, payload = await client.request(args.method, path, data=data, timeout=args.timeout)
+    status, headers, payload = client.request(args.method, path, data=data, timeout=args.timeout)
     if status >= 400 and headers.get("Content-Type", "").startswith("application/json"):
         with _ignore_non_errors():
             raise _api_error(status, payload)
@@ -219,49 +252,49 @@ def _ignore_non_errors() -> Iterator[None]:
             raise
 
 
-async def cmd_ls(client: Client, args: argparse.Namespace) -> int:
-    data = await client.call("GET", "/functions")
+def cmd_ls(client: Client, args: argparse.Namespace) -> int:
+    data = client.call("GET", "/functions")
     _show(data, args.json, lambda d: _table("functions", FUNCTION_COLUMNS, _function_rows(d["functions"])))
     return 0
 
 
-async def cmd_rm(client: Client, args: argparse.Namespace) -> int:
+def cmd_rm(client: Client, args: argparse.Namespace) -> int:
     for name in args.names:
-        await client.call("DELETE", f"/functions/{name}")
+        client.call("DELETE", f"/functions/{name}")
         if not args.json:
-            out.print(f"{name}: removed")
+            print(f"{name}: removed")
     return 0
 
 
-async def cmd_snapshot(client: Client, args: argparse.Namespace) -> int:
+def cmd_snapshot(client: Client, args: argparse.Namespace) -> int:
     with progress(f"capturing {args.name} again", args.json):
-        function = await client.call("POST", f"/functions/{args.name}/snapshot", timeout=CAPTURE_TIMEOUT)
-    _show(function, args.json, lambda f: out.print(_deployed_line(f)))
+        function = client.call("POST", f"/functions/{args.name}/snapshot", timeout=CAPTURE_TIMEOUT)
+    _show(function, args.json, lambda f: print(_deployed_line(f)))
     return 0
 
 
-async def cmd_template(client: Client, args: argparse.Namespace) -> int:
+def cmd_template(client: Client, args: argparse.Namespace) -> int:
     body = {"form": args.form, **({"codec": args.codec} if args.codec else {})}
     with progress(f"making {args.name}'s template {args.form}", args.json):
-        function = await client.call("POST", f"/functions/{args.name}/template", body, timeout=CAPTURE_TIMEOUT)
-    _show(function, args.json, lambda f: out.print(f"{f['name']}: template {f['template']} ({f['template_form']})"))
+        function = client.call("POST", f"/functions/{args.name}/template", body, timeout=CAPTURE_TIMEOUT)
+    _show(function, args.json, lambda f: print(f"{f['name']}: template {f['template']} ({f['template_form']})"))
     return 0
 
 
-async def cmd_instances(client: Client, args: argparse.Namespace) -> int:
+def cmd_instances(client: Client, args: argparse.Namespace) -> int:
     query = f"?function={args.name}" if args.name else ""
-    data = await client.call("GET", f"/instances{query}")
+    data = client.call("GET", f"/instances{query}")
     columns = ["id", "function", "rev", "pid", "sandbox", "address", "state", "mode", "invocations", "restore"]
     rows = [[*(i[k] for k in INSTANCE_KEYS), f"{i['restore_ms']:.2f} ms"] for i in data["instances"]]
     _show(data, args.json, lambda d: _table("instances", columns, rows))
     return 0
 
 
-async def cmd_pool(client: Client, args: argparse.Namespace) -> int:
-    data = await client.call("GET", "/pool")
+def cmd_pool(client: Client, args: argparse.Namespace) -> int:
+    data = client.call("GET", "/pool")
 
     def render(p: dict[str, Any]) -> None:
-        out.print(
+        print(
             f"pool {p['root']}: {p['backend']} on node {p['node']}, {_size(p['used'])} used of "
             f"{_size(p['capacity'])}, {p['segments']} segments"
         )
@@ -272,8 +305,8 @@ async def cmd_pool(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_sandboxes(client: Client, args: argparse.Namespace) -> int:
-    data = await client.call("GET", "/sandboxes")
+def cmd_sandboxes(client: Client, args: argparse.Namespace) -> int:
+    data = client.call("GET", "/sandboxes")
     keys = ("id", "state", "function", "instance", "address", "agent_pid")
     rows = [[s[k] for k in keys] for s in data["sandboxes"]]
     title = f"sandboxes ({len(rows)} of at most {data['max']})"
@@ -281,9 +314,9 @@ async def cmd_sandboxes(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_logs(client: Client, args: argparse.Namespace) -> int:
+def cmd_logs(client: Client, args: argparse.Namespace) -> int:
     query = f"?tail={args.tail}" + ("&follow=true" if args.follow else "")
-    async for entry in client.lines(f"/functions/{args.name}/logs{query}"):
+    for entry in client.lines(f"/functions/{args.name}/logs{query}"):
         if args.json:
             print(json.dumps(entry), flush=True)
         else:
@@ -295,8 +328,8 @@ async def cmd_logs(client: Client, args: argparse.Namespace) -> int:
 IMPORT_TIMEOUT = 1800.0
 
 
-async def cmd_lora_models(client: Client, args: argparse.Namespace) -> int:
-    data = await client.call("GET", "/lora/models")
+def cmd_lora_models(client: Client, args: argparse.Namespace) -> int:
+    data = client.call("GET", "/lora/models")
     keys = ("name", "architecture", "tensors", "worker", "source")
     rows = [[*(m[k] for k in keys[:3]), _size(m["bytes"]), m["worker"], m["source"]] for m in data["models"]]
     columns = ["model", "architecture", "tensors", "weights", "worker", "imported from"]
@@ -304,35 +337,35 @@ async def cmd_lora_models(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_lora_import(client: Client, args: argparse.Namespace) -> int:
+def cmd_lora_import(client: Client, args: argparse.Namespace) -> int:
     body = {"name": args.name, "source": str(Path(args.source).resolve()), "dtype": args.dtype}
     with progress(f"importing {args.name} into the pool", args.json):
-        result = await client.call("POST", "/lora/models", body, timeout=IMPORT_TIMEOUT)
-    _show(result, args.json, lambda r: out.print(f"{r['name']}: {r['tensors']} tensors, {_size(r['bytes'])}"))
+        result = client.call("POST", "/lora/models", body, timeout=IMPORT_TIMEOUT)
+    _show(result, args.json, lambda r: print(f"{r['name']}: {r['tensors']} tensors, {_size(r['bytes'])}"))
     return 0
 
 
-async def cmd_lora_adapters(client: Client, args: argparse.Namespace) -> int:
-    data = await client.call("GET", "/lora/adapters" + (f"?model={args.model}" if args.model else ""))
+def cmd_lora_adapters(client: Client, args: argparse.Namespace) -> int:
+    data = client.call("GET", "/lora/adapters" + (f"?model={args.model}" if args.model else ""))
     rows = [[a["name"], a["model"], a["rank"], _size(a["bytes"]), a["source"]] for a in data["adapters"]]
     _show(data, args.json, lambda d: _table("adapters", ["adapter", "model", "rank", "size", "imported from"], rows))
     return 0
 
 
-async def cmd_lora_add(client: Client, args: argparse.Namespace) -> int:
+def cmd_lora_add(client: Client, args: argparse.Namespace) -> int:
     body = {"name": args.name, "model": args.model, "source": str(Path(args.dir).resolve())}
     with progress(f"importing adapter {args.name}", args.json):
-        result = await client.call("POST", "/lora/adapters", body, timeout=IMPORT_TIMEOUT)
-    _show(result, args.json, lambda r: out.print(f"{r['name']}: rank {r['rank']} over {r['model']}"))
+        result = client.call("POST", "/lora/adapters", body, timeout=IMPORT_TIMEOUT)
+    _show(result, args.json, lambda r: print(f"{r['name']}: rank {r['rank']} over {r['model']}"))
     return 0
 
 
-async def cmd_lora_rm(client: Client, args: argparse.Namespace) -> int:
+def cmd_lora_rm(client: Client, args: argparse.Namespace) -> int:
     kind = "models" if args.model else "adapters"
     for name in args.names:
-        await client.call("DELETE", f"/lora/{kind}/{name}")
+        client.call("DELETE", f"/lora/{kind}/{name}")
         if not args.json:
-            out.print(f"{name}: removed")
+            print(f"{name}: removed")
     return 0
 
 
@@ -340,30 +373,30 @@ def _worker_line(w: dict[str, Any]) -> str:
     return f"{w['model']}: {w['state']} on {w['device']}, pid {w['pid']}, {len(w['adapters'])} adapters"
 
 
-async def cmd_lora_start(client: Client, args: argparse.Namespace) -> int:
+def cmd_lora_start(client: Client, args: argparse.Namespace) -> int:
     settings = {k: v for k in ("device", "max_batch", "slots", "max_rank") if (v := getattr(args, k)) is not None}
     with progress(f"starting a worker for {args.model}", args.json):
-        worker = await client.call("POST", "/lora/workers", {"model": args.model, **settings}, timeout=IMPORT_TIMEOUT)
-    _show(worker, args.json, lambda w: out.print(_worker_line(w)))
+        worker = client.call("POST", "/lora/workers", {"model": args.model, **settings}, timeout=IMPORT_TIMEOUT)
+    _show(worker, args.json, lambda w: print(_worker_line(w)))
     return 0
 
 
-async def cmd_lora_stop(client: Client, args: argparse.Namespace) -> int:
-    await client.call("DELETE", f"/lora/workers/{args.model}")
+def cmd_lora_stop(client: Client, args: argparse.Namespace) -> int:
+    client.call("DELETE", f"/lora/workers/{args.model}")
     if not args.json:
-        out.print(f"{args.model}: worker stopped")
+        print(f"{args.model}: worker stopped")
     return 0
 
 
-async def cmd_lora_restart(client: Client, args: argparse.Namespace) -> int:
+def cmd_lora_restart(client: Client, args: argparse.Namespace) -> int:
     with progress(f"restarting the worker for {args.model}", args.json):
-        worker = await client.call("POST", f"/lora/workers/{args.model}/restart", timeout=IMPORT_TIMEOUT)
-    _show(worker, args.json, lambda w: out.print(_worker_line(w)))
+        worker = client.call("POST", f"/lora/workers/{args.model}/restart", timeout=IMPORT_TIMEOUT)
+    _show(worker, args.json, lambda w: print(_worker_line(w)))
     return 0
 
 
-async def cmd_lora_workers(client: Client, args: argparse.Namespace) -> int:
-    data = await client.call("GET", "/lora/workers")
+def cmd_lora_workers(client: Client, args: argparse.Namespace) -> int:
+    data = client.call("GET", "/lora/workers")
     rows = [
         [w["model"], w["state"], w["device"], w["pid"], len(w["adapters"]), w["load_ms"], w["exit"]]
         for w in data["workers"]
@@ -373,10 +406,10 @@ async def cmd_lora_workers(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_lora_complete(client: Client, args: argparse.Namespace) -> int:
+def cmd_lora_complete(client: Client, args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     body = {"model": args.model, "prompt": prompt, "max_tokens": args.max_tokens, "temperature": args.temperature}
-    result = await client.call("POST", "/v1/completions", body, timeout=args.timeout)
+    result = client.call("POST", "/v1/completions", body, timeout=args.timeout)
     _show(result, args.json, lambda r: print(r["choices"][0]["text"]))
     return 0
 
@@ -428,6 +461,12 @@ def add_lora_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 # -- parsing ---------------------------------------------------------------------------------------
+def _size_argument(text: str) -> int:
+    from shmpool.cli import parse_size  # the pool's library comes with it: only `deploy --memory` needs it
+
+    return parse_size(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="thaw",
@@ -447,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="the function's directory (its module, an optional requirements.txt)")
     p.add_argument("--name", help="function name (default: the directory's name)")
     p.add_argument("--handler", default="handler:handle", help="module:callable (default handler:handle)")
-    p.add_argument("--memory", type=parse_size, help="memory limit, e.g. 256M")
+    p.add_argument("--memory", type=_size_argument, help="memory limit, e.g. 256M")
     p.add_argument("--cpu", type=float, help="CPU limit in cores, e.g. 0.5")
     p.add_argument("--timeout", type=float, help="seconds per invocation (default: thawd's)")
     p.add_argument("--env", action="append", metavar="NAME=VALUE", help="environment variable (repeatable)")
@@ -501,12 +540,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     client = Client(args.socket)
     try:
-        return int(asyncio.run(args.run(client, args)))
+        return int(args.run(client, args))
     except ApiError as e:
-        err.print(f"thaw {args.command}: {e} [{e.code}]", markup=False, highlight=False)
+        print(f"thaw {args.command}: {e} [{e.code}]", file=sys.stderr)
         return e.exit_code
     except Unreachable as e:
-        err.print(f"thaw: {e}", markup=False, highlight=False)
+        print(f"thaw: {e}", file=sys.stderr)
         return EXIT_UNREACHABLE
     except KeyboardInterrupt:
         return 130

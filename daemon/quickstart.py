@@ -42,7 +42,7 @@ console = Console(width=None if sys.stdout.isatty() else 110)
 
 async def _healthy(client: Client) -> bool:
     try:
-        status, _, _ = await client.request("GET", "/health", timeout=2)
+        status, _, _ = client.request("GET", "/health", timeout=2)
     except (Unreachable, ApiError):
         return False
     return status == 200
@@ -68,11 +68,11 @@ async def start_thawd(client: Client, log_path: Path) -> subprocess.Popen[bytes]
 
 async def deploy(client: Client, name: str) -> dict[str, Any]:
     body = {"name": name, "source": str(EXAMPLES / name)}
-    status, _, _ = await client.request("GET", f"/functions/{name}")
+    status, _, _ = client.request("GET", f"/functions/{name}")
     method, path = ("PUT", f"/functions/{name}") if status == 200 else ("POST", "/functions")
     t0 = time.perf_counter()
     with console.status(f"deploying {name}: starting its guest, running its init, capturing it"):
-        function: dict[str, Any] = await client.call(method, path, body, timeout=600)
+        function: dict[str, Any] = client.call(method, path, body, timeout=600)
     console.print(
         f"  {name}: init {function['init_ms']:.0f} ms, captured into {function['template']} "
         f"({function['template_bytes'] / (1 << 20):.1f} MiB of pages); deploy took {time.perf_counter() - t0:.1f} s"
@@ -88,7 +88,7 @@ async def measure(client: Client, name: str) -> dict[str, Any]:
         await (await session.get("http://thawd/health")).read()  # the connection, opened outside the timing
         restores = []
         for _ in range(RESTORE_RUNS):
-            await client.call("POST", f"/functions/{name}/scale", {"replicas": 0})  # no instance left warm
+            client.call("POST", f"/functions/{name}/scale", {"replicas": 0})  # no instance left warm
             t0 = time.perf_counter()
             async with session.post(url, data=b"{}") as r:
                 assert r.status == 200, await r.text()
@@ -101,10 +101,10 @@ async def measure(client: Client, name: str) -> dict[str, Any]:
             async with session.post(url, data=b"{}") as r:
                 await r.read()
             warm.append((time.perf_counter() - t0) * 1e3)
-    await client.call("POST", f"/functions/{name}/scale", {"replicas": INSTANCES})
-    instances = (await client.call("GET", f"/instances?function={name}"))["instances"]
+    client.call("POST", f"/functions/{name}/scale", {"replicas": INSTANCES})
+    instances = client.call("GET", f"/instances?function={name}")["instances"]
     memory = [i["memory"] for i in instances if i["memory"]]
-    await client.call("POST", f"/functions/{name}/scale", {"replicas": 0})
+    client.call("POST", f"/functions/{name}/scale", {"replicas": 0})
     return {
         "restore_ms": restore_ms,
         "warm_ms": statistics.median(warm),
@@ -117,7 +117,7 @@ async def measure(client: Client, name: str) -> dict[str, Any]:
 async def measure_compressed(client: Client, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The same measures on the function's template compressed with zstd; then back as captured."""
     with console.status(f"compressing {name}'s template (zstd)"):
-        function: dict[str, Any] = await client.call(
+        function: dict[str, Any] = client.call(
             "POST", f"/functions/{name}/template", {"form": "compressed", "codec": "zstd"}, timeout=600
         )
     console.print(
@@ -126,9 +126,9 @@ async def measure_compressed(client: Client, name: str) -> tuple[dict[str, Any],
     )
     try:
         measured = await measure(client, name)
-        function = await client.call("GET", f"/functions/{name}")  # with the pages decompressed so far
+        function = client.call("GET", f"/functions/{name}")  # with the pages decompressed so far
     finally:
-        await client.call("POST", f"/functions/{name}/template", {"form": "warm"}, timeout=600)
+        client.call("POST", f"/functions/{name}/template", {"form": "warm"}, timeout=600)
     return {**function, "name": f"{name} (compressed)"}, measured
 
 
