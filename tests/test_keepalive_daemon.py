@@ -123,6 +123,7 @@ def test_a_template_is_compressed_expanded_and_evicted_by_hand(daemon: Thawd, tm
     expected = _deploy_and_invoke(daemon, tmp_path, "forms")
     for form, codec, template_end in (
         ("compressed", "zstd", ".z"),
+        ("compressed", "lz4", ".z"),  # recompressed with another codec
         ("warm", None, "fn.forms.1"),
         ("evicted", None, ""),
     ):
@@ -130,6 +131,7 @@ def test_a_template_is_compressed_expanded_and_evicted_by_hand(daemon: Thawd, tm
         assert result.returncode == 0, result.stderr + daemon.log()
         info = json.loads(result.stdout)
         assert info["template_form"] == form and str(info["template"] or "").endswith(template_end)
+        assert info["template_codec"] == codec
         status, reply = daemon.invoke("forms", {"form": form})
         assert status == 200 and reply == {"sum": expected, "echo": {"form": form}}
     status, error = daemon.api("POST", "/functions/forms/template", {"form": "frozen"})
@@ -137,3 +139,25 @@ def test_a_template_is_compressed_expanded_and_evicted_by_hand(daemon: Thawd, tm
     status, error = daemon.api("POST", "/functions/forms/template", {"form": "compressed", "codec": "rar"})
     assert status == 400 and "codec must be" in error["error"]["message"]
     assert daemon.api("POST", "/functions/nothing/template", {"form": "warm"})[0] == 404
+
+
+def test_with_user_namespaces_paged_templates_are_refused_at_deploy_and_compress(tmp_path: Path) -> None:
+    """A lazy or compressed template could not be restored into sandboxes with a user namespace
+    (vm.unprivileged_userfaultfd is 0): it is refused when asked for, with the reason, and never
+    made (no 503 on every invocation)."""
+    if Path("/proc/sys/vm/unprivileged_userfaultfd").read_text().strip() == "1":
+        pytest.skip("vm.unprivileged_userfaultfd is 1: paged restores work in user namespaces here")
+    with running(tmp_path, sandboxes_userns="true") as daemon:
+        source = write_function(tmp_path / "ns", FUNCTION)
+        status, reply = daemon.api("POST", "/functions", {"name": "nslazy", "source": str(source), "mode": "lazy"})
+        assert status == 400, reply
+        assert "cannot be restored lazily here: sandboxes have a user namespace" in reply["error"]["message"]
+        assert daemon.api("GET", "/functions/nslazy")[0] == 404
+        expected = _deploy_and_invoke(daemon, tmp_path, "nscow")
+        status, reply = daemon.api("POST", "/functions/nscow/template", {"form": "compressed"})
+        assert status == 400, reply
+        assert "cannot be compressed here: sandboxes have a user namespace" in reply["error"]["message"]
+        info = daemon.api("GET", "/functions/nscow")[1]
+        assert info["template_form"] == "warm"
+        status, reply = daemon.invoke("nscow", {"n": 1})
+        assert status == 200 and reply["sum"] == expected

@@ -110,20 +110,22 @@ class Thawd:
             )
 
     # -- talking ----------------------------------------------------------------------------------------
-    def api(self, method: str, path: str, body: Any = None, data: bytes | None = None) -> tuple[int, Any]:
+    def api(
+        self, method: str, path: str, body: Any = None, data: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
         """One request to the API; the reply as JSON when it is JSON, else bytes."""
-        status, headers, payload = asyncio.run(self.request(method, path, body, data))
+        status, headers, payload = asyncio.run(self.request(method, path, body, data, headers))
         if headers.get("Content-Type", "").startswith("application/json") and payload:
             return status, json.loads(payload)
         return status, payload
 
     async def request(
-        self, method: str, path: str, body: Any = None, data: bytes | None = None
+        self, method: str, path: str, body: Any = None, data: bytes | None = None, headers: dict[str, str] | None = None
     ) -> tuple[int, dict[str, str], bytes]:
         connector = aiohttp.UnixConnector(path=str(self.socket))
         async with (
             aiohttp.ClientSession(connector=connector) as session,
-            session.request(method, f"http://thawd{path}", json=body, data=data) as r,
+            session.request(method, f"http://thawd{path}", json=body, data=data, headers=headers) as r,
         ):
             return r.status, dict(r.headers), await r.read()
 

@@ -13,7 +13,6 @@ import gc
 import importlib
 import json
 import os
-import random
 import signal
 import socket
 import sys
@@ -23,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sandbox.guest import protocol
+from sandbox.guest import hooks, protocol
 
 CONTROL_FD = 3
 
@@ -62,13 +61,16 @@ def load_handler(function_dir: str, spec: str, site_dir: str | None = None) -> H
     init = getattr(module, "init", None)
     if callable(init):
         init()
+    hooks.register_module_hooks(module)
     return handler  # type: ignore[no-any-return]
 
 
 def to_response(request_id: Any, result: Any) -> protocol.Message:
     """Map a handler's return value to a response message (python3-http semantics)."""
     if isinstance(result, dict) and "statusCode" in result:
-        status = int(result["statusCode"])
+        status = result["statusCode"]  # as the handler gave it: thawd refuses what is not 200-599 (502)
+        if not isinstance(status, int | float | str | None):
+            status = repr(status)  # still a JSON value, which thawd names in its 502
         headers = {str(k): str(v) for k, v in (result.get("headers") or {}).items()}
         body = result.get("body", b"")
     else:
@@ -134,11 +136,18 @@ def _prewarm() -> None:
 
 def park(fd: int) -> None:
     """Report READY and stop: the daemon captures us now. We continue here in every instance."""
+    hooks.run_before_capture()
     _prewarm()
     protocol.send(fd, {"type": "ready"})
     os.kill(os.getpid(), signal.SIGSTOP)
-    # Every instance shares the template's state: give each its own randomness and identity.
-    random.seed(os.urandom(32))
+    # Every instance shares the template's state: give each its own randomness, and let the
+    # function refresh what it derived from its identity (sandbox.guest.hooks).
+    try:
+        hooks.run_after_thaw()
+    except Exception as e:
+        error = {"type": type(e).__name__, "message": f"an after-thaw hook failed: {e}"}
+        protocol.send(fd, {"type": "error", "error": {**error, "traceback": traceback.format_exc()}})
+        raise SystemExit(1) from e
     protocol.send(fd, {"type": "restored", "pid": os.getpid()})
 
 
@@ -154,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError:
         print("guest: fd 3 (the control channel) is not open", file=sys.stderr)
         return 2
+    hooks.track_random()  # before the function's init creates any generator
     handler = load_handler(args.function_dir, args.handler, args.site_dir)
     park(CONTROL_FD)
     serve(handler, CONTROL_FD, args.max_frame)
