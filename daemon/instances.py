@@ -53,6 +53,7 @@ from daemon.metrics import Metrics
 from daemon.planner import MIB, Held, Planner
 from daemon.registry import FUNCTION_MOUNT, Deployed, FunctionSpec, Registry, RegistryError, RequirementsFailed
 from native.qpl import QplUnavailable as CodecUnavailable
+from native.seccomp import program as seccomp_program
 from sandbox.cgroups import Limits
 from sandbox.errors import SandboxError
 from sandbox.guest import protocol
@@ -386,7 +387,8 @@ class Manager:
             argv = [sys.executable, "-m", "sandbox.guest", f"{FUNCTION_MOUNT}/code", "--handler", spec.handler]
             argv += ["--site-dir", f"{FUNCTION_MOUNT}/site", "--max-frame", str(self.config.max_frame)]
             started = time.perf_counter()
-            guest = await asyncio.to_thread(sandbox.spawn, argv, theirs.fileno(), log_write)
+            seccomp = seccomp_program(frozenset(spec.syscalls))  # built once per set of opt-outs
+            guest = await asyncio.to_thread(sandbox.spawn, argv, theirs.fileno(), log_write, seccomp=seccomp)
             theirs.close()
             os.close(log_write)
             log_write = -1
@@ -648,7 +650,10 @@ class Manager:
             finally:
                 theirs.close()
                 os.close(log_write)
-            restored = await self.tracer.run(restore, ref.template, Stub(stub.pid, stub.wait, stub.kill), fs.spec.mode)
+            seccomp = seccomp_program(frozenset(fs.spec.syscalls))  # the restorer's last step installs it
+            restored = await self.tracer.run(
+                restore, ref.template, Stub(stub.pid, stub.wait, stub.kill), fs.spec.mode, seccomp
+            )
             channel = await Channel.open(ours, self.config.max_frame)
             try:
                 hello = await asyncio.wait_for(channel.recv(), RESTORED_TIMEOUT)

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from native.seccomp import BadOptOut, check_opt_outs
 from snapshot.template import MODES
 
 NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -62,6 +63,7 @@ class FunctionSpec:
     image: str = ""  # where it was deployed from (the OpenFaaS `image`)
     labels: dict[str, str] = field(default_factory=dict)
     annotations: dict[str, str] = field(default_factory=dict)
+    syscalls: list[str] = field(default_factory=list)  # seccomp deny-list entries it may call (opt-outs)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> FunctionSpec:
@@ -95,10 +97,21 @@ class FunctionSpec:
             for k, v in self.env.items()
         ):
             raise InvalidFunction("env must map variable names ([A-Za-z_][A-Za-z0-9_]*) to strings")
+        check_syscalls(self.syscalls)
         return self
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def check_syscalls(value: Any) -> None:
+    """Seccomp opt-outs: a list of syscalls on thaw's deny-list (native.seccomp), each named."""
+    if not isinstance(value, list):
+        raise InvalidFunction(f"syscalls must be a list of syscall names, not {value!r:.80}")
+    try:
+        check_opt_outs(value)
+    except BadOptOut as e:
+        raise InvalidFunction(f"syscalls: {e}") from e
 
 
 def _positive(value: Any, what: str, kind: type | tuple[type, ...]) -> None:

@@ -10,6 +10,10 @@ Requests go over one SOCK_SEQPACKET socket and are answered in order; EXITED eve
 reaped a child) arrive in between and are kept by pid. A reply that names a new process carries
 SCM_CREDENTIALS with its pid, which the kernel translates into our pid namespace: the host pid the
 tracer needs. One lock serializes requests, so any thread may use an Agent.
+
+Every program the agent execs gets a seccomp filter (sent with the spawn as a memfd holding the
+BPF program, installed after no_new_privs, just before execve); stubs get none, since their
+restore needs what the filter denies and the restorer installs it as its last step.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pathlib import Path
 from native._native import lib
 
 import native
+from native.seccomp import check_program
 from sandbox.errors import AgentError
 
 AGENT_PROGRAM = Path(native.__file__).parent / "thaw-agent"
@@ -151,14 +156,32 @@ class Agent:
         return reply.value, reply.pid
 
     def spawn(
-        self, argv: list[str], env: dict[str, str], cwd: str, uid: int, gid: int, log_fd: int, control_fd: int
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: str,
+        uid: int,
+        gid: int,
+        log_fd: int,
+        control_fd: int,
+        seccomp: bytes,
     ) -> tuple[int, int]:
-        """Exec `argv` inside as uid/gid with no capabilities; returns (pid inside, host pid)."""
+        """Exec `argv` inside as uid/gid with no capabilities, no_new_privs and the seccomp filter
+        `seccomp` (a BPF program, native.seccomp); returns (pid inside, host pid)."""
         strings = [str(uid), str(gid), cwd, *argv, *(f"{k}={v}" for k, v in env.items())]
         if any("\0" in s for s in strings):
             raise AgentError("argv, env and cwd must not contain NUL bytes")
+        try:
+            check_program(seccomp)
+        except ValueError as e:
+            raise AgentError(f"spawning {argv[0]}: {e}") from e
         payload = b"".join(s.encode() + b"\0" for s in strings)
-        reply = self.request(SPAWN, len(argv), payload, [log_fd, control_fd])
+        program = os.memfd_create("thaw-seccomp", os.MFD_CLOEXEC)  # the agent reads it before it forks
+        try:
+            os.write(program, seccomp)  # a memfd takes the whole write (at most 32 KiB)
+            reply = self.request(SPAWN, len(argv), payload, [log_fd, control_fd, program])
+        finally:
+            os.close(program)
         return reply.value, reply.pid
 
     def mount_function(self, detached_mount: int | None) -> None:

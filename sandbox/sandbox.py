@@ -9,7 +9,8 @@
 
 The agent (pid 1 inside) lives in the sandbox's *agent* cgroup; guests and stubs join the
 *instance* cgroup, which carries the limits and which release() kills. Every process inside
-runs as the configured unprivileged uid/gid (a stub gets its uid from the template it becomes).
+runs as the configured unprivileged uid/gid (a stub gets its uid from the template it becomes),
+and every program spawned here under a seccomp filter (a stub gets it from its restore).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from native import mounts, pidfd
+from native.seccomp import program as default_seccomp
 from sandbox import rootfs
 from sandbox.agent import Agent, AgentOptions
 from sandbox.cgroups import Cgroup, CgroupTree, Limits
@@ -214,14 +216,22 @@ class Sandbox:
         self.spec = spec
 
     def spawn(
-        self, argv: list[str], control_fd: int | None = None, log_fd: int | None = None, cwd: str = "/"
+        self,
+        argv: list[str],
+        control_fd: int | None = None,
+        log_fd: int | None = None,
+        cwd: str = "/",
+        seccomp: bytes | None = None,
     ) -> SandboxProcess:
         """Exec `argv` inside (an absolute path: there is no PATH search) with the spec's env, as the
-        sandbox uid/gid. fd 3 is `control_fd`, fds 0-2 are `log_fd` (default /dev/null)."""
+        sandbox uid/gid, under the seccomp filter `seccomp` (a BPF program; default: thaw's filter
+        without opt-outs, native.seccomp). fd 3 is `control_fd`, fds 0-2 are `log_fd` (default
+        /dev/null)."""
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "HOSTNAME": self.hostname}
         env.update(self.spec.env if self.spec else {})
+        program = seccomp if seccomp is not None else default_seccomp()
         with _fds(control_fd, log_fd) as (control, log):
-            inner, pid = self.agent.spawn(argv, env, cwd, self.config.uid, self.config.gid, log, control)
+            inner, pid = self.agent.spawn(argv, env, cwd, self.config.uid, self.config.gid, log, control, program)
         return self._track(inner, pid)
 
     def spawn_stub(

@@ -11,7 +11,8 @@ template's addresses (where they are in the stub comes from the report the stub 
 its /proc/self/maps), map every VMA (MAP_PRIVATE from the template segment for cow, filled by
 pread for copy, from the cache segment under userfaultfd for lazy), PR_SET_MM_MAP, sigactions,
 the alternate stack, path fds, tid address, robust list, rseq, name, and last the credentials
-(uid/gid from the template, no capabilities, no_new_privs). The blob stops with int3; the tracer
+(uid/gid from the template, no capabilities, no_new_privs) and the seccomp filter the caller
+passes (native.seccomp). The blob stops with int3; the tracer
 unmaps the scratch area with a syscall instruction of the restored image, sets the signal mask,
 registers and xstate, and detaches. The files the template maps are checked (one fstat each of
 the fds it holds them by) before the instance runs any code of its own.
@@ -25,6 +26,11 @@ The whole program is built once per template and mode and cached: the scratch ar
 address chosen from the template's layout, free in every stub unless the stub happens to use it
 (then the program is rebuilt for another address); what the tracer learns of the stub (its rseq
 registration and special mappings) is written into the image as it is copied in.
+
+The seccomp filter goes in last because the kernel filters injected syscalls too, and the steps
+before it need what it denies; installing it needs no_new_privs (set just before) or
+CAP_SYS_ADMIN. After it the tracer injects only `close` (the userfaultfd) and `munmap` (the
+scratch area), which the filter allows. A lazy restore's userfaultfd is made before it.
 
 All calls for one stub must come from one thread (see `Tracer`). A failed restore kills the stub.
 """
@@ -43,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from native import pidfd, ptrace, tracer
+from native import pidfd, ptrace, seccomp, tracer
 from native.constants import (
     PR_SET_MM_MAP,
     UFFDIO_API,
@@ -198,8 +204,9 @@ def _scratch_address(spans: list[tuple[int, int]], size: int, avoid: int = 0) ->
 class _Builder:
     """Writes the template-specific body of the restore program."""
 
-    def __init__(self, template: Template, mode: str, scratch: int, fd_base: int) -> None:
+    def __init__(self, template: Template, mode: str, scratch: int, fd_base: int, bpf: bytes | None) -> None:
         self.t, self.m, self.mode = template, template.manifest, mode
+        self.bpf = bpf
         self.p = Program(scratch)
         self.fd_base = fd_base
         self.segment_fd = fd_base
@@ -386,26 +393,30 @@ class _Builder:
         p.syscall(Syscall.CAPSET, header, p.put(bytes(24)), what="clearing capabilities")
         p.syscall(Syscall.PRCTL, Prctl.SET_NO_NEW_PRIVS, 1, 0, 0, 0, what="PR_SET_NO_NEW_PRIVS")
         p.syscall(Syscall.PRCTL, Prctl.SET_DUMPABLE, self.m.dumpable, what="PR_SET_DUMPABLE")
+        if self.bpf is not None:  # last: it judges every later syscall, injected ones too
+            program = p.put(self.bpf)
+            fprog = p.put(seccomp.sock_fprog(program, self.bpf))
+            p.syscall(Syscall.SECCOMP, seccomp.SET_MODE_FILTER, 0, fprog, what="installing the seccomp filter")
 
 
 def _cap_last_cap() -> int:
     return int(Path("/proc/sys/kernel/cap_last_cap").read_text())
 
 
-def _plan(template: Template, mode: str, fd_base: int, avoid: int = 0) -> _Plan:
-    key = (mode, fd_base)
+def _plan(template: Template, mode: str, fd_base: int, bpf: bytes | None, avoid: int = 0) -> _Plan:
+    key = (mode, fd_base, bpf)  # bytes keep their hash: a lookup hashes the filter once
     plans = template.restore_plans
     plan: _Plan | None = plans.get(key)
     if plan is not None and plan.scratch != avoid:
         return plan
     spans = _intervals(template.manifest)
     specials = sum(end - start for start, end in template.manifest.specials.values())
-    estimate = _Builder(template, mode, 0, fd_base).build(0, 0)  # sizes do not depend on addresses
+    estimate = _Builder(template, mode, 0, fd_base, bpf).build(0, 0)  # sizes do not depend on addresses
     image_size = round_up(len(estimate.program.finish()[0]), PAGE)
     size = image_size + STACK_SIZE + round_up(specials, PAGE)
     scratch = _scratch_address(spans, size, avoid)
     stack_top = scratch + image_size + STACK_SIZE
-    plan = _Builder(template, mode, scratch, fd_base).build(size, park=stack_top)
+    plan = _Builder(template, mode, scratch, fd_base, bpf).build(size, park=stack_top)
     plan.image, plan.args = plan.program.finish()
     plan.stack_top = stack_top
     m = template.manifest
@@ -423,11 +434,14 @@ def _plan(template: Template, mode: str, fd_base: int, avoid: int = 0) -> _Plan:
 
 
 # -- restore ------------------------------------------------------------------------------------
-def restore(template: Template, stub: Stub, mode: str = "cow") -> Instance:
-    """Turn `stub` into an instance of `template`. On any failure the stub is killed and
-    RestoreError (or FileChanged) says what failed."""
+def restore(template: Template, stub: Stub, mode: str = "cow", seccomp_filter: bytes | None = None) -> Instance:
+    """Turn `stub` into an instance of `template`, confined by `seccomp_filter` (a BPF program,
+    native.seccomp.program(); None installs none: thawd always passes one). On any failure the
+    stub is killed and RestoreError (or FileChanged) says what failed."""
     if mode not in MODES:
         raise ValueError(f"restore mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if seccomp_filter is not None:
+        seccomp.check_program(seccomp_filter)
     if mode == "cow" and not template.pool.caps.private_cow:
         _kill(stub)
         raise RestoreError(
@@ -436,7 +450,7 @@ def restore(template: Template, stub: Stub, mode: str = "cow") -> Instance:
     t0, trips0 = time.perf_counter(), ptrace.round_trips()
     pagers: list[Pager] = []  # a pager started before a failure must go with the stub
     try:
-        instance = _restore(template, stub, mode, pagers)
+        instance = _restore(template, stub, mode, seccomp_filter, pagers)
     except BaseException as e:
         _kill(stub)
         for pager in pagers:
@@ -480,18 +494,20 @@ def _reap_traced(pid: int, timeout: float) -> None:
         time.sleep(0.001)
 
 
-def _restore(template: Template, stub: Stub, mode: str, pagers: list[Pager]) -> Instance:
+def _restore(template: Template, stub: Stub, mode: str, bpf: bytes | None, pagers: list[Pager]) -> Instance:
     """Seize the stub, run the restorer in it to its end (pausing once to start a pager for a
     paged restore), finish the thread's state and let it go. The files the template maps are
     checked while the restorer runs, before the instance runs any code of its own."""
     with tracer.same_cpu(stub.pid) as pin:
-        return _restore_pinned(template, stub, mode, pagers, pin)
+        return _restore_pinned(template, stub, mode, bpf, pagers, pin)
 
 
-def _restore_pinned(template: Template, stub: Stub, mode: str, pagers: list[Pager], pin: Any) -> Instance:
+def _restore_pinned(
+    template: Template, stub: Stub, mode: str, bpf: bytes | None, pagers: list[Pager], pin: Any
+) -> Instance:
     pid = stub.pid
     seize_stopped(pid)
-    plan, outcome, changed = _run_restorer(template, mode, stub)
+    plan, outcome, changed = _run_restorer(template, mode, stub, bpf)
     if changed >= 0:
         template.check_files()  # raises FileChanged, naming the change
         raise FileChanged(f"{template.manifest.files[changed].path} changed while {template.name!r} was restored")
@@ -514,11 +530,11 @@ def _restore_pinned(template: Template, stub: Stub, mode: str, pagers: list[Page
     return Instance(pid, template, mode, stub, pagers[0] if pagers else None)
 
 
-def _run_restorer(template: Template, mode: str, stub: Stub) -> tuple[_Plan, Outcome, int]:
+def _run_restorer(template: Template, mode: str, stub: Stub, bpf: bytes | None) -> tuple[_Plan, Outcome, int]:
     """Copy the restorer into the stub's scratch area and run it to its first int3. Stubs map
     the area where restorer.h says before they stop; for a stub that did not, or a plan that
     needs it elsewhere, the stub's maps decide where it goes and an injected mmap makes it."""
-    plan = _plan(template, mode, stub.fd_base)
+    plan = _plan(template, mode, stub.fd_base, bpf)
     files = template.file_checks()
     if plan.scratch == STUB_SCRATCH and plan.size <= STUB_SCRATCH_SIZE:
         try:
@@ -531,7 +547,7 @@ def _run_restorer(template: Template, mode: str, stub: Stub) -> tuple[_Plan, Out
     premapped = _premapped_scratch(stub_maps)
     taken = [(v.start, v.end) for v in stub_maps if v.start != premapped]
     if not _free(taken, plan.scratch, plan.size):
-        plan = _plan(template, mode, stub.fd_base, avoid=plan.scratch)
+        plan = _plan(template, mode, stub.fd_base, bpf, avoid=plan.scratch)
     if plan.scratch != premapped or plan.size > STUB_SCRATCH_SIZE:
         in_the_way = not _free([(premapped, premapped + STUB_SCRATCH_SIZE)], plan.scratch, plan.size)
         _map_scratch(stub.pid, plan, replace=in_the_way)

@@ -63,8 +63,8 @@ class Template:
         self._file_checks: FileChecks | None = None
         self._source_view: mmap.mmap | None = None
         self._working_set: list[int] | None = None
-        # restore.py's per-template restore programs, built once per (mode, fd base)
-        self.restore_plans: dict[tuple[str, int], Any] = {}
+        # restore.py's per-template restore programs, built once per (mode, fd base, seccomp filter)
+        self.restore_plans: dict[tuple[str, int, bytes | None], Any] = {}
 
     @property
     def name(self) -> str:

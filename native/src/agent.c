@@ -16,8 +16,9 @@
  * and reports READY on the control socket. From then on it reaps every child (reporting EXITED)
  * and answers the requests of agent.h: fork a stopped stub or exec a guest (each joins the
  * instance cgroup, gets its fds, and a guest drops to UID/GID without capabilities and with
- * no_new_privs), swap the function mount, replace /tmp, set the hostname, hand out a netlink
- * socket of the sandbox's network namespace. Single-threaded; when the daemon closes the control
+ * no_new_privs, then installs the seccomp filter it was sent), swap the function mount, replace
+ * /tmp, set the hostname, hand out a netlink socket of the sandbox's network namespace. A stub
+ * gets no filter: its restore needs what the filter denies, and the restorer installs it last. Single-threaded; when the daemon closes the control
  * socket the agent exits, and the kernel kills everything left in its pid namespace.
  *
  * With --userns the sandbox also gets a user namespace: root inside is HOSTUID:HOSTGID outside (an
@@ -30,8 +31,10 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <linux/close_range.h>
+#include <linux/filter.h>
 #include <linux/mount.h>
 #include <linux/netlink.h>
+#include <linux/seccomp.h>
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
@@ -449,6 +452,30 @@ static void do_stub(const struct thaw_agent_msg *req, const int *fds, int nfds)
     reply_ok(pid, pid);
 }
 
+/* Read the seccomp program a spawn was sent (fd `fd`) into `prog`; returns 0, or -1 with errno
+ * and *what set. Read here, in the agent, so a bad program is refused before any fork. */
+static int read_seccomp(int fd, struct sock_fprog *prog, const char **what)
+{
+    static struct sock_filter filter[BPF_MAXINSNS];
+    struct stat st;
+    *what = "the seccomp program";
+    if (fstat(fd, &st) < 0)
+        return -1;
+    if (st.st_size <= 0 || st.st_size % (off_t)sizeof *filter || st.st_size > (off_t)sizeof filter) {
+        *what = "the seccomp program (not 1 to 4096 BPF instructions)";
+        return errno = EINVAL, -1;
+    }
+    ssize_t got = pread(fd, filter, (size_t)st.st_size, 0);
+    if (got != st.st_size) {
+        if (got >= 0)
+            errno = EIO;
+        return -1;
+    }
+    prog->len = (unsigned short)(st.st_size / (off_t)sizeof *filter);
+    prog->filter = filter;
+    return 0;
+}
+
 /* The payload: uid, gid, cwd, then value = argc strings of argv, then the environment. */
 static void do_spawn(const struct thaw_agent_msg *req, char *payload, const int *fds, int nfds)
 {
@@ -458,8 +485,13 @@ static void do_spawn(const struct thaw_agent_msg *req, char *payload, const int 
     for (char *p = payload; p < payload + req->len && n < MAX_STRINGS; p += strlen(p) + 1)
         strings[n++] = p;
     int argc = req->value;
-    if (nfds != 2 || argc < 1 || n < 3 + argc)
-        return reply_error(EINVAL, "spawn wants 2 fds and uid, gid, cwd, argv (got %d fds, %d strings)", nfds, n);
+    if (nfds != 3 || argc < 1 || n < 3 + argc)
+        return reply_error(EINVAL, "spawn wants 3 fds (log, control, seccomp program) and uid, gid, cwd, argv "
+                                   "(got %d fds, %d strings)", nfds, n);
+    struct sock_fprog seccomp;
+    const char *what;
+    if (read_seccomp(fds[2], &seccomp, &what) < 0)
+        return reply_error(errno, "reading %s", what);
     unsigned uid = (unsigned)strtoul(strings[0], NULL, 10), gid = (unsigned)strtoul(strings[1], NULL, 10);
     memcpy(argv, strings + 3, sizeof(char *) * argc);
     argv[argc] = NULL;
@@ -477,13 +509,16 @@ static void do_spawn(const struct thaw_agent_msg *req, char *payload, const int 
     if (pid == 0) {
         const char *step = "setting up fds and cgroups";
         int keep = fcntl(report[1], F_DUPFD_CLOEXEC, FD_PARKING + THAW_AGENT_MAX_FDS);
-        if (keep < 0 || child_setup(fds, nfds, 4, keep) < 0)
+        if (keep < 0 || child_setup(fds, 2, 4, keep) < 0) /* the seccomp fd (read already) is closed */
             goto failed;
         step = "dropping privileges";
         for (int cap = 0; cap <= 63; cap++)
             prctl(PR_CAPBSET_DROP, cap, 0, 0, 0);
         if (setgroups(0, NULL) < 0 || setresgid(gid, gid, gid) < 0 || setresuid(uid, uid, uid) < 0 ||
             prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+            goto failed;
+        step = "installing the seccomp filter"; /* after no_new_privs, which an unprivileged install needs */
+        if (syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &seccomp) < 0)
             goto failed;
         step = "chdir";
         if (chdir(strings[2]) < 0)

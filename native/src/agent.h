@@ -24,7 +24,9 @@ struct thaw_agent_msg {
 /* requests */
 #define THAW_AGENT_PING 1           /* reply OK */
 #define THAW_AGENT_STUB 2           /* fds [log, control, restore...]; value = where the restore fds go */
-#define THAW_AGENT_SPAWN 3          /* fds [log, control]; value = argc; payload uid, gid, cwd, argv, env (NUL-ended) */
+#define THAW_AGENT_SPAWN 3          /* fds [log, control, seccomp]; value = argc; payload uid, gid, cwd, argv, env
+                                     * (NUL-ended). seccomp: a file holding the BPF program (struct sock_filter[])
+                                     * the child installs after no_new_privs, just before execve */
 #define THAW_AGENT_MOUNT_FUNCTION 4 /* fds [a detached mount (open_tree)] or none: only unmount */
 #define THAW_AGENT_FRESH_TMP 5      /* payload: tmpfs options for a new /tmp */
 #define THAW_AGENT_HOSTNAME 6       /* payload: the name */
