@@ -39,10 +39,10 @@ class _Follower:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(limit)
+        self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(limit)  # None: the log closed
         self.dropped = 0
 
-    def put(self, entry: dict[str, Any]) -> None:
+    def put(self, entry: dict[str, Any] | None) -> None:
         if self.queue.full():
             self.queue.get_nowait()
             self.dropped += 1
@@ -51,7 +51,7 @@ class _Follower:
     def marker(self) -> dict[str, Any]:
         """The line that stands for the lines dropped since the last marker (and resets the count)."""
         count, self.dropped = self.dropped, 0
-        text = f"thawd: {count} log lines dropped: this reader fell more than {self.limit} lines behind"
+        text = f"{count} log lines dropped: this reader fell more than {self.limit} lines behind"
         return {"timestamp": _timestamp(), "instance": "thawd", "text": text, "dropped": count}
 
 
@@ -60,6 +60,7 @@ class FunctionLog:
         self.path = path
         self.ring: deque[dict[str, Any]] = deque(maxlen=RING)
         self.followers: set[_Follower] = set()
+        self.closed = False
         self.file = open(path, "a", buffering=1)  # noqa: SIM115 - lives as long as the function
         self._load_tail()
 
@@ -94,6 +95,8 @@ class FunctionLog:
 
     async def follow(self, buffer: int = FOLLOW_BUFFER) -> AsyncGenerator[dict[str, Any], None]:
         """New lines as they are written; `buffer` lines at most wait for a slow reader."""
+        if self.closed:
+            return
         follower = _Follower(buffer)
         self.followers.add(follower)
         try:
@@ -103,11 +106,18 @@ class FunctionLog:
                 # the marker goes where the gap is.
                 if follower.dropped:
                     yield follower.marker()
+                if entry is None:
+                    return
                 yield entry
         finally:
             self.followers.discard(follower)
 
     def close(self) -> None:
+        """Followers end (their streams end as at the end of a log), so that neither a deleted
+        function nor a stopping thawd waits for a follower that may never see another line."""
+        self.closed = True
+        for follower in self.followers:
+            follower.put(None)
         self.file.close()
 
 

@@ -188,10 +188,19 @@ async def stream_logs(
     if follow:
         # write() waits for the socket to drain once 64 KiB are pending, so a client that stops
         # reading stops this loop: its follower's bounded buffer then drops lines, counted in a
-        # marker ("dropped": N) that is passed whatever instance is asked for.
-        async for entry in fs.log.follow():
-            if instance is None or entry["instance"] == instance or "dropped" in entry:
-                await response.write((json.dumps(shape(entry)) + "\n").encode())
+        # marker ("dropped": N) that is passed whatever instance is asked for. The stream ends
+        # when the function's log closes (deleted, thawd stopping).
+        follower = fs.log.follow()
+        try:
+            async for entry in follower:
+                if instance is None or entry["instance"] == instance or "dropped" in entry:
+                    await response.write((json.dumps(shape(entry)) + "\n").encode())
+            await response.write_eof()
+        except ConnectionResetError:  # the client went away: how following usually ends
+            pass
+        finally:
+            await follower.aclose()  # its buffer goes now, not when the generator is collected
+        return response
     await response.write_eof()
     return response
 

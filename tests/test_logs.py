@@ -81,3 +81,23 @@ def test_drops_are_counted_afresh_after_each_marker(tmp_path: Path) -> None:
 
     seen = asyncio.run(scenario())
     assert [e.get("dropped", e["text"]) for e in seen] == [3, "line 3", "line 4", 2, "line 7", "line 8"]
+
+
+def test_closing_the_log_ends_its_followers(tmp_path: Path) -> None:
+    """A deleted function, or a thawd stopping, must not wait for a follower that may never see
+    another line: its stream ends, after the lines it had not read yet."""
+
+    async def scenario() -> list[dict[str, Any]]:
+        log = FunctionLog(tmp_path / "f.log")
+        follower = log.follow()
+        pending = asyncio.ensure_future(anext(follower))
+        await asyncio.sleep(0)
+        log.write("f-1", "last words")
+        log.close()
+        seen = [await pending]
+        seen += [entry async for entry in follower]
+        assert not log.followers
+        assert [entry async for entry in log.follow()] == []  # following a closed log ends at once
+        return seen
+
+    assert [e["text"] for e in asyncio.run(scenario())] == ["last words"]
