@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from sandbox.egress import parse_host_ports
+from sandbox.errors import InvalidHostPorts
 from shmpool.cli import parse_size
 
 NODE_LIST = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
@@ -50,12 +52,20 @@ class DaemonConfig:
         "integrity", 32 << 20, "bytes per second the scrubber reads at most", size=True
     )
     # [sandboxes]
-    sandboxes_prewarm: int = _setting("sandboxes", 4, "sandboxes built at start")
+    sandboxes_prewarm: int = _setting("sandboxes", 4, "sandboxes built at start, and kept however long they idle")
     sandboxes_max: int = _setting("sandboxes", 64, "sandboxes at most (bounds instances in total)")
     sandboxes_bridge: str = _setting("sandboxes", "thaw0", "the bridge sandboxes attach to")
     sandboxes_subnet: str = _setting("sandboxes", "10.88.0.0/16", "addresses of sandboxes (first: the bridge)")
     sandboxes_network: bool = _setting("sandboxes", True, "give sandboxes a network interface")
-    sandboxes_egress: bool = _setting("sandboxes", False, "let sandboxes reach beyond the bridge (masqueraded)")
+    sandboxes_egress: bool = _setting("sandboxes", False, "let sandboxes reach beyond the host (masqueraded)")
+    sandboxes_host_ports: str = _setting(
+        "sandboxes",
+        "",
+        "host ports sandboxes reach at the bridge address, like tcp:53,udp:53,tcp:8000-8099 (else none)",
+    )
+    sandboxes_idle_timeout: float = _setting(
+        "sandboxes", 120.0, "seconds an idle sandbox beyond the prewarmed ones is kept before it is taken down"
+    )
     sandboxes_cgroup: str = _setting("sandboxes", "thaw", "cgroup directory under thawd's own cgroup")
     sandboxes_runtime_dir: str = _setting("sandboxes", "/run/thaw/sandboxes", "sandboxes' rootfs mount points")
     sandboxes_mems: str = _setting(
@@ -114,7 +124,13 @@ class DaemonConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_dotted(name)} must be positive, not {getattr(self, name)}")
         non_negative = ("instances_idle_timeout", "instances_default_timeout", "drain_timeout", "sandboxes_prewarm")
-        for name in (*non_negative, "integrity_scrub_interval", "lora_request_timeout", "keepalive_budget"):
+        for name in (
+            *non_negative,
+            "sandboxes_idle_timeout",
+            "integrity_scrub_interval",
+            "lora_request_timeout",
+            "keepalive_budget",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_dotted(name)} must not be negative, not {getattr(self, name)}")
         if self.keepalive_policy not in ("fixed", "hybrid"):
@@ -130,6 +146,10 @@ class DaemonConfig:
             raise ConfigError("keepalive.budget needs keepalive.restore_costs and keepalive.codec_costs (measured)")
         if self.sandboxes_mems not in ("pool", "") and not NODE_LIST.fullmatch(self.sandboxes_mems):
             raise ConfigError(f"sandboxes.mems must be pool, a node list like 0-1,3 or '', not {self.sandboxes_mems!r}")
+        try:
+            parse_host_ports(self.sandboxes_host_ports)
+        except InvalidHostPorts as e:
+            raise ConfigError(f"sandboxes.host_ports: {e}") from None
         if self.gateway_listen:
             host, _, port = self.gateway_listen.rpartition(":")
             if not host or not port.isdigit():

@@ -32,6 +32,7 @@ from daemon.lora.host import LoraHost, LoraSettings
 from daemon.metrics import Metrics
 from daemon.server import build_app
 from sandbox.cgroups import CgroupTree
+from sandbox.egress import parse_host_ports
 from sandbox.errors import SandboxError
 from sandbox.network import NetworkConfig
 from sandbox.pool import PoolSettings, SandboxPool
@@ -41,6 +42,10 @@ from shmpool.errors import PoolError
 
 log = logging.getLogger("thawd")
 LEASE_RENEW = 15.0
+# Seconds a request handler still running after the drain (a deploy waiting for its guest's
+# init, say) gets before it is cut off. aiohttp's default is 60, and it waits twice (for the
+# handler, then for it once cancelled): one SIGTERM took 64 s that way.
+HANDLER_GRACE = 1.0
 
 
 class StartupError(Exception):
@@ -83,11 +88,15 @@ def build_sandboxes(config: DaemonConfig, pool_node: int) -> SandboxPool:
         cgroup_tree=config.sandboxes_cgroup,
         network=config.sandboxes_network,
         cpuset_mems=mems,
-    )
-    network = NetworkConfig(
-        bridge=config.sandboxes_bridge, subnet=config.sandboxes_subnet, egress=config.sandboxes_egress
+        idle_timeout=config.sandboxes_idle_timeout,
     )
     try:
+        network = NetworkConfig(
+            bridge=config.sandboxes_bridge,
+            subnet=config.sandboxes_subnet,
+            egress=config.sandboxes_egress,
+            host_ports=parse_host_ports(config.sandboxes_host_ports),
+        )
         sandbox = SandboxConfig(
             runtime_dir=Path(config.sandboxes_runtime_dir),
             userns=config.sandboxes_userns,
@@ -140,6 +149,18 @@ def listen_unix(path: Path, group: str) -> socket.socket:
     return sock
 
 
+async def shrink_sandboxes(sandboxes: SandboxPool) -> None:
+    """Give back sandboxes idle beyond the prewarmed ones, checked a few times per idle_timeout."""
+    interval = min(max(sandboxes.settings.idle_timeout / 4, 0.25), 15.0)
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            if gone := await asyncio.to_thread(sandboxes.shrink):
+                log.info("took down %d idle sandboxes (%d left)", gone, sandboxes.size())
+        except SandboxError as e:
+            log.warning("%s", e)
+
+
 async def renew_leases(pool: Pool) -> None:
     while True:
         await asyncio.sleep(LEASE_RENEW)
@@ -158,15 +179,20 @@ async def serve(config: DaemonConfig) -> None:
     lora = build_lora(config, pool, sandboxes)
     runners: list[web.AppRunner] = []
     renewer = asyncio.ensure_future(renew_leases(pool))
+    shrinker = asyncio.ensure_future(shrink_sandboxes(sandboxes))
     try:
         await manager.load()
-        api = web.AppRunner(build_app(manager, lora), handle_signals=False, access_log=None)
+        api = web.AppRunner(
+            build_app(manager, lora), handle_signals=False, access_log=None, shutdown_timeout=HANDLER_GRACE
+        )
         await api.setup()
         runners.append(api)
         sites: list[web.BaseSite] = [web.SockSite(api, listen_unix(Path(config.socket), config.socket_group))]
         if config.gateway_listen:
             gateway = web.AppRunner(
-                build_gateway(manager, config.gateway_user, config.gateway_password()), access_log=None
+                build_gateway(manager, config.gateway_user, config.gateway_password()),
+                access_log=None,
+                shutdown_timeout=HANDLER_GRACE,
             )
             await gateway.setup()
             runners.append(gateway)
@@ -185,6 +211,7 @@ async def serve(config: DaemonConfig) -> None:
     finally:
         await lora.close()
         renewer.cancel()
+        shrinker.cancel()
         for runner in runners:
             await runner.cleanup()
         if not manager.closing:

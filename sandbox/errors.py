@@ -15,6 +15,10 @@ class InvalidSpec(SandboxError, ValueError):
     """A function spec that cannot be mounted: a missing function directory, a bad hostname."""
 
 
+class InvalidHostPorts(SandboxError, ValueError):
+    """A host port allow-list entry that is not tcp:PORT, udp:PORT or a range of them."""
+
+
 class SubnetExhausted(SandboxError):
     """Every address of the sandbox subnet is in use."""
 

@@ -7,11 +7,12 @@ The sandbox side is configured through a NETLINK_ROUTE socket the sandbox's agen
 network namespace and hands over (pyroute2 `IPRoute(fileno=...)`): the multi-threaded daemon
 never enters another namespace, and pyroute2's netns helpers (which fork) are not used.
 
-Egress is off unless configured, and enforced by an nftables table of thaw's for the bridge
-(sandbox/egress.py): a sandbox reaches the bridge's address and nothing beyond, even where the
-host forwards packets. With `egress=True` the table lets the subnet out, masqueraded, and thaw
-turns on IPv4 forwarding (put back as it was at teardown if thaw was the one that turned it on).
-Teardown removes the table.
+An nftables table of thaw's for the bridge (sandbox/egress.py) keeps the host out of reach:
+nothing on it answers a sandbox but the `host_ports` the settings open at the gateway address.
+Egress is off unless configured: a sandbox reaches nothing beyond the host either, even where
+the host forwards packets, and a refused connect fails at once. With `egress=True` the table
+lets the subnet out, masqueraded, and thaw turns on IPv4 forwarding (put back as it was at
+teardown if thaw was the one that turned it on). Teardown removes the table.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from sandbox.egress import Egress
+from sandbox.egress import Egress, HostPort
 from sandbox.errors import SandboxError, SubnetExhausted
 
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
@@ -39,6 +40,7 @@ class NetworkConfig:
     bridge: str = "thaw0"
     subnet: str = "10.88.0.0/16"
     egress: bool = False
+    host_ports: tuple[HostPort, ...] = ()  # host ports sandboxes may reach at the gateway (egress.py)
 
     def network(self) -> ipaddress.IPv4Network:
         try:
@@ -68,7 +70,7 @@ class Network:
         self.in_use: set[ipaddress.IPv4Address] = set()
         self.lock = threading.Lock()
         self.created_bridge = False
-        self.egress = Egress(config.bridge, self.net, self.gateway)
+        self.egress = Egress(config.bridge, self.net, self.gateway, config.host_ports)
         self.forwarding_was: str | None = None  # ip_forward before we turned it on
         self.ipr = IPRoute()
 

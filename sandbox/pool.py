@@ -1,9 +1,10 @@
-"""The pool of sandboxes: built ahead, repurposed per function, returned scrubbed.
+"""The pool of sandboxes: built ahead, repurposed per function, returned scrubbed, given back when idle.
 
     pool = SandboxPool(PoolSettings(prewarm=4, max_size=32), SandboxConfig(), NetworkConfig())
     sandbox = pool.acquire(SandboxSpec(Path("/srv/fn"), Limits(memory=256 << 20)))
     ...
     pool.release(sandbox)
+    pool.shrink()          # now and then: idle sandboxes beyond `prewarm` go after `idle_timeout`
     pool.destroy()
 
 `acquire` takes an idle sandbox (or builds one while the pool is below its maximum) and
@@ -11,11 +12,33 @@ repurposes it: no new namespaces, no new veth. With `cpuset_mems` (the daemon pa
 pool's node), every instance cgroup gets that cpuset.mems unless the spec's limits name nodes.
 `release` kills the instances and scrubs; a sandbox that cannot be made clean is destroyed
 instead of going back. Thread-safe.
+
+The count is exact: every sandbox that exists is in exactly one state, and all of them count
+against `max_size`, whatever the state:
+
+    building   made by an acquire (Sandbox.create), not yet handed out
+    busy       handed out: being repurposed, or in use
+    returning  being scrubbed by release() (or a refused repurpose), about to be idle
+    idle       scrubbed, waiting for a function
+    leaving    being destroyed (a failed scrub, a dead agent, shrink)
+
+A state changes only under the lock, at the moment the work it names starts or ends: a
+sandbox is never out of the count while something is done to it. At the maximum, an acquire
+waits (up to `wait` seconds) only for a sandbox that is returning or leaving: that work is
+already running on another thread and ends on its own, so waiting for it cannot deadlock a
+caller whose own threads would have to do the giving back. Otherwise it fails at once with
+PoolExhausted.
+
+`destroy` takes the sandboxes down on a few threads at once: most of a sandbox's teardown is
+the kernel's (the veth's deletion waits for RCU grace periods under the RTNL lock; the agent's
+death tears down its namespaces), and sixty-four of them one after another took seconds.
 """
 
 from __future__ import annotations
 
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from sandbox.cgroups import CgroupTree, Limits
@@ -23,10 +46,13 @@ from sandbox.errors import InvalidSpec, PoolExhausted, SandboxError
 from sandbox.network import Network, NetworkConfig
 from sandbox.sandbox import Sandbox, SandboxConfig, SandboxSpec
 
+RETURN_WAIT = 5.0  # seconds an acquire at the maximum waits for a sandbox on its way back or out
+TEARDOWN_THREADS = 8  # sandboxes destroy() takes down at once
+
 
 @dataclass(frozen=True)
 class PoolSettings:
-    prewarm: int = 2
+    prewarm: int = 2  # built at start, and this many idle ones are kept however long they idle
     max_size: int = 32
     cgroup_tree: str = "thaw"
     cgroup_fallback_root: str = "/"
@@ -35,10 +61,13 @@ class PoolSettings:
     # Pages an instance faults into the pool's tmpfs follow the mount's bind policy only where its
     # cpuset allows that node (else the kernel ignores the policy and allocates from the cpuset).
     cpuset_mems: str | None = None
+    idle_timeout: float = 120.0  # seconds an idle sandbox beyond `prewarm` is kept (see shrink())
 
     def validate(self) -> PoolSettings:
         if not 0 <= self.prewarm <= self.max_size or self.max_size < 1:
             raise SandboxError(f"need 0 <= prewarm <= max_size and max_size >= 1, got {self.prewarm}, {self.max_size}")
+        if not self.idle_timeout >= 0:  # also refuses NaN
+            raise SandboxError(f"idle_timeout must not be negative, not {self.idle_timeout}")
         Limits(cpuset_mems=self.cpuset_mems).validate()
         return self
 
@@ -59,13 +88,16 @@ class SandboxPool:
         if self.settings.network:
             self.network = Network(network or NetworkConfig())
             self.network.setup()
-        self.idle: list[Sandbox] = []
+        self.idle: list[Sandbox] = []  # the most recently released last: acquire takes that one
+        self.idle_since: dict[Sandbox, float] = {}
         self.busy: set[Sandbox] = set()
+        self.building = self.returning = self.leaving = 0
         self.lock = threading.Lock()
-        self.building = 0
+        self.changed = threading.Condition(self.lock)  # notified whenever a sandbox changes state
+        self.closed = False
         try:
             for _ in range(self.settings.prewarm):
-                self.idle.append(self._create())
+                self._idle(self._create())
         except BaseException:
             self.destroy()
             raise
@@ -74,69 +106,149 @@ class SandboxPool:
         return Sandbox.create(self.config, self.tree, self.network)
 
     def size(self) -> int:
-        return len(self.idle) + len(self.busy) + self.building
+        """Every sandbox that exists, whatever it is doing (never above settings.max_size)."""
+        return len(self.idle) + len(self.busy) + self.building + self.returning + self.leaving
 
-    def acquire(self, spec: SandboxSpec) -> Sandbox:
+    def acquire(self, spec: SandboxSpec, wait: float = RETURN_WAIT) -> Sandbox:
         """A sandbox repurposed for `spec`; PoolExhausted at the maximum, InvalidSpec/InvalidLimits
         for a bad spec (checked before any sandbox is touched)."""
         spec.validate()
         if self.settings.cpuset_mems is not None and spec.limits.cpuset_mems is None:
             spec = replace(spec, limits=replace(spec.limits, cpuset_mems=self.settings.cpuset_mems))
-        with self.lock:
-            sandbox = self.idle.pop() if self.idle else None
-            if sandbox is None:
-                if self.size() >= self.settings.max_size:
-                    raise PoolExhausted(f"all {self.settings.max_size} sandboxes are in use")
-                self.building += 1
+        sandbox = self._take(wait)
         if sandbox is None:
             try:
                 sandbox = self._create()
-            finally:
-                with self.lock:
+            except BaseException:
+                with self.changed:
                     self.building -= 1
+                    self.changed.notify_all()
+                raise
+            with self.changed:  # building -> busy in one step: it never leaves the count
+                self.building -= 1
+                late = self.closed  # destroy() came meanwhile and did not see this one
+                if late:
+                    self.leaving += 1
+                else:
+                    self.busy.add(sandbox)
+            if late:
+                self._leave(sandbox)
+                raise SandboxError("the sandbox pool is shut down")
         try:
             sandbox.repurpose(spec)
         except InvalidSpec:
-            self._put_back(sandbox)
+            self._give_back(sandbox)
             raise
         except BaseException:
-            sandbox.destroy()
+            self._discard(sandbox)
             raise
-        with self.lock:
-            self.busy.add(sandbox)
         return sandbox
 
-    def _put_back(self, sandbox: Sandbox) -> None:
-        try:
-            sandbox.release()
-        except SandboxError:
-            sandbox.destroy()
-            return
-        with self.lock:
-            self.idle.append(sandbox)
+    def _take(self, wait: float) -> Sandbox | None:
+        """An idle sandbox, now busy; or None with a build counted (the caller builds it)."""
+        deadline = time.monotonic() + wait
+        with self.changed:
+            while True:
+                if self.closed:
+                    raise SandboxError("the sandbox pool is shut down")
+                if self.idle:
+                    sandbox = self.idle.pop()
+                    del self.idle_since[sandbox]
+                    self.busy.add(sandbox)
+                    return sandbox
+                if self.size() < self.settings.max_size:
+                    self.building += 1
+                    return None
+                left = deadline - time.monotonic()
+                if not (self.returning or self.leaving) or left <= 0:
+                    raise PoolExhausted(
+                        f"all {self.settings.max_size} sandboxes are in use "
+                        f"({len(self.busy)} busy, {self.building} being built, "
+                        f"{self.returning + self.leaving} on their way back or out)"
+                    )
+                self.changed.wait(left)
 
     def release(self, sandbox: Sandbox) -> None:
         """Kill the sandbox's instances, scrub it and keep it for the next function."""
+        self._give_back(sandbox)
+
+    def _give_back(self, sandbox: Sandbox) -> None:
         with self.lock:
             if sandbox not in self.busy:
                 raise SandboxError(f"sandbox {sandbox.id} is not in use in this pool")
             self.busy.discard(sandbox)
-        if not sandbox.alive():
-            sandbox.destroy()
-            return
-        self._put_back(sandbox)
+            self.returning += 1
+        clean = False
+        try:
+            if sandbox.alive():
+                sandbox.release()
+                clean = True
+        except SandboxError:
+            pass  # it cannot be made clean: it goes
+        finally:  # on any other error too: the sandbox is neither kept nor lost from the count
+            with self.changed:
+                self.returning -= 1
+                if clean and not self.closed:
+                    self._idle(sandbox)
+                else:
+                    self.leaving += 1
+                self.changed.notify_all()
+            if not (clean and not self.closed):
+                self._leave(sandbox)
 
-    def destroy(self) -> None:
-        """Destroy every sandbox and the bridge this pool made."""
+    def _idle(self, sandbox: Sandbox) -> None:
+        self.idle.append(sandbox)
+        self.idle_since[sandbox] = time.monotonic()
+
+    def _discard(self, sandbox: Sandbox) -> None:
+        """Destroy a busy sandbox (a failed repurpose)."""
         with self.lock:
-            everything = [*self.idle, *self.busy]
-            self.idle, self.busy = [], set()
+            self.busy.discard(sandbox)
+            self.leaving += 1
+        self._leave(sandbox)
+
+    def _leave(self, sandbox: Sandbox) -> None:
+        """Destroy a sandbox counted as leaving; the slot is free once it is gone."""
+        try:
+            sandbox.destroy()
+        finally:
+            with self.changed:
+                self.leaving -= 1
+                self.changed.notify_all()
+
+    def shrink(self, now: float | None = None) -> int:
+        """Destroy the sandboxes idle longer than idle_timeout, keeping `prewarm` idle ones (the most
+        recently used); returns how many went. Call it now and then (thawd does)."""
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            surplus = len(self.idle) - self.settings.prewarm
+            stale = [s for s in self.idle[: max(surplus, 0)] if now - self.idle_since[s] >= self.settings.idle_timeout]
+            for sandbox in stale:
+                self.idle.remove(sandbox)
+                del self.idle_since[sandbox]
+            self.leaving += len(stale)
         errors = []
-        for sandbox in everything:
+        for sandbox in stale:
             try:
-                sandbox.destroy()
+                self._leave(sandbox)
             except SandboxError as e:
                 errors.append(str(e))
+        if errors:
+            raise SandboxError("shrinking the sandbox pool: " + "; ".join(errors))
+        return len(stale)
+
+    def destroy(self) -> None:
+        """Destroy every sandbox (a few at a time) and the bridge this pool made; acquires fail from now on."""
+        with self.changed:
+            self.closed = True
+            everything = [*self.idle, *self.busy]
+            self.idle, self.busy, self.idle_since = [], set(), {}
+            self.leaving += len(everything)
+            self.changed.notify_all()
+        with ThreadPoolExecutor(TEARDOWN_THREADS, thread_name_prefix="sandbox-teardown") as teardown:
+            errors = [e for e in teardown.map(self._leave_quietly, everything) if e]
+        with self.changed:  # what other threads still build, scrub or destroy ends first
+            self.changed.wait_for(lambda: not (self.building or self.returning or self.leaving), RETURN_WAIT)
         if self.network is not None:
             self.network.teardown()
             self.network = None
@@ -146,3 +258,11 @@ class SandboxPool:
             errors.append(str(e))
         if errors:
             raise SandboxError("; ".join(errors))
+
+    def _leave_quietly(self, sandbox: Sandbox) -> str:
+        """_leave() for a teardown thread: the error's text, or "" (map() would stop at the first)."""
+        try:
+            self._leave(sandbox)
+        except SandboxError as e:
+            return str(e)
+        return ""
