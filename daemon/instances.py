@@ -227,6 +227,7 @@ class Manager:
         self.ids = itertools.count(1)
         self.request_ids = itertools.count(1)
         self.starting = 0
+        self.retiring = 0  # instances whose sandboxes are not back in the pool yet: they still count
         self.closing = False
         self.background: set[asyncio.Task[Any]] = set()
         self.planner = Planner.create(
@@ -439,7 +440,7 @@ class Manager:
             await asyncio.sleep(STOP_POLL)
 
     async def _acquire(self, deployed: Deployed) -> Sandbox:
-        return await asyncio.to_thread(self._acquire_now, deployed)
+        return await _to_the_end(self._acquire_now, deployed, undo=self._release_sandbox)
 
     def _acquire_now(self, deployed: Deployed) -> Sandbox:
         spec = deployed.spec
@@ -572,7 +573,7 @@ class Manager:
         return min(fs.spec.max_instances or self.config.instances_max_per_function, self.config.instances_max)
 
     def total_instances(self) -> int:
-        return sum(len(fs.instances) for fs in self.functions.values()) + self.starting
+        return sum(len(fs.instances) for fs in self.functions.values()) + self.starting + self.retiring
 
     async def _checkout(self, fs: FunctionState) -> LiveInstance:
         while True:
@@ -594,7 +595,8 @@ class Manager:
             await waiter
 
     def _room_for_one(self) -> bool:
-        """Under the daemon's maximum, making room by releasing the longest-idle instance if need be."""
+        """Under the daemon's maximum; else makes room by retiring the longest-idle instance, whose end
+        wakes the waiters (its sandbox must be back before another is asked for)."""
         if self.total_instances() < self.config.instances_max:
             return True
         idle = [i for fs in self.functions.values() for i in fs.idle]
@@ -603,7 +605,7 @@ class Manager:
         oldest = min(idle, key=lambda i: i.last_used)
         self._unlist(oldest)
         self._spawn(self._retire(oldest))
-        return True
+        return False
 
     async def _start(self, fs: FunctionState) -> LiveInstance:
         """Thaw a new instance of `fs` from its template into a repurposed sandbox (capturing the
@@ -643,9 +645,9 @@ class Manager:
             try:  # the stub comes from the agent off the tracer thread, which only does the ptrace work
                 fds = ref.template.restore_fds(fs.spec.mode)
                 paged = ref.template.paged(fs.spec.mode)
-                sandbox, stub = await asyncio.to_thread(
-                    self._sandbox_with_stub, deployed, fds, theirs.fileno(), log_write, paged
-                )
+                give_back = lambda got: self._release_sandbox(got[0])  # noqa: E731
+                trip = (self._sandbox_with_stub, deployed, fds, theirs.fileno(), log_write, paged)
+                sandbox, stub = await _to_the_end(*trip, undo=give_back)
                 acquired = sandbox
             finally:
                 theirs.close()
@@ -696,11 +698,15 @@ class Manager:
             return
         instance.retired = True
         instance.channel.close()
+        self.retiring += 1
         try:
-            await asyncio.to_thread(instance.restored.close)
-        except (OSError, SandboxError) as e:
-            log.warning("stopping instance %s: %s", instance.id, e)
-        await self._release_sandbox(instance.sandbox)
+            try:
+                await asyncio.to_thread(instance.restored.close)
+            except (OSError, SandboxError) as e:
+                log.warning("stopping instance %s: %s", instance.id, e)
+            await self._release_sandbox(instance.sandbox)
+        finally:
+            self.retiring -= 1
         instance.log_task.cancel()
         ref = instance.template
         ref.users -= 1
@@ -928,6 +934,20 @@ def _memory(pid: int) -> dict[str, int] | None:
     except (psutil.Error, OSError):
         return None
     return {"rss": info.rss, "pss": info.pss, "uss": info.uss}
+
+
+async def _to_the_end(call: Callable[..., T], *args: Any, undo: Callable[[T], Awaitable[object]]) -> T:
+    """asyncio.to_thread, but not abandoned when cancelled (a timeout, a client gone): the thread
+    goes on regardless, so wait for it, give back what it got (`undo`), then re-raise. Abandoned,
+    a sandbox it acquired stayed busy for good, and the fds it was using were closed under it."""
+    trip = asyncio.ensure_future(asyncio.to_thread(call, *args))
+    try:
+        return await asyncio.shield(trip)
+    except asyncio.CancelledError:
+        await asyncio.wait([trip])
+        if not trip.cancelled() and trip.exception() is None:
+            await undo(trip.result())
+        raise
 
 
 def _ms(t0: float) -> float:
