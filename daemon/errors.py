@@ -46,6 +46,13 @@ class InstanceCrashed(ThawError):
     status, code = 502, "instance_crashed"
 
 
+class BadReply(ThawError):
+    """The handler's reply cannot be an HTTP response (a status outside 200-599, a header that is
+    not a token or whose value holds CR, LF or another control character)."""
+
+    status, code = 502, "bad_reply"
+
+
 class InvocationTimeout(ThawError):
     status, code = 504, "timeout"
 
@@ -56,6 +63,12 @@ class PoolFull(ThawError):
 
 class DeployFailed(ThawError):
     status, code = 422, "deploy_failed"
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """repr() cut short: an error names the bad value without quoting megabytes of it."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def describe(error: BaseException) -> str:

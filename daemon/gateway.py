@@ -26,6 +26,7 @@ import base64
 import binascii
 import datetime
 import hmac
+import math
 import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -33,19 +34,18 @@ from typing import Any
 
 from aiohttp import web
 
-from daemon.bodies import json_body
-from daemon.errors import Conflict, Invalid, NotFound, ThawError, describe
+from daemon.bodies import json_body, json_response
+from daemon.errors import Conflict, Invalid, NotFound, ThawError, describe, short_repr
 from daemon.instances import FunctionState, Manager
-from daemon.registry import FunctionSpec, InvalidFunction
-from daemon.server import VERSION, invocation_of, parse_since, parse_tail, reply_response, stream_logs
+from daemon.registry import FunctionSpec, InvalidFunction, check_cpu, check_memory
+from daemon.server import INVOKE_METHODS, VERSION, invocation_of, parse_since, parse_tail, reply_response, stream_logs
 
 NAMESPACE = "openfaas-fn"
 TIMEOUT_ANNOTATION = "com.thaw.timeout"
 MODE_ANNOTATION = "com.thaw.mode"
-INVOKE_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MANAGER: web.AppKey[Manager] = web.AppKey("gateway-manager", Manager)
-_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)([KMGTE]i?|[kmgte]|m)?$")
+_QUANTITY = re.compile(r"([0-9]+(?:\.[0-9]+)?)([KMGTE]i?|[kmgte]|m)?")
 _UNITS = {"": 1, "k": 1000, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4, "E": 1000**6}
 _UNITS |= {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "Ei": 1 << 60}
 
@@ -85,20 +85,23 @@ def _authorised(header: str, expected: bytes) -> bool:
 
 
 # -- FunctionDeployment <-> thaw ---------------------------------------------------------------
-def parse_quantity(text: str, what: str) -> float:
+def parse_quantity(text: Any, what: str) -> float:
     """A Kubernetes-style quantity: 128Mi, 1G, 500m (milli), 2."""
-    match = _QUANTITY.match(text.strip())
+    match = _QUANTITY.fullmatch(text.strip()) if isinstance(text, str) else None
     if not match:
-        raise Invalid(f"{what} {text!r} is not a quantity like 128Mi, 1G or 500m")
+        raise Invalid(f"{what} {short_repr(text)} is not a quantity like 128Mi, 1G or 500m")
     number, unit = float(match.group(1)), match.group(2) or ""
-    return number / 1000 if unit == "m" else number * _UNITS[unit]
+    quantity = number / 1000 if unit == "m" else number * _UNITS[unit]
+    if not math.isfinite(quantity):  # 400 digits are a float's infinity
+        raise Invalid(f"{what} {short_repr(text)} is out of any range")
+    return quantity
 
 
 def image_directory(image: str) -> Path:
     path = image.removeprefix("file://").removeprefix("dir:")
-    if not path.startswith("/"):
+    if not path.startswith("/") or "\0" in path:
         raise Invalid(
-            f"image {image!r}: thaw deploys a function from a directory on its host; give its absolute path "
+            f"image {short_repr(image)}: thaw deploys a function from a directory on its host; give its absolute path "
             "(or file:///path)"
         )
     return Path(path)
@@ -106,10 +109,44 @@ def image_directory(image: str) -> Path:
 
 def _check_namespace(namespace: Any) -> None:
     if namespace not in (None, "", NAMESPACE):
-        raise Invalid(f"namespace not valid: {namespace!r} (thaw has one: {NAMESPACE})")
+        raise Invalid(f"namespace not valid: {short_repr(namespace)} (thaw has one: {NAMESPACE})")
+
+
+def _resources(body: dict[str, Any], field: str, ranged: bool = True) -> tuple[int | None, float | None]:
+    """`limits` or `requests`: {memory, cpu}, each a quantity string; with `ranged`, within thaw's limits."""
+    resources = body.get(field)
+    if resources is None:
+        return None, None
+    if not isinstance(resources, dict):
+        raise Invalid(f"{field} must be an object {{memory, cpu}}, not {short_repr(resources)}")
+    memory = round(parse_quantity(resources["memory"], f"{field}.memory")) if resources.get("memory") else None
+    cpu = parse_quantity(resources["cpu"], f"{field}.cpu") if resources.get("cpu") else None
+    try:
+        if ranged:
+            check_memory(memory, f"{field}.memory")
+            check_cpu(cpu, f"{field}.cpu")
+    except InvalidFunction as e:
+        raise Invalid(str(e)) from e
+    return memory, cpu
+
+
+def _optional(body: dict[str, Any], field: str, kind: type, what: str) -> Any:
+    value = body.get(field)
+    if value is not None and not isinstance(value, kind):
+        raise Invalid(f"{field} must be {what}, not {short_repr(value)}")
+    return value
+
+
+def _strings(body: dict[str, Any], field: str) -> dict[str, str]:
+    value = _optional(body, field, dict, "an object of strings") or {}
+    if not all(isinstance(v, str) for v in value.values()):
+        raise Invalid(f"{field} must be an object of strings, not {short_repr(value)}")
+    return dict(value)
 
 
 def deployment_to_spec(body: dict[str, Any]) -> tuple[FunctionSpec, Path]:
+    """A FunctionDeployment as a FunctionSpec, every field checked (a 400 names the first bad one);
+    fields thaw has no use for (constraints, secrets, ...) are ignored, as faasd does."""
     service = body.get("service")
     if not isinstance(service, str) or not service:
         raise Invalid("service (the function's name) is required")
@@ -117,26 +154,30 @@ def deployment_to_spec(body: dict[str, Any]) -> tuple[FunctionSpec, Path]:
     if not isinstance(image, str) or not image:
         raise Invalid("image (the function's directory on thawd's host) is required")
     _check_namespace(body.get("namespace"))
-    limits = body.get("limits") or {}
-    annotations = dict(body.get("annotations") or {})
-    memory = parse_quantity(limits["memory"], "limits.memory") if limits.get("memory") else None
-    cpu = parse_quantity(limits["cpu"], "limits.cpu") if limits.get("cpu") else None
+    handler = _optional(body, "envProcess", str, "a string, module:callable") or "handler:handle"
+    env = _strings(body, "envVars")
+    labels, annotations = _strings(body, "labels"), _strings(body, "annotations")
+    memory, cpu = _resources(body, "limits")
+    _resources(body, "requests", ranged=False)  # thaw reserves nothing ahead, but a malformed one is still refused
     try:
         timeout = float(annotations[TIMEOUT_ANNOTATION]) if TIMEOUT_ANNOTATION in annotations else None
+    except ValueError:
+        raise Invalid(f"annotation {TIMEOUT_ANNOTATION} must be a number of seconds") from None
+    try:
         spec = FunctionSpec(
             name=service,
-            handler=body.get("envProcess") or "handler:handle",
-            memory=int(memory) if memory else None,
+            handler=handler,
+            memory=memory,
             cpu=cpu,
             timeout=timeout,
-            env=dict(body.get("envVars") or {}),
+            env=env,
             mode=annotations.get(MODE_ANNOTATION, "cow"),
             image=image,
-            labels=dict(body.get("labels") or {}),
+            labels=labels,
             annotations=annotations,
         ).validate()
-    except (InvalidFunction, ValueError, TypeError) as e:
-        raise Invalid(f"function {service}: {e}") from e
+    except InvalidFunction as e:
+        raise Invalid(f"function {short_repr(service)}: {e}") from e
     return spec, image_directory(image)
 
 
@@ -187,7 +228,7 @@ def manager_of(request: web.Request) -> Manager:
 
 async def list_functions(request: web.Request) -> web.Response:
     _check_namespace(request.query.get("namespace"))
-    return web.json_response([function_status(fs) for fs in manager_of(request).functions.values()])
+    return json_response([function_status(fs) for fs in manager_of(request).functions.values()])
 
 
 async def get_function(request: web.Request) -> web.Response:
@@ -195,7 +236,7 @@ async def get_function(request: web.Request) -> web.Response:
     fs = manager_of(request).functions.get(request.match_info["name"])
     if fs is None:
         return web.Response(status=404)  # faasd: an empty 404
-    return web.json_response(function_status(fs))
+    return json_response(function_status(fs))
 
 
 async def deploy(request: web.Request) -> web.Response:
@@ -245,13 +286,13 @@ async def scale(request: web.Request) -> web.Response:
 
 
 async def info(request: web.Request) -> web.Response:
-    return web.json_response(
+    return json_response(
         {"provider": "thaw", "orchestration": "thaw", "version": {"sha": "unknown", "release": VERSION}}
     )
 
 
 async def namespaces(request: web.Request) -> web.Response:
-    return web.json_response([NAMESPACE])
+    return json_response([NAMESPACE])
 
 
 async def logs(request: web.Request) -> web.StreamResponse:
@@ -282,7 +323,9 @@ async def invoke(request: web.Request) -> web.Response:
     m = manager_of(request)
     name = request.match_info["name"]
     if request.method not in INVOKE_METHODS:
-        return text_error(405, f"method {request.method} not allowed")
+        response = text_error(405, f"method {request.method} not allowed")
+        response.headers["Allow"] = ", ".join(INVOKE_METHODS)  # RFC 9110: a 405 names them
+        return response
     if name not in m.functions:
         return text_error(404, f"Cannot find service: {name}.")
     body = await request.read()

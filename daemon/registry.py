@@ -14,6 +14,8 @@ at the next start.
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import re
 import shutil
@@ -24,13 +26,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from daemon.errors import short_repr
 from native.seccomp import BadOptOut, check_opt_outs
+from sandbox.cgroups import MIN_MEMORY as CGROUP_MIN_MEMORY
 from snapshot.template import MODES
 
-NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-HANDLER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Matched with fullmatch: re.match with `$` also takes a trailing newline.
+NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+HANDLER = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*", re.ASCII)
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MIN_MEMORY, MAX_MEMORY = CGROUP_MIN_MEMORY, 1 << 50  # bytes
+MIN_CPU, MAX_CPU = 0.01, 1024.0  # cores
+MAX_SECONDS = 7 * 86400  # timeout and idle_timeout: a week
 FUNCTION_MOUNT = "/function"
+log = logging.getLogger("thawd")
 
 
 class RegistryError(Exception):
@@ -77,26 +86,31 @@ class FunctionSpec:
             raise InvalidFunction(f"bad function description: {e}") from e
 
     def validate(self) -> FunctionSpec:
-        if not isinstance(self.name, str) or not NAME.match(self.name):
+        """Every field checked, each error naming its field: a spec that passes is one thawd can
+        run, store and show back as standard JSON."""
+        if not isinstance(self.name, str) or not NAME.fullmatch(self.name):
             raise InvalidFunction(
-                f"function name {self.name!r} must be 1-63 lowercase letters, digits or '-', not starting or ending "
-                "with '-'"
+                f"function name {short_repr(self.name)} must be 1-63 lowercase letters, digits or '-', not starting or "
+                "ending with '-'"
             )
-        if not isinstance(self.handler, str) or not HANDLER.match(self.handler):
-            raise InvalidFunction(f"handler {self.handler!r} must be module:callable, e.g. handler:handle")
-        if self.mode not in MODES:
-            raise InvalidFunction(f"restore mode must be one of {', '.join(MODES)}, not {self.mode!r}")
-        _positive(self.memory, "memory", int)
-        _positive(self.cpu, "cpu", (int, float))
-        _positive(self.timeout, "timeout", (int, float))
-        _positive(self.max_instances, "max_instances", int)
-        if self.idle_timeout is not None:
-            _positive(self.idle_timeout + 1, "idle_timeout", (int, float))
+        if not isinstance(self.handler, str) or not HANDLER.fullmatch(self.handler):
+            raise InvalidFunction(f"handler {short_repr(self.handler)} must be module:callable, e.g. handler:handle")
+        if not isinstance(self.mode, str) or self.mode not in MODES:
+            raise InvalidFunction(f"restore mode must be one of {', '.join(MODES)}, not {short_repr(self.mode)}")
+        check_memory(self.memory, "memory")
+        check_cpu(self.cpu, "cpu")
+        _number(self.timeout, "timeout", 0, MAX_SECONDS, low_included=False)
+        _number(self.idle_timeout, "idle_timeout", 0, MAX_SECONDS)
+        if self.max_instances is not None and (not _is_int(self.max_instances) or self.max_instances < 1):
+            raise InvalidFunction(f"max_instances must be an integer >= 1, not {short_repr(self.max_instances)}")
         if not isinstance(self.env, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) and ENV_NAME.match(k) and "\0" not in v
-            for k, v in self.env.items()
+            ENV_NAME.fullmatch(k) and isinstance(v, str) and "\0" not in v for k, v in self.env.items()
         ):
-            raise InvalidFunction("env must map variable names ([A-Za-z_][A-Za-z0-9_]*) to strings")
+            raise InvalidFunction("env must map variable names ([A-Za-z_][A-Za-z0-9_]*) to strings without NUL")
+        if not isinstance(self.image, str):
+            raise InvalidFunction(f"image must be a string, not {short_repr(self.image)}")
+        check_strings(self.labels, "labels")
+        check_strings(self.annotations, "annotations")
         check_syscalls(self.syscalls)
         return self
 
@@ -114,12 +128,36 @@ def check_syscalls(value: Any) -> None:
         raise InvalidFunction(f"syscalls: {e}") from e
 
 
-def _positive(value: Any, what: str, kind: type | tuple[type, ...]) -> None:
+def check_memory(value: Any, what: str) -> None:
+    """A memory limit in bytes, within what a sandbox's cgroup takes and a guest needs."""
+    if value is not None and (not _is_int(value) or not MIN_MEMORY <= value <= MAX_MEMORY):
+        raise InvalidFunction(
+            f"{what} must be a number of bytes from {MIN_MEMORY} (4 MiB) to {MAX_MEMORY} (1 PiB), "
+            f"not {short_repr(value)}"
+        )
+
+
+def check_cpu(value: Any, what: str) -> None:
+    """A CPU limit in cores: the CFS quota cgroups take, 1 ms to 1024 CPUs per 100 ms period."""
+    _number(value, what, MIN_CPU, MAX_CPU, unit=" cores")
+
+
+def check_strings(value: Any, what: str) -> None:
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise InvalidFunction(f"{what} must be an object of strings, not {short_repr(value)}")
+
+
+def _number(value: Any, what: str, low: float, high: float, low_included: bool = True, unit: str = " s") -> None:
     if value is None:
         return
-    number: Any = value
-    if isinstance(value, bool) or not isinstance(value, kind) or not number > 0:
-        raise InvalidFunction(f"{what} must be a positive number, not {value!r}")
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not (low <= value if low_included else low < value) or not value <= high:
+        bounds = f"from {low:g} to" if low_included else f"greater than {low:g} and at most"
+        raise InvalidFunction(f"{what} must be a number {bounds} {high:g}{unit}, not {short_repr(value)}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -161,7 +199,11 @@ class Registry:
             if not record.exists():
                 shutil.rmtree(directory, ignore_errors=True)  # a first deploy that never finished
                 continue
-            deployed = self._read(directory)
+            try:
+                deployed = self._read(directory)
+            except InvalidFunction as e:  # stored by an older thawd that checked less: kept, not served
+                log.warning("%s: not loaded: %s (deploy it again)", record, e)
+                continue
             for rev in directory.glob("rev-*"):
                 if rev != deployed.revision_dir:
                     shutil.rmtree(rev, ignore_errors=True)
@@ -175,12 +217,12 @@ class Registry:
 
     def get(self, name: str) -> Deployed:
         directory = self.root / name
-        if not NAME.match(name) or not (directory / "function.json").exists():
+        if not NAME.fullmatch(name) or not (directory / "function.json").exists():
             raise FunctionNotFound(f"no function named {name!r}")
         return self._read(directory)
 
     def exists(self, name: str) -> bool:
-        return bool(NAME.match(name)) and (self.root / name / "function.json").exists()
+        return bool(NAME.fullmatch(name)) and (self.root / name / "function.json").exists()
 
     def stage(self, spec: FunctionSpec, source: Path, previous: Deployed | None) -> Deployed:
         """Copy `source` into a new revision and install its requirements; not yet in force."""

@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from daemon.bodies import json_body
+from daemon.bodies import json_body, json_response
 from daemon.errors import Invalid, ThawError, describe
 from daemon.instances import FunctionState, Invocation, Manager, Reply
 from daemon.lora.api import add_routes as add_lora_routes
@@ -28,10 +28,13 @@ OPENAPI = Path(__file__).with_name("openapi.json")
 VERSION = "0.1.0"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MANAGER: web.AppKey[Manager] = web.AppKey("manager", Manager)
+INVOKE_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")  # what an invocation may use (the OpenFaaS gateway's)
 
 
-def error_response(status: int, code: str, message: str, **details: Any) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message, **details}}, status=status)
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None, **details: Any
+) -> web.Response:
+    return json_response({"error": {"code": code, "message": message, **details}}, status, headers)
 
 
 @web.middleware
@@ -48,7 +51,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if e.status < 400:
             raise
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status, "http_error")
-        return error_response(e.status, code, f"{request.method} {request.path}: {e.reason}")
+        allow = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None  # RFC 9110: a 405 names them
+        return error_response(e.status, code, f"{request.method} {request.path}: {e.reason}", allow)
     except Exception as e:
         log.exception("%s %s failed", request.method, request.path)
         return error_response(500, "internal", describe(e))
@@ -89,26 +93,26 @@ def spec_and_source(data: dict[str, Any], name: str | None = None) -> tuple[Func
 
 async def list_functions(request: web.Request) -> web.Response:
     m = manager_of(request)
-    return web.json_response({"functions": [m.describe(fs) for fs in m.functions.values()]})
+    return json_response({"functions": [m.describe(fs) for fs in m.functions.values()]})
 
 
 async def create_function(request: web.Request) -> web.Response:
     m = manager_of(request)
     spec, source = spec_and_source(await json_body(request))
     fs = await m.deploy(spec, source)
-    return web.json_response(m.describe(fs), status=201)
+    return json_response(m.describe(fs), status=201)
 
 
 async def get_function(request: web.Request) -> web.Response:
     m = manager_of(request)
-    return web.json_response(m.describe(m.get(request.match_info["name"])))
+    return json_response(m.describe(m.get(request.match_info["name"])))
 
 
 async def update_function(request: web.Request) -> web.Response:
     m = manager_of(request)
     spec, source = spec_and_source(await json_body(request), request.match_info["name"])
     fs = await m.deploy(spec, source, update=True)
-    return web.json_response(m.describe(fs))
+    return json_response(m.describe(fs))
 
 
 async def delete_function(request: web.Request) -> web.Response:
@@ -119,7 +123,7 @@ async def delete_function(request: web.Request) -> web.Response:
 async def snapshot_function(request: web.Request) -> web.Response:
     m = manager_of(request)
     fs = await m.snapshot(request.match_info["name"])
-    return web.json_response(m.describe(fs))
+    return json_response(m.describe(fs))
 
 
 async def scale_function(request: web.Request) -> web.Response:
@@ -128,7 +132,7 @@ async def scale_function(request: web.Request) -> web.Response:
     if not isinstance(replicas, int) or isinstance(replicas, bool):
         raise Invalid("'replicas' (an integer) is required")
     await m.scale(request.match_info["name"], replicas)
-    return web.json_response(m.describe(m.get(request.match_info["name"])))
+    return json_response(m.describe(m.get(request.match_info["name"])))
 
 
 async def set_template_form(request: web.Request) -> web.Response:
@@ -140,7 +144,7 @@ async def set_template_form(request: web.Request) -> web.Response:
     if codec is not None and not isinstance(codec, str):
         raise Invalid("'codec' must be a string (lz4, zstd, deflate or iaa)")
     fs = await m.set_template_form(request.match_info["name"], form, codec)
-    return web.json_response(m.describe(fs))
+    return json_response(m.describe(fs))
 
 
 async def invoke(request: web.Request) -> web.Response:
@@ -213,7 +217,7 @@ async def function_logs(request: web.Request) -> web.StreamResponse:
 
 # -- the rest ----------------------------------------------------------------------------------
 async def list_instances(request: web.Request) -> web.Response:
-    return web.json_response({"instances": manager_of(request).instances(request.query.get("function") or None)})
+    return json_response({"instances": manager_of(request).instances(request.query.get("function") or None)})
 
 
 async def list_sandboxes(request: web.Request) -> web.Response:
@@ -232,7 +236,7 @@ async def list_sandboxes(request: web.Request) -> web.Response:
         for state, boxes in (("busy", list(pool.busy)), ("idle", list(pool.idle)))
         for s in boxes
     ]
-    return web.json_response({"sandboxes": rows, "max": pool.settings.max_size})
+    return json_response({"sandboxes": rows, "max": pool.settings.max_size})
 
 
 async def pool_status(request: web.Request) -> web.Response:
@@ -243,7 +247,7 @@ async def pool_status(request: web.Request) -> web.Response:
         for fs in m.functions.values()
         if fs.template is not None
     ]
-    return web.json_response(
+    return json_response(
         {
             "root": status.root,
             "backend": status.backend,
@@ -260,7 +264,7 @@ async def pool_status(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     m = manager_of(request)
-    return web.json_response(
+    return json_response(
         {
             "status": "stopping" if m.closing else "ok",
             "version": VERSION,
@@ -299,8 +303,9 @@ def build_app(manager: Manager, lora: LoraHost | None = None) -> web.Application
     r.add_post("/functions/{name}/scale", scale_function)
     r.add_post("/functions/{name}/template", set_template_form)
     r.add_get("/functions/{name}/logs", function_logs)
-    r.add_route("*", "/functions/{name}/invoke", invoke)
-    r.add_route("*", "/functions/{name}/invoke/{tail:.*}", invoke)
+    for method in INVOKE_METHODS:  # any other method is a 405 naming these (as on the gateway)
+        r.add_route(method, "/functions/{name}/invoke", invoke)
+        r.add_route(method, "/functions/{name}/invoke/{tail:.*}", invoke)
     r.add_get("/instances", list_instances)
     r.add_get("/sandboxes", list_sandboxes)
     r.add_get("/pool", pool_status)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import threading
 import time
@@ -133,6 +134,21 @@ def test_handler_exception_is_a_500_with_its_message(thawd: Thawd, echo: str) ->
     result = thawd.cli("invoke", echo, "--data", '{"raise": "again"}')
     assert result.returncode == 1 and "asked to fail: again" in result.stderr
     assert thawd.invoke(echo, {"after": "error"})[0] == 200  # the instance lives on
+
+
+def test_failed_invocations_are_logged_with_their_request_id(thawd: Thawd, echo: str) -> None:
+    """Handler errors, timeouts and crashes reach thawd's log and `thaw logs`, each with the
+    function and a request id (the caller's X-Call-Id when it sends one, as the gateway does)."""
+    body = json.dumps({"raise": "logged"}).encode()
+    status, _ = thawd.api("POST", f"/functions/{echo}/invoke", data=body, headers={"X-Call-Id": "call-7f3a"})
+    assert status == 500
+    assert thawd.invoke(echo, {"sleep": 3})[0] == 504  # its timeout is 2 s
+    assert thawd.invoke(echo, {"exit": 4})[0] == 502
+    logs = thawd.cli("logs", echo, "--tail", "200").stdout
+    assert "request call-7f3a failed (handler_error): ValueError: asked to fail: logged" in logs
+    assert re.search(r"request thaw-\d+ failed \(timeout\): echo did not answer within its 2 s timeout", logs), logs
+    assert re.search(r"request thaw-\d+ failed \(instance_crashed\): .*exited with 4", logs), logs
+    assert "echo: request call-7f3a failed (handler_error)" in thawd.log()
 
 
 def test_timeout_is_a_504_and_the_instance_is_killed(thawd: Thawd, echo: str) -> None:
@@ -314,3 +330,121 @@ def test_a_killed_daemon_leaves_nothing_a_restart_does_not_clean(thawd: Thawd, e
     assert not any(psutil.pid_exists(pid) for pid in agents)
     assert "killed and removed" in thawd.log()
     assert thawd.invoke(echo, {"after": "kill"})[0] == 200
+
+
+# -- bad input, answered cleanly -----------------------------------------------------------------------
+REPLIES = """
+import json
+def handle(event, context):
+    return json.loads(event.body)  # the reply the caller asks for, whatever it is
+"""
+
+
+@pytest.fixture(scope="module")
+def replies(thawd: Thawd, tmp_path_factory: pytest.TempPathFactory) -> str:
+    thawd.deploy("replies", write_function(tmp_path_factory.mktemp("replies"), REPLIES))
+    return "replies"
+
+
+@pytest.mark.parametrize("status", [99, 1000, -1, 0, 101, "200", True, 200.0])
+def test_an_invalid_status_code_is_a_502_naming_it(thawd: Thawd, replies: str, status: Any) -> None:
+    code, reply = thawd.invoke(replies, {"statusCode": status, "body": "x"})
+    assert code == 502, reply
+    assert reply["error"]["code"] == "bad_reply"
+    assert reply["error"]["message"] == (
+        f"replies answered with status code {status!r}: a status code is an integer from 200 to 599"
+    )
+
+
+@pytest.mark.parametrize(
+    ("headers", "reason"),
+    [
+        ({"X-Split": "a\r\nSet-Cookie: b=c"}, "invalid value of header X-Split"),
+        ({"X-Split": "a\nb"}, "invalid value of header X-Split"),
+        ({"X-Nul": "a\x00b"}, "invalid value of header X-Nul"),
+        ({"X-Split\r\nSet-Cookie": "b"}, "invalid header name 'X-Split\\r\\nSet-Cookie'"),
+        ({"Two Words": "b"}, "invalid header name 'Two Words'"),
+        ({"": "b"}, "invalid header name ''"),
+    ],
+)
+def test_an_invalid_header_is_a_502_naming_it(thawd: Thawd, replies: str, headers: dict[str, str], reason: str) -> None:
+    code, reply = thawd.invoke(replies, {"statusCode": 200, "headers": headers, "body": "x"})
+    assert code == 502, reply
+    assert reply["error"]["code"] == "bad_reply" and reason in reply["error"]["message"], reply
+    status, _, body = asyncio.run(
+        thawd.request(
+            "POST", f"/functions/{replies}/invoke", data=json.dumps({"statusCode": 299, "body": "ok"}).encode()
+        )
+    )
+    assert (status, body) == (299, b"ok")  # the same instance answers on
+
+
+def _strict_json(data: bytes) -> Any:
+    def refuse(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(data, parse_constant=refuse)
+
+
+def test_deeply_nested_json_is_a_400(thawd: Thawd, echo: str) -> None:
+    for route in ("/functions", f"/functions/{echo}", f"/functions/{echo}/scale", f"/functions/{echo}/template"):
+        method = "PUT" if route == f"/functions/{echo}" else "POST"
+        status, reply = thawd.api(method, route, data=b"[" * 100_000)
+        assert status == 400, (route, reply)
+        assert reply["error"]["message"] == "the request body nests arrays or objects more than 32 levels deep"
+    nested: Any = {"replicas": 1}
+    for _ in range(40):  # parses, but no body of the API is like it
+        nested = {"replicas": nested}
+    status, reply = thawd.api("POST", f"/functions/{echo}/scale", nested)
+    assert status == 400 and "32 levels" in reply["error"]["message"]
+
+
+BAD_FIELDS: list[tuple[dict[str, Any] | bytes, str]] = [
+    ({"labels": "notadict"}, "labels must be an object of strings, not 'notadict'"),
+    ({"labels": {"a": 1}}, "labels must be an object of strings"),
+    ({"annotations": 5}, "annotations must be an object of strings, not 5"),
+    ({"image": 7}, "image must be a string, not 7"),
+    (b'"timeout": Infinity', "not valid JSON: Infinity is not a JSON value"),
+    (b'"timeout": NaN', "not valid JSON: NaN is not a JSON value"),
+    (b'"timeout": 1e400', "timeout must be a number greater than 0 and at most 604800 s, not inf"),
+    ({"idle_timeout": -0.5}, "idle_timeout must be a number from 0 to 604800 s, not -0.5"),
+    ({"cpu": 1e300}, "cpu must be a number from 0.01 to 1024 cores, not 1e+300"),
+    ({"memory": 2**70}, "memory must be a number of bytes from 4194304 (4 MiB) to 1125899906842624 (1 PiB)"),
+    ({"memory": True}, "memory must be a number of bytes"),
+    ({"max_instances": 1.5}, "max_instances must be an integer >= 1, not 1.5"),
+    ({"env": {"A\nB": "x"}}, "env must map variable names"),
+    ({"handler": "handler:handle\n"}, "handler 'handler:handle\\n' must be module:callable"),
+    ({"mode": ["cow"]}, "restore mode must be one of cow, copy, lazy, not ['cow']"),
+]
+
+
+@pytest.mark.parametrize(("field", "message"), BAD_FIELDS)
+def test_a_bad_deploy_field_is_a_400_naming_it(
+    thawd: Thawd, echo: str, tmp_path: Path, field: dict[str, Any] | bytes, message: str
+) -> None:
+    source = write_function(tmp_path / "fine", "def handle(event, context):\n    return 1\n")
+    body = {"name": "badfield", "source": str(source)}
+    if isinstance(field, bytes):  # what json.dumps would not write
+        data = json.dumps(body).encode()[:-1] + b", " + field + b"}"
+    else:
+        data = json.dumps({**body, **field}).encode()
+    try:
+        status, reply = thawd.api("POST", "/functions", data=data)
+        assert status == 400 and message in reply["error"]["message"], reply
+        status, reply = thawd.api("PUT", f"/functions/{echo}", data=data.replace(b"badfield", echo.encode()))
+        assert status == 400 and message in reply["error"]["message"], reply
+    finally:
+        thawd.remove("badfield")
+    status, _, listing = asyncio.run(thawd.request("GET", "/functions"))
+    assert status == 200
+    assert [f["name"] for f in _strict_json(listing)["functions"] if f["name"] == "badfield"] == []
+
+
+def test_a_name_with_a_trailing_newline_is_refused_before_any_init(thawd: Thawd, tmp_path: Path) -> None:
+    source = write_function(tmp_path / "trailing", "def handle(event, context):\n    return 1\n")
+    status, reply = thawd.api("POST", "/functions", {"name": "trailing\n", "source": str(source)})
+    assert status == 400, reply
+    assert reply["error"]["message"].startswith("function name 'trailing\\n' must be 1-63 lowercase letters")
+    assert not (Path(str(thawd.flags["state-dir"])) / "functions" / "trailing\n").exists()
+    status, reply = thawd.api("PUT", "/functions/trailing%0A", {"source": str(source)})
+    assert status == 400 and "function name 'trailing\\n'" in reply["error"]["message"], reply

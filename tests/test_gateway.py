@@ -207,3 +207,54 @@ def test_update_then_delete(gateway: Gateway, deployed: dict[str, Any], tmp_path
     assert gateway.call("DELETE", "/system/functions", {"functionName": "gw-echo"})[0] == 200
     assert gateway.call("DELETE", "/system/functions", {"functionName": "gw-echo"})[0] == 404
     assert gateway.call("GET", "/system/function/gw-echo")[0] == 404
+
+
+BAD_DEPLOYMENTS: list[tuple[dict[str, Any], bytes]] = [
+    ({"labels": "notadict"}, b"labels must be an object of strings, not 'notadict'"),
+    ({"annotations": 5}, b"annotations must be an object of strings, not 5"),
+    ({"annotations": {"com.thaw.timeout": "inf"}}, b"timeout must be a number greater than 0 and at most 604800 s"),
+    ({"image": 7}, b"image (the function's directory on thawd's host) is required"),
+    ({"envVars": [["A", "b"]]}, b"envVars must be an object of strings"),
+    ({"envVars": {"A": 1}}, b"envVars must be an object of strings"),
+    ({"envProcess": 5}, b"envProcess must be a string, module:callable, not 5"),
+    ({"namespace": ["x"]}, b"namespace not valid: ['x']"),
+    ({"limits": "1G"}, b"limits must be an object {memory, cpu}, not '1G'"),
+    ({"limits": {"memory": 128}}, b"limits.memory 128 is not a quantity"),
+    ({"limits": {"cpu": "2000"}}, b"limits.cpu must be a number from 0.01 to 1024 cores, not 2000.0"),
+    ({"limits": {"memory": "2000Ti"}}, b"limits.memory must be a number of bytes from 4194304 (4 MiB) to"),
+    ({"limits": {"memory": "9" * 400}}, b"is out of any range"),
+    ({"requests": {"cpu": "lots"}}, b"requests.cpu 'lots' is not a quantity"),
+    ({"service": "gw-bad\n"}, b"function name 'gw-bad\\n' must be"),
+]
+
+
+@pytest.mark.parametrize(("field", "message"), BAD_DEPLOYMENTS)
+def test_a_bad_deployment_field_is_a_400_naming_it(
+    gateway: Gateway, tmp_path: Path, field: dict[str, Any], message: bytes
+) -> None:
+    source = write_function(tmp_path / "fine", "def handle(event, context):\n    return 1\n")
+    deployment = {**DEPLOYMENT, "service": "gw-bad", "image": str(source), **field}
+    status, _, body = gateway.call("POST", "/system/functions", deployment)
+    assert status == 400 and message in body, body
+    status, _, body = gateway.call("GET", "/system/functions")
+    assert status == 200 and all(f["name"] != "gw-bad" for f in json.loads(body))
+
+
+def test_an_invalid_reply_is_a_502_on_the_gateway_too(gateway: Gateway, tmp_path: Path) -> None:
+    handler = "import json\ndef handle(event, context):\n    return json.loads(event.body)\n"
+    source = write_function(tmp_path / "gw-replies", handler)
+    status, _, body = gateway.call("POST", "/system/functions", {"service": "gw-replies", "image": str(source)})
+    assert status == 200, body
+    try:
+        for reply, reason in [
+            ({"statusCode": 1000}, b"gw-replies answered with status code 1000"),
+            ({"statusCode": -1}, b"gw-replies answered with status code -1"),
+            ({"statusCode": 200, "headers": {"X-A": "a\r\nb"}}, b"invalid value of header X-A"),
+            ({"statusCode": 200, "headers": {"X A": "b"}}, b"invalid header name 'X A'"),
+        ]:
+            status, _, body = gateway.call("POST", "/function/gw-replies", auth=None, raw=json.dumps(reply).encode())
+            assert status == 502 and reason in body, body
+        status, _, body = gateway.call("POST", "/function/gw-replies", auth=None, raw=b'{"statusCode": 202}')
+        assert status == 202
+    finally:
+        gateway.call("DELETE", "/system/functions", {"functionName": "gw-replies"})

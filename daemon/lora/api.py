@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from daemon.bodies import json_body
+from daemon.bodies import json_body, json_response
 from daemon.errors import Invalid, Unavailable
 from daemon.lora.host import LoraHost
 
@@ -49,14 +49,12 @@ def _host(request: web.Request) -> LoraHost:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return web.json_response({"models": _host(request).models()})
+    return json_response({"models": _host(request).models()})
 
 
 async def import_model(request: web.Request) -> web.Response:
     d = await json_body(request)
-    return web.json_response(
-        await _host(request).import_model(d.get("name"), d.get("source"), d.get("dtype")), status=201
-    )
+    return json_response(await _host(request).import_model(d.get("name"), d.get("source"), d.get("dtype")), status=201)
 
 
 async def delete_model(request: web.Request) -> web.Response:
@@ -65,13 +63,13 @@ async def delete_model(request: web.Request) -> web.Response:
 
 
 async def list_adapters(request: web.Request) -> web.Response:
-    return web.json_response({"adapters": _host(request).adapters(request.query.get("model") or None)})
+    return json_response({"adapters": _host(request).adapters(request.query.get("model") or None)})
 
 
 async def import_adapter(request: web.Request) -> web.Response:
     d = await json_body(request)
     host = _host(request)
-    return web.json_response(await host.import_adapter(d.get("name"), d.get("model"), d.get("source")), status=201)
+    return json_response(await host.import_adapter(d.get("name"), d.get("model"), d.get("source")), status=201)
 
 
 async def delete_adapter(request: web.Request) -> web.Response:
@@ -80,14 +78,14 @@ async def delete_adapter(request: web.Request) -> web.Response:
 
 
 async def list_workers(request: web.Request) -> web.Response:
-    return web.json_response({"workers": [w.describe() for w in _host(request).workers.values()]})
+    return json_response({"workers": [w.describe() for w in _host(request).workers.values()]})
 
 
 async def start_worker(request: web.Request) -> web.Response:
     d = await json_body(request)
     model = d.pop("model", None)
     worker = await _host(request).start_worker(model, d)
-    return web.json_response(worker.describe(), status=201)
+    return json_response(worker.describe(), status=201)
 
 
 async def get_worker(request: web.Request) -> web.Response:
@@ -96,8 +94,8 @@ async def get_worker(request: web.Request) -> web.Response:
     if worker.state == "ready":
         with contextlib.suppress(Unavailable):  # it died just now: describe it as it is
             stats = await host.stats(worker.model)
-            return web.json_response({**worker.describe(), "stats": stats})
-    return web.json_response(worker.describe())
+            return json_response({**worker.describe(), "stats": stats})
+    return json_response(worker.describe())
 
 
 async def stop_worker(request: web.Request) -> web.Response:
@@ -107,7 +105,7 @@ async def stop_worker(request: web.Request) -> web.Response:
 
 async def restart_worker(request: web.Request) -> web.Response:
     worker = await _host(request).restart_worker(request.match_info["model"])
-    return web.json_response(worker.describe())
+    return json_response(worker.describe())
 
 
 # -- OpenAI ------------------------------------------------------------------------------------------
@@ -169,7 +167,7 @@ async def completions(request: web.Request) -> web.Response:
     ]
     prompt_tokens = sum(r["prompt_tokens"] for r in results)
     completion_tokens = sum(len(r["tokens"]) for r in results)
-    return web.json_response(
+    return json_response(
         {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
@@ -214,7 +212,7 @@ async def openai_models(request: web.Request) -> web.Response:
                     "parent": model["name"],
                 }
             )
-    return web.json_response({"object": "list", "data": data})
+    return json_response({"object": "list", "data": data})
 
 
 def add_routes(app: web.Application, host: LoraHost) -> None:

@@ -82,7 +82,7 @@ class WorkerGone(Unavailable):
 
 
 def _check_name(kind: str, name: Any) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise Invalid(
             f"{kind} name {name!r} must be 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
