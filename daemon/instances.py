@@ -52,6 +52,7 @@ from daemon.logs import FunctionLog, follow_pipe
 from daemon.metrics import Metrics
 from daemon.planner import MIB, Held, Planner
 from daemon.registry import FUNCTION_MOUNT, Deployed, FunctionSpec, Registry, RegistryError, RequirementsFailed
+from daemon.replies import checked_reply
 from native.qpl import QplUnavailable as CodecUnavailable
 from native.seccomp import program as seccomp_program
 from sandbox.cgroups import Limits
@@ -531,12 +532,7 @@ class Manager:
             raise HandlerFailed(
                 f"{error.get('type', 'Exception')}: {error.get('message', '')}", traceback=error.get("traceback", "")
             )
-        try:
-            body = protocol.unb64(answer.get("body", ""))
-            headers = {str(k): str(v) for k, v in (answer.get("headers") or {}).items()}
-            return Reply(int(answer.get("statusCode", 200)), headers, body)
-        except (ValueError, TypeError) as e:
-            raise InstanceCrashed(f"{fs.name} sent a malformed response: {e}") from e
+        return Reply(*checked_reply(fs.name, answer))  # BadReply (502) for what HTTP cannot carry
 
     async def _crashed(self, fs: FunctionState, instance: LiveInstance, detail: str) -> InstanceCrashed:
         exit_ = await asyncio.to_thread(instance.process.wait_exit, 2.0)
