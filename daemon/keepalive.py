@@ -44,21 +44,22 @@ CodeCrunch searches that space with an optimiser; thaw uses the greedy rule of t
 knapsack (see `plan`), which is optimal for the fractional problem and good in practice.
 
 The costs (restore, cold start, ratio, decompression speed) are measurements, never constants here:
-`load_costs` reads what `scripts/bench_restore --json` and `scripts/bench_codecs --json` wrote; it
-is the only function of this module that touches a file. Everything else is plain data and
-arithmetic, so thawd's instance manager and `scripts/simulate_keepalive` share it.
+`load_costs` reads what `scripts/bench_restore` and `scripts/bench_codecs` wrote, through the bench
+harness's row types (daemon/bench.py); it is the only function of this module that touches a file.
+Everything else is plain data and arithmetic, so thawd's instance manager and `scripts/simulate_keepalive` share it.
 """
 
 from __future__ import annotations
 
 import enum
 import itertools
-import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
+
+from daemon import bench
 
 # -- the idle-time histogram ---------------------------------------------------------------------
 
@@ -428,47 +429,23 @@ def _interpolate(sizes: Sequence[SizeCosts], mib: float) -> tuple[float, float]:
     return sizes[-1].cold_start_ms, sizes[-1].restore_ms
 
 
-def _rows(path: Path) -> list[dict[str, Any]]:
-    """A benchmark's rows: the file holds a list of objects, or an object with "rows"."""
+def _document(path: Path, benchmark: str) -> bench.Document:
+    """The benchmark's document, checked field by field by the bench harness."""
     try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        raise CostsError(f"read {path}: {e.strerror or e}") from e
-    except json.JSONDecodeError as e:
-        raise CostsError(f"{path}: not JSON ({e})") from e
-    if isinstance(data, dict):
-        if "rows" not in data:
-            raise CostsError(f'{path}: an object without "rows" (expected a list of rows or {{"rows": [...]}})')
-        data = data["rows"]
-    if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
-        raise CostsError(f"{path}: expected a list of row objects")
-    return data
-
-
-def _field(path: Path, index: int, row: dict[str, Any], key: str) -> Any:
-    if key not in row:
-        raise CostsError(f"{path}: row {index} has no {key!r}: {row}")
-    return row[key]
-
-
-def _positive(path: Path, index: int, row: dict[str, Any], key: str) -> float:
-    value = _field(path, index, row, key)
-    if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
-        raise CostsError(f"{path}: row {index} has {key}={value!r}, expected a positive number")
-    return float(value)
+        return bench.read(path, benchmark)
+    except bench.BenchDataError as e:
+        raise CostsError(f"{e} (rerun scripts/{benchmark.removesuffix('_compressed')} to write it afresh)") from e
 
 
 def _restore_costs(path: Path, mode: str) -> tuple[SizeCosts, ...]:
-    """Per size: the 'cold' row's and the `mode` row's median (the single-instance row of a mode
-    measured with several instances alive too, as bench_restore does for cow at 256 MiB)."""
+    """Per size: the 'cold' row's and the `mode` row's median (the single-instance rows measured
+    right after the first reply; bench_restore also measures cow with several instances alive)."""
     cold: dict[float, float] = {}
     restore: dict[float, float] = {}
-    for index, row in enumerate(_rows(path)):
-        kind = _field(path, index, row, "mode")
-        if kind not in ("cold", mode) or row.get("instances", 1) != 1:
+    for row in _document(path, "bench_restore").rows("restore", bench.RestoreRow):
+        if row.mode not in ("cold", mode) or row.instances != 1 or row.state_read or row.threads != 1:
             continue
-        size = _positive(path, index, row, "size_mib")
-        (cold if kind == "cold" else restore)[size] = _positive(path, index, row, "median_ms")
+        (cold if row.mode == "cold" else restore)[row.size_mib] = _positive(path, row, "median_ms", row.median_ms)
     if not cold:
         raise CostsError(f"{path}: no row with mode 'cold' (scripts/bench_restore writes one per size)")
     for size in sorted(cold.keys() ^ restore.keys()):
@@ -477,26 +454,32 @@ def _restore_costs(path: Path, mode: str) -> tuple[SizeCosts, ...]:
     return tuple(SizeCosts(size, cold[size], restore[size]) for size in sorted(cold))
 
 
-def _codec_row(path: Path, codec: str, level: int | None, data: str | None) -> tuple[int, dict[str, Any]]:
-    rows = list(enumerate(_rows(path)))
-    mine = [(i, r) for i, r in rows if _field(path, i, r, "codec") == codec]
+def _positive(path: Path, row: object, key: str, value: float | None) -> float:
+    if value is None or not value > 0:
+        raise CostsError(f"{path}: {row} has {key}={value!r}, expected a positive number")
+    return float(value)
+
+
+def _codec_row(path: Path, codec: str, level: int | None, data: str | None) -> bench.CodecRow:
+    rows = _document(path, "bench_codecs").rows("codecs", bench.CodecRow)
+    mine = [r for r in rows if r.codec == codec]
     if not mine:
-        present = sorted({str(r.get("codec")) for _, r in rows})
+        present = sorted({r.codec for r in rows})
         raise CostsError(f"{path}: no row for codec {codec!r} (codecs present: {', '.join(present) or 'none'})")
-    levels = sorted({_field(path, i, r, "level") for i, r in mine}, key=str)
+    levels = sorted({r.level for r in mine})
     if level is None and len(levels) > 1:
         raise CostsError(f"{path}: {codec} was measured at levels {levels}: choose one")
     wanted = levels[0] if level is None else level
-    mine = [(i, r) for i, r in mine if r["level"] == wanted]
+    mine = [r for r in mine if r.level == wanted]
     if not mine:
         raise CostsError(f"{path}: no row for {codec} at level {level} (levels present: {levels})")
     if data is not None:
-        kinds = sorted({str(_field(path, i, r, "data")) for i, r in mine})
-        mine = [(i, r) for i, r in mine if r["data"] == data]
+        kinds = sorted({r.data for r in mine})
+        mine = [r for r in mine if r.data == data]
         if not mine:
             raise CostsError(f"{path}: no row for {codec} level {wanted} on data {data!r} (data present: {kinds})")
     # Without a choice of data, the least compressible kind measured: a conservative ratio.
-    return min(mine, key=lambda pair: _positive(path, pair[0], pair[1], "ratio"))
+    return min(mine, key=lambda r: _positive(path, r, "ratio", r.ratio))
 
 
 def load_costs(
@@ -507,21 +490,21 @@ def load_costs(
     data: str | None = None,
     restore_mode: str = "cow",
 ) -> MeasuredCosts:
-    """Read the measured costs: `scripts/bench_restore --json` rows (`size_mib`, `mode` of cold,
-    cow, copy or lazy, `median_ms`) and `scripts/bench_codecs --json` rows (`codec`, `level`,
-    `data`, `ratio`, `decompress_mb_s`, ...), each file a list of rows or {"rows": [...]}.
+    """Read the measured costs from the documents `scripts/bench_restore` and `scripts/bench_codecs`
+    wrote (daemon/bench.py: RestoreRow's `size_mib`, `mode` of cold, cow, copy or lazy, `median_ms`;
+    CodecRow's `codec`, `level`, `data`, `ratio`, `decompress_mb_s`), each checked field by field.
 
     `level` may be left out when the codec was measured at one level only; `data` (which kind of
     pages) when left out picks the kind with the lowest ratio. Raises CostsError naming the file
     and the missing key or row."""
     sizes = _restore_costs(Path(restore_json), restore_mode)
-    index, row = _codec_row(Path(codecs_json), codec, level, data)
+    row = _codec_row(Path(codecs_json), codec, level, data)
     return MeasuredCosts(
         sizes=sizes,
         restore_mode=restore_mode,
         codec=codec,
-        level=row["level"],
-        data=str(_field(Path(codecs_json), index, row, "data")),
-        ratio=_positive(Path(codecs_json), index, row, "ratio"),
-        decompress_mb_s=_positive(Path(codecs_json), index, row, "decompress_mb_s"),
+        level=row.level,
+        data=row.data,
+        ratio=_positive(Path(codecs_json), row, "ratio", row.ratio),
+        decompress_mb_s=_positive(Path(codecs_json), row, "decompress_mb_s", row.decompress_mb_s),
     )

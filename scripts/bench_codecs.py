@@ -18,26 +18,25 @@ reads one byte of every page. A fault on a chunk's first page is answered by dec
 whole 64 KiB chunk into the cache segment and waking the thread; the chunk's other pages then map
 from the page cache. The time of the whole read divided by the pages is the figure (amortized
 within 64 KiB batches); codec "none" is the same path over uncompressed pages (a lazy restore).
-Median of --reps runs. Prints a table; `--json PATH` writes the rows (`codec`, `level`, `data`,
-`ratio`, `compress_mb_s`, `decompress_mb_s`, `fault_us`). IAA rows appear only where libqpl loads.
+Median of --reps runs. Prints a table; `--json PATH` (default bench-results/bench_codecs.json)
+writes the rows (daemon/bench.py's CodecRow). IAA rows appear only where libqpl loads. `--quick`:
+one run per figure, lz4 1 and zstd 3 only, on python-heap and sparse pages.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import mmap
 import os
-import platform
-import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
+from daemon import bench
+from daemon.bench import CodecRow
 from native import memory, uffd
 from native.constants import UffdRegisterMode
 from native.pager import RANGE_COLD, RANGE_PLAIN, Pager, PagerRange
@@ -97,9 +96,9 @@ def template_pages(template: Template) -> bytes:
     return b"".join(os.pread(template.segment.fd, length, template.segment.base + off) for off, length in runs)
 
 
-def codecs() -> Iterator[tuple[str, int, Codec]]:
+def codecs(levels: dict[str, list[int]]) -> Iterator[tuple[str, int, Codec]]:
     for name in available_codecs():
-        for level in LEVELS[name]:
+        for level in levels.get(name, []):
             yield name, level, get_codec(name, level)
 
 
@@ -161,11 +160,11 @@ def _empty_cache(template: Template) -> None:
     os.truncate(f"/proc/self/fd/{fd}", base + template.segment.size)
 
 
-def bench_data(pool: Pool, template: Template, reps: int) -> list[dict[str, Any]]:
+def bench_data(pool: Pool, template: Template, reps: int, levels: dict[str, list[int]]) -> list[CodecRow]:
     data = template_pages(template)
     rows = [_row("none", 0, template.name, 1.0, 0.0, 0.0, [fault_read_us(template, cold=False) for _ in range(reps)])]
-    print(_line(rows[-1]), flush=True)
-    for name, level, codec in codecs():
+    _progress(rows[-1])
+    for name, level, codec in codecs(levels):
         report = measure(codec, data, DEFAULT_CHUNK)
         with compress(pool, template.name, codec, f"{template.name}.{name}{level}", hot=[]) as z:
             faults = [fault_read_us(z, cold=True) for _ in range(reps)]
@@ -173,8 +172,8 @@ def bench_data(pool: Pool, template: Template, reps: int) -> list[dict[str, Any]
         rows.append(
             _row(name, level, template.name, report.ratio, report.compress_mb_s, report.decompress_mb_s, faults)
         )
-        print(_line(rows[-1]), flush=True)
-    if "zstd" in LEVELS:  # and zstd with a dictionary trained on the template's own chunks
+        _progress(rows[-1])
+    if 3 in levels.get("zstd", []):  # and zstd with a dictionary trained on the template's own chunks
         z = compress(pool, template.name, get_codec("zstd", 3), f"{template.name}.zd", hot=[], dictionary_size=64 << 10)
         assert z.manifest.cold is not None
         ratio = z.manifest.cold.cold_pages * PAGE / z.manifest.cold.compressed_bytes
@@ -182,63 +181,67 @@ def bench_data(pool: Pool, template: Template, reps: int) -> list[dict[str, Any]
         z.close()
         Template.delete(pool, f"{template.name}.zd")
         rows.append(_row("zstd+dict", 3, template.name, ratio, 0.0, 0.0, faults))
-        print(_line(rows[-1]), flush=True)
+        _progress(rows[-1])
     return rows
 
 
-def _row(codec: str, level: int, data: str, ratio: float, c: float, d: float, faults: list[float]) -> dict[str, Any]:
-    return {
-        "codec": codec,
-        "level": level,
-        "data": data,
-        "ratio": round(ratio, 3),
-        "compress_mb_s": round(c, 1) if c else None,
-        "decompress_mb_s": round(d, 1) if d else None,
-        "fault_us": round(statistics.median(faults), 3),
-        "runs": len(faults),
-    }
-
-
-def _line(row: dict[str, Any]) -> str:
-    def num(value: float | None, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
-
-    return (
-        f"| {row['data']} | {row['codec']} | {row['level']} | {row['ratio']:.2f} | {num(row['compress_mb_s'], '.0f')} "
-        f"| {num(row['decompress_mb_s'], '.0f')} | {row['fault_us']:.2f} |"
+def _row(codec: str, level: int, data: str, ratio: float, c: float, d: float, faults: list[float]) -> CodecRow:
+    return CodecRow(
+        codec=codec,
+        level=level,
+        data=data,
+        ratio=round(ratio, 3),
+        compress_mb_s=round(c, 1) if c else None,
+        decompress_mb_s=round(d, 1) if d else None,
+        fault_us=round(bench.median(faults), 3),
+        runs=len(faults),
     )
+
+
+HEADERS = ("data", "codec", "level", "ratio", "compress MB/s", "decompress MB/s", "fault us/4 KiB")
+
+
+def _cells(r: CodecRow) -> tuple[object, ...]:
+    return (r.data, r.codec, r.level, r.ratio, r.compress_mb_s, r.decompress_mb_s, r.fault_us)
+
+
+def _progress(row: CodecRow) -> None:
+    print("  " + " ".join(str(c) for c in _cells(row)), file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench_codecs", description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=5, help="fault-path runs per figure (default 5)")
-    parser.add_argument("--data", default=",".join(GUESTS), help=f"data sets (default {','.join(GUESTS)})")
-    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
+    parser.add_argument("--reps", type=int, help="fault-path runs per figure (default 5)")
+    parser.add_argument("--data", help=f"data sets (default {','.join(GUESTS)})")
+    bench.arguments(parser, "bench_codecs", "1 run, lz4 1 and zstd 3, python-heap and sparse")
     args = parser.parse_args(argv)
-    names = [n for n in args.data.split(",") if n]
+    reps = args.reps or (1 if args.quick else 5)
+    levels = {"lz4": [1], "zstd": [3]} if args.quick else LEVELS
+    names = [n for n in (args.data or ("python-heap,sparse" if args.quick else ",".join(GUESTS))).split(",") if n]
     unknown = [n for n in names if n not in GUESTS]
     if unknown:
         parser.error(f"unknown data set(s) {', '.join(unknown)}: there are {', '.join(GUESTS)}")
+    notes = []
     if "torch-weights" in names and not _has_torch():
-        print("torch-weights: skipped, torch is not installed (scripts/setup dev,lora installs it)")
+        notes.append("torch-weights: skipped, torch is not installed (scripts/setup dev,lora installs it)")
         names.remove("torch-weights")
     if "iaa" not in available_codecs():
-        print("iaa: skipped, libqpl does not load here (no Intel QPL / IAA on this machine)")
-    rows: list[dict[str, Any]] = []
+        notes.append("iaa: skipped, libqpl does not load here (no Intel QPL / IAA on this machine)")
+    for note in notes:
+        print(note)
+    rows: list[CodecRow] = []
     with tempfile.TemporaryDirectory(prefix="bench-codecs-") as tmp:
         work = Path(tmp)
         pool = Pool.create(work / "pool", backend="tmpfs", node=0, size=4 << 30)
         try:
-            print("| data | codec | level | ratio | compress MB/s | decompress MB/s | fault µs/4 KiB |")
-            print("|---|---|---|---|---|---|---|")
             for name in names:
                 with capture_guest(pool, work, name) as template:
-                    rows += bench_data(pool, template, args.reps)
+                    rows += bench_data(pool, template, reps, levels)
         finally:
             pool.destroy()
-    if args.json:
-        doc = {"machine": platform.node(), "chunk_size": DEFAULT_CHUNK, "rows": rows}
-        Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
+    print(bench.table(HEADERS, map(_cells, rows)))
+    conditions = {"chunk_size": DEFAULT_CHUNK, "reps": reps, "data": names, "quick": args.quick}
+    bench.write(args.json, bench.Document("bench_codecs", {"codecs": rows}, conditions, notes))
     return 0
 
 

@@ -28,9 +28,10 @@ thaw time (from /metrics) go to stderr.
 
 Prints a table (path, concurrency, p50_ms, p99_ms, rps, requests, errors) and the targets (warm p50
 <= 1 ms at concurrency 1, restore p50 <= 10 ms, >= 1000 warm rps at concurrency 32); `--json PATH`
-(default bench-results/bench_invoke.json) writes the rows as a list of objects with `path`,
-`concurrency`, `p50_ms`, `p99_ms`, `rps`, `requests` and `errors` (non-200 answers, counted in
-the latencies too). thawd's stderr goes to the temporary directory; its warnings are summarised at
+(default bench-results/bench_invoke.json) writes the rows (daemon/bench.py's InvokeRow: `path`,
+`concurrency`, `p50_ms`, `p99_ms`, `rps`, `requests`, `errors` (non-200 answers, counted in the
+latencies too) and `cdf_ms`, the latency at every percentile). `--quick`: 200 warm and 40 restore
+requests per cell, concurrency 1 and 8. thawd's stderr goes to the temporary directory; its warnings are summarised at
 the end and its tail printed on failure. At exit (also on failure, Ctrl-C or SIGTERM) thawd is
 stopped with SIGTERM, the pool destroyed (`python -m shmpool --root POOL destroy --force`) and the
 temporary directory removed. Root, after scripts/setup; refuses to run while a thawb0 bridge or a
@@ -44,14 +45,11 @@ import asyncio
 import contextlib
 import http.client
 import json
-import math
 import os
-import platform
 import re
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,6 +63,8 @@ from typing import Any
 
 import aiohttp
 
+from daemon import bench
+from daemon.bench import InvokeRow
 from sandbox.cgroups import CgroupTree
 from sandbox.guest.launch import decode_body, invoke, recv, start_parked
 
@@ -144,18 +144,17 @@ def run_load(load: Load) -> dict[str, Any]:
 
 
 # -- statistics --------------------------------------------------------------------------------------
-def row(path: str, concurrency: int, latencies: list[float], wall: float, errors: int) -> dict[str, Any]:
-    ordered = sorted(latencies)
-    p99 = ordered[min(len(ordered) - 1, max(0, math.ceil(0.99 * len(ordered)) - 1))]
-    return {
-        "path": path,
-        "concurrency": concurrency,
-        "p50_ms": round(statistics.median(ordered), 3),
-        "p99_ms": round(p99, 3),
-        "rps": round(len(ordered) / wall, 1),
-        "requests": len(ordered),
-        "errors": errors,
-    }
+def row(path: str, concurrency: int, latencies: list[float], wall: float, errors: int) -> InvokeRow:
+    return InvokeRow(
+        path=path,
+        concurrency=concurrency,
+        p50_ms=round(bench.median(latencies), 3),
+        p99_ms=round(bench.percentile(latencies, 99), 3),
+        rps=round(len(latencies) / wall, 1),
+        requests=len(latencies),
+        errors=errors,
+        cdf_ms=bench.cdf(latencies),
+    )
 
 
 # -- thawd --------------------------------------------------------------------------------------------
@@ -255,7 +254,7 @@ class Thawd:
 
 
 # -- the direct row ----------------------------------------------------------------------------------
-def measure_direct(function_dir: Path, requests: int, warmup: int) -> dict[str, Any]:
+def measure_direct(function_dir: Path, requests: int, warmup: int) -> InvokeRow:
     """`requests` invocations exchanged straight with a guest's control socket, one at a time."""
     guest = start_parked(function_dir, cwd=REPO)
     try:
@@ -368,7 +367,7 @@ def scale(thawd: Thawd, function: str, replicas: int) -> None:
         raise BenchError(f"scaling {function} to {replicas}: {status} {answer}")
 
 
-def measure(thawd: Thawd, tmp: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+def measure(thawd: Thawd, tmp: Path, args: argparse.Namespace) -> list[InvokeRow]:
     warm_dir, restore_dir = write_function(tmp, "bench-warm"), write_function(tmp, "bench-restore")
     thawd.deploy("bench-warm", warm_dir, None)
     thawd.deploy("bench-restore", restore_dir, 0)
@@ -386,7 +385,7 @@ def measure(thawd: Thawd, tmp: Path, args: argparse.Namespace) -> list[dict[str,
             rows.append(r)
             thaws, count, seconds = (a - b for a, b in zip(after, before, strict=True))
             print(
-                f"{path:>8} c={concurrency:<3} p50 {r['p50_ms']:.3f} ms  rps {r['rps']:.0f}; thawd thawed {thaws:.0f}"
+                f"{path:>8} c={concurrency:<3} p50 {r.p50_ms:.3f} ms  rps {r.rps:.0f}; thawd thawed {thaws:.0f}"
                 f" instances for {warmup}+{requests} requests"
                 + (f", mean thaw (free sandbox to RESTORED) {seconds / count * 1e3:.2f} ms" if count else ""),
                 file=sys.stderr,
@@ -399,32 +398,29 @@ def measure(thawd: Thawd, tmp: Path, args: argparse.Namespace) -> list[dict[str,
     return rows
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"{'path':>8} {'concurrency':>11} {'p50_ms':>8} {'p99_ms':>8} {'rps':>8} {'requests':>8} {'errors':>6}")
-    for r in rows:
-        print(
-            f"{r['path']:>8} {r['concurrency']:>11} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} {r['rps']:>8.1f}"
-            f" {r['requests']:>8} {r['errors']:>6}"
-        )
+def print_table(rows: list[InvokeRow]) -> None:
+    headers = ("path", "concurrency", "p50_ms", "p99_ms", "rps", "requests", "errors")
+    print(
+        bench.table(headers, ((r.path, r.concurrency, r.p50_ms, r.p99_ms, r.rps, r.requests, r.errors) for r in rows))
+    )
     print(TARGETS)
-    cell = {(r["path"], r["concurrency"]): r for r in rows}
+    cell = {(r.path, r.concurrency): r for r in rows}
     verdicts = []
     if ("warm", 1) in cell:
-        p50 = cell["warm", 1]["p50_ms"]
+        p50 = cell["warm", 1].p50_ms
         verdicts.append(f"warm p50 c=1 {p50:.3f} ms {'ok' if p50 <= 1 else 'MISSED'}")
     for (path, concurrency), r in cell.items():
         if path == "restore":
-            verdict = "ok" if r["p50_ms"] <= 10 else "MISSED"
-            verdicts.append(f"restore p50 c={concurrency} {r['p50_ms']:.3f} ms {verdict}")
+            verdict = "ok" if r.p50_ms <= 10 else "MISSED"
+            verdicts.append(f"restore p50 c={concurrency} {r.p50_ms:.3f} ms {verdict}")
     if ("warm", 32) in cell:
-        rps = cell["warm", 32]["rps"]
+        rps = cell["warm", 32].rps
         verdicts.append(f"warm rps c=32 {rps:.0f} {'ok' if rps >= 1000 else 'MISSED'}")
     if ("warm", 1) in cell and ("direct", 1) in cell:
-        overhead = cell["warm", 1]["p50_ms"] - cell["direct", 1]["p50_ms"]
+        overhead = cell["warm", 1].p50_ms - cell["direct", 1].p50_ms
         verdicts.append(f"API overhead (warm - direct p50, c=1) {overhead:.3f} ms")
     for verdict in verdicts:
         print(f"  {verdict}")
-    print(f"host: {platform.node()} {platform.machine()} kernel {platform.release()}, {os.cpu_count()} CPUs")
 
 
 def thawd_warnings(text: str) -> list[str]:
@@ -438,12 +434,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--requests", type=int, default=2000, help="requests per warm cell and for direct [2000]")
-    parser.add_argument("--restore-requests", type=int, default=300, help="requests per restore cell [300]")
+    parser.add_argument("--requests", type=int, help="requests per warm cell and for direct [2000]")
+    parser.add_argument("--restore-requests", type=int, help="requests per restore cell [300]")
     parser.add_argument(
         "--concurrency",
         type=lambda text: [int(c) for c in text.split(",")],
-        default=[1, 8, 32],
         metavar="C,C,...",
         help="requests in flight, one cell per value [1,8,32] (at most 32: instances per function)",
     )
@@ -451,11 +446,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--warmup", type=int, default=20, help="uncounted requests before each cell, at least 2 x concurrency [20]"
     )
     parser.add_argument("--pool-size", default="2G", help="size of the benchmark's tmpfs pool [2G]")
-    parser.add_argument(
-        "--json", metavar="PATH", default="bench-results/bench_invoke.json", help="[bench-results/bench_invoke.json]"
-    )
+    bench.arguments(parser, "bench_invoke", "200 warm and 40 restore requests per cell, concurrency 1 and 8")
     parser.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)  # the load generator's process
     args = parser.parse_args(argv)
+    args.requests = args.requests or (200 if args.quick else 2000)
+    args.restore_requests = args.restore_requests or (40 if args.quick else 300)
+    args.concurrency = args.concurrency or ([1, 8] if args.quick else [1, 8, 32])
     if args.requests < 1 or args.restore_requests < 1 or args.warmup < 0:
         parser.error("--requests and --restore-requests must be positive, --warmup not negative")
     if not args.concurrency or not all(1 <= c <= 32 for c in args.concurrency):
@@ -476,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="thaw-bench-invoke-"))
     signal.signal(signal.SIGTERM, _interrupted)
     thawd: Thawd | None = None
-    rows: list[dict[str, Any]] = []
+    rows: list[InvokeRow] = []
     failure = ""
     try:
         thawd = Thawd(tmp, args.pool_size)
@@ -508,9 +504,9 @@ def main(argv: list[str] | None = None) -> int:
     if failure:
         return 1
     print_table(rows)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    conditions = {"requests": args.requests, "restore_requests": args.restore_requests, "warmup": args.warmup,
+                  "concurrency": args.concurrency, "pool": f"tmpfs {args.pool_size}", "quick": args.quick}  # fmt: skip
+    bench.write(args.json, bench.Document("bench_invoke", {"invoke": rows}, conditions, [TARGETS]))
     return 1 if problems else 0
 
 

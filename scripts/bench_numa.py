@@ -9,27 +9,26 @@ For each NUMA node with memory and each backend that works here (tmpfs 4 KiB pag
 - map_read      mmap MAP_SHARED + first read of each page: what a cow restore pays per page (ns/page)
 - map_cow       mmap MAP_PRIVATE + first write of each page: a copy-on-write fault per page (ns/page)
 
-Each figure is the median of --reps runs. Prints a table; `--json PATH` also writes the rows
-(`node`, `backend`, `metric`, `value`, `unit`) with the conditions. On a one-node machine it
-measures node 0 and says that the local-vs-CXL comparison needs a second node.
+Each figure is the median of --reps runs. Prints a table; `--json PATH` (default
+bench-results/bench_numa.json) writes the rows (daemon/bench.py's PoolRow: `node`, `backend`,
+`metric`, `value`, `unit`) with the conditions. On a one-node machine it measures node 0 and says
+that the local-vs-CXL comparison needs a second node. `--quick`: 32 MiB buffers, 2 runs, 200,000 hops.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import mmap
 import os
-import platform
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from native import bench, memory
+from daemon import bench
+from daemon.bench import PoolRow
+from native import bench as loops  # the C loops
+from native import memory
 from native.constants import MapFlag
 from native.kerndat import kerndat
 from shmpool.cli import parse_size
@@ -41,7 +40,7 @@ CHASE_SLOT = 64  # one cache line per hop
 
 
 def _median(fn: Callable[[], float], reps: int) -> float:
-    return statistics.median(fn() for _ in range(reps))
+    return bench.median(fn() for _ in range(reps))
 
 
 def _fill(pool: Pool, name: str, size: int) -> None:
@@ -56,7 +55,7 @@ def _fill(pool: Pool, name: str, size: int) -> None:
 def _fill_chase(pool: Pool, name: str, size: int) -> None:
     """A segment holding one random cycle of offsets through all its cache lines."""
     local = bytearray(size)
-    bench.chase_init(memory.address_of(local), size // CHASE_SLOT, CHASE_SLOT, seed=12345)
+    loops.chase_init(memory.address_of(local), size // CHASE_SLOT, CHASE_SLOT, seed=12345)
     with pool.create_segment(name, size) as w:
         w.write(0, local)
         w.publish()
@@ -80,8 +79,8 @@ def _bandwidth(pool: Pool, size: int, reps: int) -> list[tuple[str, float, str]]
         try:
             dst = memory.address_of(local)
             memory.touch(dst, size, mmap.PAGESIZE, write=True)
-            read = _median(lambda: _gbps(size, lambda: bench.read_sum(src, size)), reps)
-            copy = _median(lambda: _gbps(size, lambda: bench.copy(dst, src, size)), reps)
+            read = _median(lambda: _gbps(size, lambda: loops.read_sum(src, size)), reps)
+            copy = _median(lambda: _gbps(size, lambda: loops.copy(dst, src, size)), reps)
         finally:
             local.close()
     return [("seq_read", read, "GB/s"), ("copy", copy, "GB/s")]
@@ -91,7 +90,7 @@ def _latency(pool: Pool, size: int, reps: int, steps: int) -> float:
     with pool.open_segment("bench-chase", verify=False) as seg, seg.map(private=False, writable=False) as view:
         addr = memory.address_of(view)
         memory.touch(addr, size, pool.config.page_size, write=False)
-        return _median(lambda: _ns_per(steps, lambda: bench.chase(addr, steps)), reps)
+        return _median(lambda: _ns_per(steps, lambda: loops.chase(addr, steps)), reps)
 
 
 def _map_costs(pool: Pool, reps: int) -> list[tuple[str, float, str]]:
@@ -105,20 +104,20 @@ def _map_costs(pool: Pool, reps: int) -> list[tuple[str, float, str]]:
 
 
 def _gbps(nbytes: int, fn: Callable[[], object]) -> float:
-    t0 = bench.now_ns()
+    t0 = loops.now_ns()
     fn()
-    return nbytes / (bench.now_ns() - t0)  # bytes per ns == GB/s
+    return nbytes / (loops.now_ns() - t0)  # bytes per ns == GB/s
 
 
 def _ns_per(count: int, fn: Callable[[], object]) -> float:
-    t0 = bench.now_ns()
+    t0 = loops.now_ns()
     fn()
-    return (bench.now_ns() - t0) / count
+    return (loops.now_ns() - t0) / count
 
 
 def _map_touch(seg: Segment, page: int, flags: int, write: bool) -> float:
     length = seg.size - seg.size % page
-    return bench.map_touch_ns(seg.fd, seg.base, length, page, flags, write) / (length // page)
+    return loops.map_touch_ns(seg.fd, seg.base, length, page, flags, write) / (length // page)
 
 
 def _pool_for(backend: str, node: int, size: int, root: Path) -> Pool:
@@ -127,11 +126,11 @@ def _pool_for(backend: str, node: int, size: int, root: Path) -> Pool:
     return Pool.create(root, backend=backend, node=node, size=3 * size + (4 << 20))
 
 
-def run(size: int, reps: int, chase_steps: int, backends: list[str]) -> dict[str, Any]:
+def run(size: int, reps: int, chase_steps: int, backends: list[str]) -> bench.Document:
     kd = kerndat()
     worker_cpu = kd.node(0).cpus[0] if kd.node(0) and kd.node(0).cpus else 0  # type: ignore[union-attr]
     os.sched_setaffinity(0, {worker_cpu})
-    rows: list[dict[str, Any]] = []
+    rows: list[PoolRow] = []
     notes: list[str] = []
     if len(kd.nodes) < 2:
         notes.append(
@@ -148,55 +147,48 @@ def run(size: int, reps: int, chase_steps: int, backends: list[str]) -> dict[str
                     continue
                 try:
                     for metric, value, unit in _measure(pool, size, reps, chase_steps):
-                        rows.append({"node": node, "backend": backend, "metric": metric,
-                                     "value": round(value, 3), "unit": unit})  # fmt: skip
+                        rows.append(PoolRow(node, backend, metric, round(value, 3), unit))
                 finally:
                     pool.destroy()
-    return {
-        "benchmark": "bench_numa",
-        "conditions": {
-            "buffer_bytes": size,
-            "reps": reps,
-            "statistic": "median",
-            "chase_steps": chase_steps,
-            "worker_cpu": worker_cpu,
-            "kernel": platform.release(),
-            "nodes": kd.node_ids,
-            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        },
-        "rows": rows,
-        "notes": notes,
+    conditions = {
+        "buffer_bytes": size,
+        "reps": reps,
+        "statistic": "median",
+        "chase_steps": chase_steps,
+        "worker_cpu": worker_cpu,
+        "nodes": kd.node_ids,
     }
+    return bench.Document("bench_numa", {"pool": rows}, conditions, notes)
 
 
-def table(result: dict[str, Any]) -> str:
-    lines = [f"{'node':>4}  {'backend':<10} {'metric':<10} {'value':>10}  unit", "-" * 46]
-    lines += [
-        f"{r['node']:>4}  {r['backend']:<10} {r['metric']:<10} {r['value']:>10.2f}  {r['unit']}" for r in result["rows"]
-    ]
-    c = result["conditions"]
+def table(doc: bench.Document) -> str:
+    rows = doc.rows("pool", PoolRow)
+    lines = [bench.table(("node", "backend", "metric", "value", "unit"), ((r.node, r.backend, r.metric, r.value,
+                                                                          r.unit) for r in rows))]  # fmt: skip
+    c = doc.conditions
     lines.append(f"({c['buffer_bytes'] >> 20} MiB buffers, median of {c['reps']}, CPU {c['worker_cpu']})")
-    lines += [f"note: {n}" for n in result["notes"]]
+    lines += [f"note: {n}" for n in doc.notes]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench_numa", description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=parse_size, default=parse_size("256M"), help="buffer size (default 256M)")
-    parser.add_argument("--reps", type=int, default=5, help="runs per figure; the median is reported (default 5)")
-    parser.add_argument("--chase-steps", type=int, default=2_000_000, help="hops per latency run")
+    parser.add_argument("--size", type=parse_size, help="buffer size (default 256M)")
+    parser.add_argument("--reps", type=int, help="runs per figure; the median is reported (default 5)")
+    parser.add_argument("--chase-steps", type=int, help="hops per latency run (default 2,000,000)")
     parser.add_argument("--backend", action="append", choices=BACKENDS, help="limit to these backends")
-    parser.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH")
+    bench.arguments(parser, "bench_numa", "32 MiB buffers, 2 runs, 200,000 hops")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("bench_numa: needs root (it mounts pools and reserves hugepages)", file=sys.stderr)
         return 1
-    result = run(args.size, args.reps, args.chase_steps, args.backend or list(BACKENDS))
-    print(table(result))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json}")
+    size = args.size or parse_size("32M" if args.quick else "256M")
+    reps = args.reps or (2 if args.quick else 5)
+    steps = args.chase_steps or (200_000 if args.quick else 2_000_000)
+    doc = run(size, reps, steps, args.backend or list(BACKENDS))
+    doc.conditions["quick"] = args.quick
+    print(table(doc))
+    bench.write(args.json, doc)
     return 0
 
 

@@ -23,26 +23,28 @@ template holds in the pool at rest (its stored pages, compressed image included)
 
 Restores start from a stub that is already stopped (a sandbox keeps them ready), so the time is
 restore() + RESTORED + one request and its reply. Rss/Pss are per instance after the first reply;
-cow at 256 MiB is also measured with 8 instances alive. Each figure is the median (and p90) of
---reps runs. Prints a table with the ratios cold/cow and copy/cow; `--json PATH` writes the rows
-(`size_mib`, `mode`, `median_ms`, `p90_ms`, `pss_mib`, `rss_mib`, plus `instances`, `runs`).
+cow at 256 MiB (or the size nearest it) is also measured with 1, 2, 4 and 8 instances alive
+(--instances), each having read all its state (`state_read`). Each figure is the median (and p90)
+of --reps runs. Prints a table with the ratios cold/cow and copy/cow; `--json PATH` writes the rows
+(daemon/bench.py's RestoreRow, CompressedRow with --compressed) to bench-results/bench_restore.json
+(bench_restore_compressed.json with --compressed) by default. `--quick`: 16 and 64 MiB, 3 runs,
+1, 2 and 4 instances (--compressed: 20,000 records, 2 runs).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
-import platform
 import signal
 import socket
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
+from daemon import bench
+from daemon.bench import CompressedRow, RestoreRow
 from sandbox.guest import protocol
 from sandbox.guest.launch import ParkedGuest, recv, start_parked
 from shmpool import Pool
@@ -111,21 +113,26 @@ def _close(instance: Instance, stub: LaunchedStub) -> None:
         stub.control.close()
 
 
-def _row(mib: int, mode: str, times: list[float], mem: tuple[float, float], instances: int = 1) -> dict[str, Any]:
-    ordered = sorted(times)
-    return {
-        "size_mib": mib,
-        "mode": mode,
-        "median_ms": round(statistics.median(ordered), 3),
-        "p90_ms": round(ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], 3),
-        "rss_mib": round(mem[0], 1),
-        "pss_mib": round(mem[1], 1),
-        "instances": instances,
-        "runs": len(ordered),
-    }
+def _row(
+    mib: int, mode: str, times: list[float], mem: tuple[float, float], instances: int = 1, state_read: bool = False
+) -> RestoreRow:
+    stats = bench.summarize(times)
+    return RestoreRow(
+        size_mib=mib,
+        mode=mode,
+        threads=1,  # the guest below is single-threaded
+        instances=instances,
+        state_read=state_read,
+        median_ms=round(stats.median, 3),
+        p90_ms=round(stats.p90, 3),
+        rss_mib=round(mem[0], 1),
+        pss_mib=round(mem[1], 1),
+        runs=stats.runs,
+        ratio_vs_cow=None,
+    )
 
 
-def measure_restores(template: Template, mib: int, mode: str, reps: int) -> dict[str, Any]:
+def measure_restores(template: Template, mib: int, mode: str, reps: int) -> RestoreRow:
     times, mem = [], (0.0, 0.0)
     for _ in range(reps):
         elapsed, instance, stub = thaw(template, mode)
@@ -135,8 +142,8 @@ def measure_restores(template: Template, mib: int, mode: str, reps: int) -> dict
     return _row(mib, mode, times, mem)
 
 
-def measure_shared(template: Template, mib: int, count: int) -> dict[str, Any]:
-    """`count` cow instances alive at once, each having touched all of its state."""
+def measure_shared(template: Template, mib: int, count: int) -> RestoreRow:
+    """`count` cow instances alive at once, each having read all of its state."""
     alive, times = [], []
     try:
         for _ in range(count):
@@ -150,49 +157,49 @@ def measure_shared(template: Template, mib: int, count: int) -> dict[str, Any]:
                         mem.seek(vma.start)
                         mem.read(vma.size)
         usage = [_memory(instance.pid) for instance, _ in alive]
-        return _row(
-            mib, "cow", times, (statistics.mean(u[0] for u in usage), statistics.mean(u[1] for u in usage)), count
-        )
+        mean = (sum(u[0] for u in usage) / count, sum(u[1] for u in usage) / count)
+        return _row(mib, "cow", times, mean, count, state_read=True)
     finally:
         for instance, stub in alive:
             _close(instance, stub)
 
 
-def bench_size(pool: Pool, function_dir: Path, mib: int, reps: int) -> list[dict[str, Any]]:
+def bench_size(pool: Pool, function_dir: Path, mib: int, reps: int, shared: list[int]) -> list[RestoreRow]:
     rows = [_row(mib, "cold", [cold_start(function_dir, mib) for _ in range(reps)], (0.0, 0.0))]
     guest = _start(function_dir, mib)
     try:
-        rows[0]["rss_mib"], rows[0]["pss_mib"] = (round(x, 1) for x in _memory(guest.pid))
+        rss, pss = _rounded(_memory(guest.pid))
+        rows[0] = dataclasses.replace(rows[0], rss_mib=rss, pss_mib=pss)
         template = capture(guest.pid, pool, f"bench-{mib}")
     finally:
         guest.kill()
     try:
         for mode in ("copy", "lazy", "cow"):
             rows.append(measure_restores(template, mib, mode, reps))
-            print(f"  {mib} MiB {mode}: {rows[-1]['median_ms']} ms", file=sys.stderr)
-        if mib == 256:
-            rows.append(measure_shared(template, mib, 8))
+            print(f"  {mib} MiB {mode}: {rows[-1].median_ms} ms", file=sys.stderr)
+        rows += [measure_shared(template, mib, count) for count in shared]
     finally:
         template.close()
         Template.delete(pool, f"bench-{mib}")
-    cow = rows[3]["median_ms"]
-    for row in rows[:3]:
-        row["ratio_vs_cow"] = round(row["median_ms"] / cow, 1)
+    cow = rows[3].median_ms
+    rows[:4] = [dataclasses.replace(r, ratio_vs_cow=round(r.median_ms / cow, 1)) for r in rows[:4]]
     return rows
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    head = (
-        f"{'size':>7} {'mode':>5} {'n':>2} {'median ms':>10} {'p90 ms':>9} {'x cow':>7} {'Rss MiB':>8} {'Pss MiB':>8}"
-    )
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        ratio = f"{r['ratio_vs_cow']:>7}" if "ratio_vs_cow" in r and r["mode"] != "lazy" else " " * 7
-        lines.append(
-            f"{r['size_mib']:>4} MiB {r['mode']:>5} {r['instances']:>2} {r['median_ms']:>10.2f} {r['p90_ms']:>9.2f} "
-            f"{ratio} {r['rss_mib']:>8.1f} {r['pss_mib']:>8.1f}"
-        )
-    return "\n".join(lines)
+def _rounded(mem: tuple[float, float]) -> tuple[float, float]:
+    return round(mem[0], 1), round(mem[1], 1)
+
+
+def table(rows: list[RestoreRow]) -> str:
+    headers = ("size MiB", "mode", "instances", "median ms", "p90 ms", "x cow", "Rss MiB", "Pss MiB")
+    return bench.table(
+        headers,
+        (
+            (r.size_mib, r.mode, r.instances, r.median_ms, r.p90_ms, r.ratio_vs_cow if r.mode != "lazy" else None,
+             r.rss_mib, r.pss_mib)
+            for r in rows
+        ),
+    )  # fmt: skip
 
 
 RECORDS_FUNCTION = REPO / "daemon" / "examples" / "records"
@@ -212,7 +219,7 @@ def _stored_mib(template: Template) -> float:
     return os.fstat(template.segment.fd).st_blocks * 512 / (1 << 20)
 
 
-def measure_first_invocations(template: Template, mode: str, codec: str | None, reps: int) -> dict[str, Any]:
+def measure_first_invocations(template: Template, mode: str, codec: str | None, reps: int) -> CompressedRow:
     restores, firsts = [], []
     for _ in range(reps):
         template.punch_cold()  # an empty cache: the template after an idle spell
@@ -221,17 +228,18 @@ def measure_first_invocations(template: Template, mode: str, codec: str | None, 
         restores.append(elapsed)
         firsts.append(_request(stub.control, "/work"))
         _close(instance, stub)
-    return {
-        "mode": mode,
-        "codec": codec,
-        "restore_ms": round(statistics.median(restores), 3),
-        "first_invoke_ms": round(statistics.median(firsts), 3),
-        "pool_mib": round(_stored_mib(template), 1),
-        "runs": reps,
-    }
+    return CompressedRow(
+        mode=mode,
+        codec=codec,
+        restore_ms=round(bench.median(restores), 3),
+        first_invoke_ms=round(bench.median(firsts), 3),
+        pool_mib=round(_stored_mib(template), 1),
+        runs=reps,
+        ratio_vs_cow=1.0,  # set once the uncompressed cow row is measured
+    )
 
 
-def bench_compressed(pool: Pool, function_dir: Path, records: int, reps: int) -> list[dict[str, Any]]:
+def bench_compressed(pool: Pool, function_dir: Path, records: int, reps: int) -> list[CompressedRow]:
     guest = start_parked(function_dir, {"RECORDS": str(records)}, cwd=REPO, timeout=600)
     try:
         template = capture(guest.pid, pool, "heavy")
@@ -253,39 +261,47 @@ def bench_compressed(pool: Pool, function_dir: Path, records: int, reps: int) ->
     finally:
         template.close()
         Template.delete(pool, "heavy")
-    cow = rows[0]["first_invoke_ms"]
-    for row in rows:
-        row["ratio_vs_cow"] = round(row["first_invoke_ms"] / cow, 2)
-    return rows
+    cow = rows[0].first_invoke_ms
+    return [dataclasses.replace(r, ratio_vs_cow=round(r.first_invoke_ms / cow, 2)) for r in rows]
 
 
-def compressed_table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'mode':>5} {'codec':>8} {'restore ms':>11} {'first invoke ms':>16} {'x cow':>6} {'pool MiB':>9}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        lines.append(
-            f"{r['mode']:>5} {r['codec'] or '-':>8} {r['restore_ms']:>11.2f} {r['first_invoke_ms']:>16.2f} "
-            f"{r['ratio_vs_cow']:>6.2f} {r['pool_mib']:>9.1f}"
-        )
-    return "\n".join(lines)
+def compressed_table(rows: list[CompressedRow]) -> str:
+    headers = ("mode", "codec", "restore ms", "first invoke ms", "x cow", "pool MiB")
+    return bench.table(
+        headers, ((r.mode, r.codec, r.restore_ms, r.first_invoke_ms, r.ratio_vs_cow, r.pool_mib) for r in rows)
+    )
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench_restore", description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="64,256,1024", help="state sizes in MiB (default 64,256,1024)")
-    parser.add_argument("--reps", type=int, default=10, help="runs per figure (default 10)")
+    parser.add_argument("--sizes", type=_ints, help="state sizes in MiB (default 64,256,1024)")
+    parser.add_argument("--reps", type=int, help="runs per figure (default 10)")
+    parser.add_argument("--instances", type=_ints, help="cow instances alive at once at 256 MiB (default 1,2,4,8)")
     parser.add_argument("--large", action="store_true", help="also 4 GiB, one run per mode")
-    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
     parser.add_argument("--compressed", action="store_true", help="compressed templates vs uncompressed instead")
-    parser.add_argument("--records", type=int, default=150000, help="records in the --compressed guest")
+    parser.add_argument("--records", type=int, help="records in the --compressed guest (default 150000)")
+    bench.arguments(parser, "bench_restore", "16 and 64 MiB, 3 runs, 1, 2, 4 instances (--compressed: 20,000 "
+                    "records, 2 runs)")  # fmt: skip
     args = parser.parse_args(argv)
+    quick = args.quick
+    reps = args.reps or (3 if quick else 10)
     if os.geteuid() != 0:
         print("bench_restore: needs root (it mounts a pool and restores with ptrace)", file=sys.stderr)
         return 2
     if args.compressed:
-        return main_compressed(args.records, args.reps, args.json)
-    sizes = [(int(s), args.reps) for s in args.sizes.split(",")] + ([(4096, 1)] if args.large else [])
-    rows: list[dict[str, Any]] = []
+        default = args.json == bench.RESULTS / "bench_restore.json"
+        path = bench.RESULTS / "bench_restore_compressed.json" if default else args.json
+        records = args.records or (20000 if quick else 150000)
+        return main_compressed(records, args.reps or (2 if quick else 10), path)
+    chosen = args.sizes or ([16, 64] if quick else [64, 256, 1024])
+    sizes = [(mib, reps) for mib in chosen] + ([(4096, 1)] if args.large else [])
+    shared_at = min(chosen, key=lambda mib: abs(mib - 256))
+    shared = args.instances or ([1, 2, 4] if quick else [1, 2, 4, 8])
+    rows: list[RestoreRow] = []
     with tempfile.TemporaryDirectory(prefix="thaw-bench-") as tmp:
         function_dir = Path(tmp) / "fn"
         function_dir.mkdir()
@@ -293,23 +309,18 @@ def main(argv: list[str] | None = None) -> int:
         capacity = max(mib for mib, _ in sizes) * 3 << 20
         pool = Pool.create(Path(tmp) / "pool", backend="tmpfs", node=0, size=capacity + (256 << 20))
         try:
-            for mib, reps in sizes:
-                rows.extend(bench_size(pool, function_dir, mib, reps))
+            for mib, n in sizes:
+                rows.extend(bench_size(pool, function_dir, mib, n, shared if mib == shared_at else []))
         finally:
             pool.destroy()
     print(table(rows))
-    print(
-        f"host: {platform.node()} {platform.machine()} kernel {platform.release()}, {os.cpu_count()} CPUs; "
-        "tmpfs pool on node 0"
-    )
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=2))
-        print(f"wrote {args.json}")
+    conditions = {"pool": "tmpfs on node 0", "reps": reps, "sizes_mib": [mib for mib, _ in sizes],
+                  "shared_at_mib": shared_at, "quick": quick}  # fmt: skip
+    bench.write(args.json, bench.Document("bench_restore", {"restore": rows}, conditions))
     return 0
 
 
-def main_compressed(records: int, reps: int, json_path: str | None) -> int:
+def main_compressed(records: int, reps: int, json_path: Path) -> int:
     with tempfile.TemporaryDirectory(prefix="thaw-bench-") as tmp:
         pool = Pool.create(Path(tmp) / "pool", backend="tmpfs", node=0, size=4 << 30)
         try:
@@ -317,11 +328,8 @@ def main_compressed(records: int, reps: int, json_path: str | None) -> int:
         finally:
             pool.destroy()
     print(compressed_table(rows))
-    print(f"host: {platform.node()} kernel {platform.release()}, {os.cpu_count()} CPUs; tmpfs pool on node 0")
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(rows, indent=2))
-        print(f"wrote {json_path}")
+    conditions = {"pool": "tmpfs on node 0", "reps": reps, "records": records}
+    bench.write(json_path, bench.Document("bench_restore_compressed", {"compressed": rows}, conditions))
     return 0
 
 

@@ -4,61 +4,45 @@
 - repurpose  Sandbox.repurpose: cgroup limits, the function mount swapped, a fresh /tmp, hostname
 - release    Sandbox.release with one stopped stub inside: kill it, wait for an empty cgroup, scrub
 
-Prints a table and the repurpose/create ratio; `--json PATH` writes rows with `op`, `median_ms`,
-`p90_ms`, `runs`. Root, after scripts/setup.
+Prints a table and the repurpose/create ratio; `--json PATH` (default bench-results/bench_sandbox.json)
+writes rows (daemon/bench.py's SandboxRow: `op`, `median_ms`, `p90_ms`, `runs`). `--quick`: 5 runs.
+Root, after scripts/setup.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
-import platform
-import statistics
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
+from daemon import bench
+from daemon.bench import SandboxRow
 from sandbox.cgroups import Limits
 from sandbox.network import NetworkConfig
 from sandbox.pool import PoolSettings, SandboxPool
 from sandbox.sandbox import Sandbox, SandboxConfig, SandboxSpec
 
 
-def _ms(action: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    action()
-    return (time.perf_counter() - t0) * 1e3
+def _row(op: str, times: list[float]) -> SandboxRow:
+    stats = bench.summarize(times)
+    return SandboxRow(op=op, median_ms=round(stats.median, 3), p90_ms=round(stats.p90, 3), runs=stats.runs)
 
 
-def _row(op: str, times: list[float]) -> dict[str, Any]:
-    ordered = sorted(times)
-    return {
-        "op": op,
-        "median_ms": round(statistics.median(ordered), 3),
-        "p90_ms": round(ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], 3),
-        "runs": len(ordered),
-    }
-
-
-def measure(pool: SandboxPool, specs: list[SandboxSpec], reps: int) -> list[dict[str, Any]]:
+def measure(pool: SandboxPool, specs: list[SandboxSpec], reps: int) -> list[SandboxRow]:
     sandboxes: list[Sandbox] = []
     created = []
     for _ in range(reps):
-        t0 = time.perf_counter()
-        sandboxes.append(Sandbox.create(pool.config, pool.tree, pool.network))
-        created.append((time.perf_counter() - t0) * 1e3)
+        created.append(bench.time_ms(lambda: sandboxes.append(Sandbox.create(pool.config, pool.tree, pool.network))))
     repurposed, released = [], []
     try:
         for i in range(reps):
             sandbox = sandboxes[i % len(sandboxes)]
-            repurposed.append(_ms(functools.partial(sandbox.repurpose, specs[i % len(specs)])))
+            repurposed.append(bench.time_ms(functools.partial(sandbox.repurpose, specs[i % len(specs)])))
             sandbox.spawn_stub([])
-            released.append(_ms(sandbox.release))
+            released.append(bench.time_ms(sandbox.release))
     finally:
         for sandbox in sandboxes:
             sandbox.destroy()
@@ -67,9 +51,10 @@ def measure(pool: SandboxPool, specs: list[SandboxSpec], reps: int) -> list[dict
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench_sandbox", description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=30, help="runs per figure (default 30, at least 20)")
-    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
+    parser.add_argument("--reps", type=int, help="runs per figure (default 30, at least 20)")
+    bench.arguments(parser, "bench_sandbox", "5 runs per figure")
     args = parser.parse_args(argv)
+    reps = args.reps or (5 if args.quick else 30)
     if os.geteuid() != 0:
         print("bench_sandbox: needs root (namespaces, cgroups, mounts, veths)", file=sys.stderr)
         return 2
@@ -82,24 +67,17 @@ def main(argv: list[str] | None = None) -> int:
             specs.append(SandboxSpec(fn, Limits(cpu=1, memory=256 << 20, pids=64), hostname=f"fn-{name}"))
         runtime = Path(tmp) / "run"
         pool = SandboxPool(
-            PoolSettings(prewarm=0, max_size=args.reps, cgroup_tree="thaw-bench"),
+            PoolSettings(prewarm=0, max_size=reps, cgroup_tree="thaw-bench"),
             SandboxConfig(runtime_dir=runtime),
             NetworkConfig(bridge="thawb0", subnet="10.234.0.0/24"),
         )
         try:
-            rows = measure(pool, specs, args.reps)
+            rows = measure(pool, specs, reps)
         finally:
             pool.destroy()
-    create, repurpose = rows[0]["median_ms"], rows[1]["median_ms"]
-    print(f"{'op':>10} {'median ms':>10} {'p90 ms':>9} {'runs':>5}")
-    for row in rows:
-        print(f"{row['op']:>10} {row['median_ms']:>10.3f} {row['p90_ms']:>9.3f} {row['runs']:>5}")
-    print(f"create / repurpose: {create / repurpose:.1f}x")
-    print(f"host: {platform.node()} kernel {platform.release()}, {os.cpu_count()} CPUs")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=2))
-        print(f"wrote {args.json}")
+    print(bench.table(("op", "median ms", "p90 ms", "runs"), ((r.op, r.median_ms, r.p90_ms, r.runs) for r in rows)))
+    print(f"create / repurpose: {rows[0].median_ms / rows[1].median_ms:.1f}x")
+    bench.write(args.json, bench.Document("bench_sandbox", {"sandbox": rows}, {"reps": reps, "quick": args.quick}))
     return 0
 
 

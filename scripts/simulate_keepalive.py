@@ -35,11 +35,12 @@ seed gives the same trace. `--trace-out PATH` writes it as CSV (`time_s, functio
 rate_per_s, memory_mib, working_set_mib`; a first `#` line holds the horizon), `--trace PATH`
 replays one instead of generating.
 
-Prints a table; `--json PATH` (default bench-results/simulate_keepalive.json) writes {"inputs": ...,
-"costs": ..., "budget_mib": ..., "rows": [...], "sweep": [...]}, rows with `policy`,
-`cold_start_fraction`, `function_cold_start_p75`, `memory_mib_s`, `p99_start_ms`, `mean_start_ms`,
-`starts` (warm, decompress, cold), `peak_mib`, and per measure `fixed_<measure>_at_same_memory` and
-`<measure>_reduction`. Pure Python; no root.
+Prints a table; `--json PATH` (default bench-results/simulate_keepalive.json) writes a bench
+document (daemon/bench.py) whose conditions hold the inputs, the costs and the budget, with the
+tables `policies` (PolicyRow: `policy`, `cold_start_fraction`, `function_cold_start_p75`,
+`memory_mib_s`, `p99_start_ms`, `mean_start_ms`, `starts` (warm, decompress, cold), `peak_mib`, and
+per measure `fixed_<measure>_at_same_memory` and `<measure>_reduction`) and `sweep` (SweepRow: the
+fixed policy per window). `--quick`: 20 functions over 2 hours. Pure Python; no root.
 """
 
 from __future__ import annotations
@@ -50,7 +51,6 @@ import csv
 import functools
 import heapq
 import itertools
-import json
 import math
 import random
 import sys
@@ -59,9 +59,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
-
+from daemon import bench
+from daemon.bench import PolicyRow, SweepRow
 from daemon.keepalive import (
     Costs,
     CostsError,
@@ -88,7 +87,6 @@ FIXED_SWEEP_S = (0, 1, 2, 5, 10, 20, 30, *(60 * m for m in SWEEP_MINUTES))
 REPLAN_S = 60.0  # the cost model is re-run this often (the histogram's bin) as well as on every change
 TARGET_REDUCTION = 0.20
 START_KIND = {Form.WARM: "warm", Form.COMPRESSED: "decompress", Form.EVICTED: "cold"}
-out = Console(width=None if sys.stdout.isatty() else 180)
 
 
 # -- traces --------------------------------------------------------------------------------------
@@ -254,12 +252,7 @@ class Result:
         return total / self.invocations() if self.invocations() else 0.0
 
     def p99_start_ms(self) -> float:
-        wanted, seen = 0.99 * self.invocations(), 0
-        for latency in sorted(self.latencies):
-            seen += self.latencies[latency]
-            if seen >= wanted:
-                return latency
-        return 0.0
+        return bench.percentile_of_counts(self.latencies, 99) if self.invocations() else 0.0
 
     def row(self) -> dict[str, Any]:
         return {
@@ -424,9 +417,8 @@ class Replay:
 
 
 def quantile(values: list[float], q: float) -> float:
-    """The nearest-rank q-quantile (0 of nothing)."""
-    ordered = sorted(values)
-    return ordered[max(math.ceil(q * len(ordered)) - 1, 0)] if ordered else 0.0
+    """The harness's percentile at q (0..1); 0 of nothing."""
+    return bench.percentile(values, 100 * q) if values else 0.0
 
 
 @dataclass(frozen=True)
@@ -508,33 +500,31 @@ def _percent(x: float | None) -> str:
 
 
 def print_table(report: dict[str, Any], trace: Trace, costs: MeasuredCosts) -> None:
-    title = (
+    print(
         f"keep-alive: {trace.invocations()} invocations of {len(trace.functions)} functions over "
         f"{trace.horizon_s / 3600:g} h; 'fixed @ same' is the fixed policy swept to the same memory-time"
     )
-    table = Table(title=title, title_justify="left")
-    columns = ("policy", "cold starts", "fixed @ same", "fewer", "p75 fn cold", "fixed @ same", "fewer")
-    for column in (*columns, "memory GiB·h", "p99 start ms", "mean start ms", "warm", "decompress", "cold"):
-        table.add_column(column, justify="right")
+    headers = ("policy", "cold starts", "fixed @ same", "fewer", "p75 fn cold", "fixed @ same", "fewer",
+               "memory GiB*h", "p99 start ms", "mean start ms", "warm", "decompress", "cold")  # fmt: skip
+    cells = []
     for r in report["rows"]:
-        cells = []
+        row: list[object] = [r["policy"]]
         for metric in METRICS:
             beyond = " (beyond sweep)" if r["beyond_sweep"] else ""
             fixed = _percent(r[f"fixed_{metric}_at_same_memory"]) + beyond
-            cells += [_percent(r[metric]), fixed, _percent(r[f"{metric}_reduction"])]
-        starts = [str(r["starts"][kind]) for kind in ("warm", "decompress", "cold")]
-        memory = f"{r['memory_mib_s'] / 1024 / 3600:.2f}"
-        latency = (f"{r['p99_start_ms']:.2f}", f"{r['mean_start_ms']:.2f}")
-        table.add_row(r["policy"], *cells, memory, *latency, *starts)
-    out.print(table)
-    out.print(f"costs: {costs.describe()}")
-    out.print(f"budget of hybrid+codecrunch: {report['budget_mib']:.0f} MiB")
-    out.print("p75 fn cold: the 3rd quartile over functions of each one's cold-start fraction (the paper's measure)")
+            row += [_percent(r[metric]), fixed, _percent(r[f"{metric}_reduction"])]
+        row += [round(r["memory_mib_s"] / 1024 / 3600, 2), r["p99_start_ms"], r["mean_start_ms"]]
+        row += [r["starts"][kind] for kind in ("warm", "decompress", "cold")]
+        cells.append(row)
+    print(bench.table(headers, cells))
+    print(f"costs: {costs.describe()}")
+    print(f"budget of hybrid+codecrunch: {report['budget_mib']:.0f} MiB")
+    print("p75 fn cold: the 3rd quartile over functions of each one's cold-start fraction (the paper's measure)")
     for r in report["rows"][1:]:
         for metric, label in zip(METRICS, ("cold starts", "p75 fn cold"), strict=True):
             reduction = r[f"{metric}_reduction"]
             met = reduction is not None and reduction >= TARGET_REDUCTION
-            out.print(
+            print(
                 f"target >= {TARGET_REDUCTION:.0%} fewer than fixed at the same memory-time, {r['policy']}, "
                 f"{label}: {'met' if met else 'NOT met'}"
             )
@@ -556,8 +546,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--level", type=int, help="its level (needed when several were measured)")
     parser.add_argument("--data", help="which kind of pages' ratio (default: the least compressible measured)")
     parser.add_argument("--restore-mode", default="cow", help="how a kept template is restored (default cow)")
-    parser.add_argument("--functions", type=int, default=100, help="functions in a generated trace (default 100)")
-    parser.add_argument("--hours", type=float, default=12.0, help="length of a generated trace (default 12)")
+    parser.add_argument("--functions", type=int, help="functions in a generated trace (default 100)")
+    parser.add_argument("--hours", type=float, help="length of a generated trace (default 12)")
     parser.add_argument("--seed", type=int, default=1, help="seed of a generated trace (default 1)")
     parser.add_argument("--min-rate", type=float, default=1 / DAY_S, help="slowest mean rate, per s (1/day)")
     parser.add_argument("--max-rate", type=float, default=10.0, help="fastest mean rate, per s (default 10)")
@@ -568,8 +558,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         help="memory budget of hybrid+codecrunch (default: half of the hybrid policy's peak)",
     )
-    parser.add_argument("--json", type=Path, default=Path("bench-results/simulate_keepalive.json"))
-    return parser.parse_args(argv)
+    bench.arguments(parser, "simulate_keepalive", "20 functions over 2 hours")
+    args = parser.parse_args(argv)
+    args.functions = args.functions or (20 if args.quick else 100)
+    args.hours = args.hours or (2.0 if args.quick else 12.0)
+    return args
 
 
 def _costs(args: argparse.Namespace) -> MeasuredCosts:
@@ -623,10 +616,12 @@ def main(argv: list[str] | None = None) -> int:
         write_trace(trace, args.trace_out)
     report = simulate(trace, costs, args.budget_mib)
     print_table(report, trace, costs)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    document = {"inputs": _inputs(args, costs), "costs": costs.describe(), **report}
-    args.json.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    conditions = {**_inputs(args, costs), "costs": costs.describe(), "budget_mib": report["budget_mib"]}
+    tables: dict[str, list[Any]] = {
+        "policies": [PolicyRow(**r) for r in report["rows"]],
+        "sweep": [SweepRow(**p) for p in report["sweep"]],
+    }
+    bench.write(args.json, bench.Document("simulate_keepalive", tables, conditions))
     return 0
 
 

@@ -157,33 +157,52 @@ def test_a_plan_never_exceeds_its_budget() -> None:
 
 
 def _restore_rows() -> list[dict[str, Any]]:
-    """As scripts/bench_restore --json writes them (a list; cow at 256 MiB also with 8 instances)."""
+    """As scripts/bench_restore writes them (cow at 256 MiB also with 8 instances, their state read)."""
     rows = []
     for size, cold, cow in ((64, 400.0, 1.2), (256, 675.0, 1.8)):
         for mode, ms in (("cold", cold), ("copy", 10 * cold), ("lazy", 50.0), ("cow", cow)):
-            rows.append({"size_mib": size, "mode": mode, "median_ms": ms, "p90_ms": ms, "instances": 1, "runs": 5})
-    rows.append({"size_mib": 256, "mode": "cow", "median_ms": 9.9, "p90_ms": 9.9, "instances": 8, "runs": 8})
+            rows.append(_restore_row(size, mode, ms, 1))
+    rows.append(_restore_row(256, "cow", 9.9, 8))
     return rows
 
 
+def _restore_row(size: int, mode: str, ms: float, instances: int) -> dict[str, Any]:
+    return {"size_mib": size, "mode": mode, "threads": 1, "instances": instances, "state_read": instances > 1,
+            "median_ms": ms, "p90_ms": ms, "rss_mib": 9.0, "pss_mib": 4.0, "runs": 5, "ratio_vs_cow": None}  # fmt: skip
+
+
 def _codec_rows() -> list[dict[str, Any]]:
-    def row(codec: str, level: int | None, data: str, ratio: float, speed: float) -> dict[str, Any]:
+    def row(codec: str, level: int, data: str, ratio: float, speed: float) -> dict[str, Any]:
         return {"codec": codec, "level": level, "data": data, "ratio": ratio, "compress_mb_s": speed / 3,
-                "decompress_mb_s": speed, "fault_us": 12.0}  # fmt: skip
+                "decompress_mb_s": speed, "fault_us": 12.0, "runs": 5}  # fmt: skip
 
     return [
         row("zstd", 3, "python-heap", 3.5, 800.0),
         row("zstd", 3, "torch-weights", 1.2, 900.0),
         row("zstd", 3, "zeros", 400.0, 5000.0),
-        row("lz4", None, "python-heap", 2.1, 3000.0),
+        row("lz4", 1, "python-heap", 2.1, 3000.0),
     ]
+
+
+def _document(benchmark: str, table: str, rows: list[dict[str, Any]]) -> str:
+    """A document as daemon/bench.py writes it."""
+    doc = {"benchmark": benchmark, "version": 1, "machine": {}, "conditions": {}, "notes": [], "tables": {table: rows}}
+    return json.dumps(doc)
+
+
+def _restore_doc(rows: list[dict[str, Any]]) -> str:
+    return _document("bench_restore", "restore", rows)
+
+
+def _codecs_doc(rows: list[dict[str, Any]]) -> str:
+    return _document("bench_codecs", "codecs", rows)
 
 
 @pytest.fixture
 def cost_files(tmp_path: Path) -> tuple[Path, Path]:
     restore, codecs = tmp_path / "bench_restore.json", tmp_path / "bench_codecs.json"
-    restore.write_text(json.dumps(_restore_rows()))
-    codecs.write_text(json.dumps({"rows": _codec_rows()}))
+    restore.write_text(_restore_doc(_restore_rows()))
+    codecs.write_text(_codecs_doc(_codec_rows()))
     return restore, codecs
 
 
@@ -195,36 +214,49 @@ def test_load_costs_reads_the_benchmarks_rows(cost_files: tuple[Path, Path]) -> 
     assert half.cold_start_ms == pytest.approx(537.5) and half.restore_ms == pytest.approx(1.5)
     assert costs.for_function(4096, 40).cold_start_ms == 675  # clamped to the largest measured
     assert load_costs(*cost_files).data == "torch-weights"  # no data chosen: the least compressible
-    assert load_costs(*cost_files, codec="lz4").level is None
+    assert load_costs(*cost_files, codec="lz4").level == 1
 
 
-def test_load_costs_accepts_a_plain_list_of_codec_rows(cost_files: tuple[Path, Path]) -> None:
-    cost_files[1].write_text(json.dumps(_codec_rows()))
-    assert load_costs(*cost_files, data="zeros").ratio == 400
+def test_load_costs_refuses_rows_that_are_not_a_benchmark_document(cost_files: tuple[Path, Path]) -> None:
+    cost_files[1].write_text(json.dumps(_codec_rows()))  # the bare list older benchmarks wrote
+    with pytest.raises(
+        CostsError,
+        match=rf"{cost_files[1]}: expected a benchmark document \(an object\), not list \(rerun scripts/bench_codecs",
+    ):
+        load_costs(*cost_files)
+    cost_files[1].write_text(_restore_doc(_restore_rows()))
+    with pytest.raises(CostsError, match=rf"{cost_files[1]}: written by bench_restore, expected bench_codecs"):
+        load_costs(*cost_files)
 
 
 def test_load_costs_names_the_file_and_the_missing_key(cost_files: tuple[Path, Path]) -> None:
     rows = _restore_rows()
     del rows[3]["median_ms"]
-    cost_files[0].write_text(json.dumps(rows))
-    with pytest.raises(CostsError, match=rf"{cost_files[0]}: row 3 has no 'median_ms'"):
+    cost_files[0].write_text(_restore_doc(rows))
+    with pytest.raises(CostsError, match=rf"{cost_files[0]}: restore row 3: missing field 'median_ms'"):
         load_costs(*cost_files)
     codec_rows = _codec_rows()
     del codec_rows[0]["decompress_mb_s"]
-    cost_files[0].write_text(json.dumps(_restore_rows()))
-    cost_files[1].write_text(json.dumps(codec_rows))
-    with pytest.raises(CostsError, match=rf"{cost_files[1]}: row 0 has no 'decompress_mb_s'"):
+    cost_files[0].write_text(_restore_doc(_restore_rows()))
+    cost_files[1].write_text(_codecs_doc(codec_rows))
+    with pytest.raises(CostsError, match=rf"{cost_files[1]}: codecs row 0: missing field 'decompress_mb_s'"):
+        load_costs(*cost_files, data="python-heap")
+    codec_rows = _codec_rows()
+    codec_rows[0]["decompress_mb_s"] = None  # a codec measured without its Python-side speed
+    cost_files[1].write_text(_codecs_doc(codec_rows))
+    with pytest.raises(CostsError, match=r"decompress_mb_s=None, expected a positive number"):
         load_costs(*cost_files, data="python-heap")
 
 
 def test_load_costs_names_the_missing_row(cost_files: tuple[Path, Path]) -> None:
-    cost_files[0].write_text(json.dumps([r for r in _restore_rows() if (r["size_mib"], r["mode"]) != (256, "cow")]))
+    missing_cow = [r for r in _restore_rows() if (r["size_mib"], r["mode"], r["instances"]) != (256, "cow", 1)]
+    cost_files[0].write_text(_restore_doc(missing_cow))  # the 8-instance row does not stand in for it
     with pytest.raises(CostsError, match="size 256 MiB has a 'cold' row but no 'cow' row"):
         load_costs(*cost_files)
-    cost_files[0].write_text(json.dumps([r for r in _restore_rows() if r["mode"] != "cold"]))
+    cost_files[0].write_text(_restore_doc([r for r in _restore_rows() if r["mode"] != "cold"]))
     with pytest.raises(CostsError, match="no row with mode 'cold'"):
         load_costs(*cost_files)
-    cost_files[0].write_text(json.dumps(_restore_rows()))
+    cost_files[0].write_text(_restore_doc(_restore_rows()))
     with pytest.raises(CostsError, match=r"no row for codec 'qpl' \(codecs present: lz4, zstd\)"):
         load_costs(*cost_files, codec="qpl")
     with pytest.raises(CostsError, match=r"no row for zstd at level 19 \(levels present: \[3\]\)"):
@@ -237,8 +269,8 @@ def test_load_costs_names_the_missing_row(cost_files: tuple[Path, Path]) -> None
 
 def test_several_levels_must_be_chosen_between(cost_files: tuple[Path, Path]) -> None:
     rows = [*_codec_rows(), {**_codec_rows()[0], "level": 19, "ratio": 4.0}]
-    cost_files[1].write_text(json.dumps(rows))
-    with pytest.raises(CostsError, match=r"zstd was measured at levels \[19, 3\]: choose one"):
+    cost_files[1].write_text(_codecs_doc(rows))
+    with pytest.raises(CostsError, match=r"zstd was measured at levels \[3, 19\]: choose one"):
         load_costs(*cost_files)
     assert load_costs(*cost_files, level=19, data="python-heap").ratio == 4.0
 
@@ -358,8 +390,8 @@ def test_the_command_writes_its_json_and_replays_its_trace(cost_files: tuple[Pat
     assert sim.main([*costs, *small, "--json", str(first), "--trace-out", str(trace)]) == 0
     assert sim.main([*costs, "--trace", str(trace), "--json", str(second)]) == 0
     a, b = json.loads(first.read_text()), json.loads(second.read_text())
-    assert a["inputs"]["seed"] == 9 and a["inputs"]["restore_json"] == str(cost_files[0])
-    assert b["inputs"]["trace"] == str(trace)
-    for row in a["rows"]:
+    assert a["conditions"]["seed"] == 9 and a["conditions"]["restore_json"] == str(cost_files[0])
+    assert b["conditions"]["trace"] == str(trace)
+    for row in a["tables"]["policies"]:
         assert {"policy", "cold_start_fraction", "memory_mib_s", "p99_start_ms"} <= row.keys()
-    assert [r["starts"] for r in a["rows"]] == [r["starts"] for r in b["rows"]]
+    assert [r["starts"] for r in a["tables"]["policies"]] == [r["starts"] for r in b["tables"]["policies"]]

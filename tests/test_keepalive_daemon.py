@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from daemon import bench
+from daemon.bench import CodecRow, RestoreRow
 from tests.thawd import Thawd, write_function
 
 pytestmark = pytest.mark.privileged
@@ -31,19 +33,15 @@ def handle(event, context):
 
 
 def _costs(base: Path, ratio: float) -> dict[str, str]:
+    """Cost files as scripts/bench_restore and scripts/bench_codecs write them (daemon/bench.py)."""
     restore = base / "restore.json"
-    restore.write_text(
-        json.dumps(
-            [
-                {"size_mib": 64, "mode": "cold", "median_ms": 300.0},
-                {"size_mib": 64, "mode": "cow", "median_ms": 3.0},
-            ]
-        )
-    )
+    rows = [
+        RestoreRow(64, mode, 1, 1, False, ms, ms, 9.0, 4.0, 5, None) for mode, ms in (("cold", 300.0), ("cow", 3.0))
+    ]
+    bench.write(restore, bench.Document("bench_restore", {"restore": rows}))
     codecs = base / "codecs.json"
-    codecs.write_text(
-        json.dumps([{"codec": "lz4", "level": 1, "data": "python-heap", "ratio": ratio, "decompress_mb_s": 600.0}])
-    )
+    codec = CodecRow("lz4", 1, "python-heap", ratio, 900.0, 600.0, 5.0, 5)
+    bench.write(codecs, bench.Document("bench_codecs", {"codecs": [codec]}))
     return {"keepalive_restore_costs": str(restore), "keepalive_codec_costs": str(codecs)}
 
 
