@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import logging
 import os
+import re
 import shutil
 import socket
 import sys
@@ -46,6 +47,7 @@ from daemon.errors import (
     ThawError,
     TooLarge,
     Unavailable,
+    describe,
 )
 from daemon.keepalive import CostsError, Form, MeasuredCosts, load_costs
 from daemon.logs import FunctionLog, follow_pipe
@@ -53,28 +55,30 @@ from daemon.metrics import Metrics
 from daemon.planner import MIB, Held, Planner
 from daemon.registry import FUNCTION_MOUNT, Deployed, FunctionSpec, Registry, RegistryError, RequirementsFailed
 from daemon.replies import checked_reply
+from daemon.scrubber import Scrubber
 from native.qpl import QplUnavailable as CodecUnavailable
 from native.seccomp import program as seccomp_program
 from sandbox.cgroups import Limits
 from sandbox.errors import SandboxError
 from sandbox.guest import protocol
 from sandbox.pool import SandboxPool
-from sandbox.sandbox import Sandbox, SandboxProcess, SandboxSpec
+from sandbox.sandbox import Sandbox, SandboxProcess, SandboxSpec, paged_restore_refusal
 from shmpool import Pool, SegmentExists, SegmentNotFound
 from shmpool.codecs import get_codec
-from shmpool.errors import PoolError
+from shmpool.errors import PoolError, SegmentCorrupt
 from shmpool.errors import PoolFull as PoolIsFull
 from snapshot.capture import capture
 from snapshot.compress import compress, compressed_name, expand
-from snapshot.errors import SnapshotError
+from snapshot.errors import SnapshotError, TemplateCorrupt
 from snapshot.restore import Instance as Restored
 from snapshot.restore import Stub, restore
-from snapshot.template import Template
+from snapshot.template import Template, working_set_name
 
 log = logging.getLogger("thawd")
 T = TypeVar("T")
 RESTORED_TIMEOUT = 10.0
 STOP_POLL = 0.001
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,80}")
 GUEST_ENV = {"OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -231,6 +235,9 @@ class Manager:
         self.retiring = 0  # instances whose sandboxes are not back in the pool yet: they still count
         self.closing = False
         self.background: set[asyncio.Task[Any]] = set()
+        self.scrubber = Scrubber(
+            pool, config.integrity_scrub_interval, config.integrity_scrub_bandwidth, self.quarantine
+        )
         self.planner = Planner.create(
             config.keepalive_policy,
             config.instances_idle_timeout,
@@ -242,7 +249,11 @@ class Manager:
     # -- start and stop --------------------------------------------------------------------------
     async def load(self) -> None:
         """Open every deployed function's template (verified); a function whose template is gone
-        or corrupt stays listed as broken until it is snapshotted again."""
+        or corrupt stays listed as broken until it is snapshotted again. What a thawd killed in the
+        middle of a capture left half-written in the pool is collected first."""
+        collected = await asyncio.to_thread(self.pool.gc)
+        if collected.abandoned_writes:
+            log.info("pool: collected %d abandoned writes", collected.abandoned_writes)
         for deployed in await asyncio.to_thread(self.registry.load):
             fs = FunctionState(deployed, None, FunctionLog(deployed.log_path))
             try:
@@ -251,11 +262,17 @@ class Manager:
                     fs.evicted = True
                 else:
                     fs.template = TemplateRef(template, deployed.revision_dir)
+            except (SegmentCorrupt, TemplateCorrupt) as e:  # quarantined: captured again when invoked
+                await self._take_out_of_use(deployed.template_name)
+                self._say_quarantined(fs, deployed.template_name, e)
+                fs.evicted = True
             except (PoolError, SnapshotError) as e:
                 fs.broken = f"template {deployed.template_name} cannot be used ({e}): run `thaw snapshot {fs.name}`"
                 log.warning("%s: %s", fs.name, fs.broken)
             self.functions[fs.name] = fs
         self._spawn(self._keep_alive())
+        if self.config.integrity_scrub_interval > 0:
+            self._spawn(self.scrubber.run())
 
     def _in_force(self, template_name: str) -> bool:
         return any(fs.template is not None and fs.template.name == template_name for fs in self.functions.values())
@@ -306,6 +323,8 @@ class Manager:
         """Deploy a new function (update=False) or a new revision of one; returns once its template is in force."""
         if self.closing:
             raise Unavailable("thawd is shutting down")
+        if spec.mode == "lazy" and (refusal := paged_restore_refusal(self.sandboxes.config)):
+            raise Invalid(f"{spec.name} cannot be restored lazily here: {refusal}")
         async with self._lock(spec.name):
             fs = self.functions.get(spec.name)
             if fs is None and update:
@@ -398,7 +417,7 @@ class Manager:
             await self._wait_parked(channel, guest, function_log)
             deployed.init_ms = _ms(started)
             name = deployed.template_name
-            await asyncio.to_thread(Template.delete, self.pool, name)  # a leftover of an interrupted deploy
+            await asyncio.to_thread(self._clear_name, name)
             t0 = time.perf_counter()
             mounts = {FUNCTION_MOUNT: str(deployed.revision_dir)}
             template = await self.tracer.run(capture, guest.pid, self.pool, name, mounts)
@@ -420,6 +439,13 @@ class Manager:
             await self._release_sandbox(sandbox)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(logger, 1.0)  # the guest's last words, before we say why it failed
+
+    def _clear_name(self, name: str) -> None:
+        """Make room for template `name`: a published leftover of an interrupted deploy is
+        deleted, and a write that a dead process left unfinished under it is collected."""
+        Template.delete(self.pool, name)
+        if any(r.name == name for r in self.pool.list(include_all=True)):
+            self.pool.gc()
 
     async def _wait_parked(self, channel: Channel, guest: SandboxProcess, function_log: FunctionLog) -> None:
         timeout = self.config.instances_deploy_timeout
@@ -478,9 +504,10 @@ class Manager:
     async def invoke(self, name: str, request: Invocation) -> Reply:
         fs = self.get(name)
         timeout = fs.spec.timeout or self.config.instances_default_timeout
+        number = next(self.request_ids)
         message = {
             "type": "request",
-            "id": next(self.request_ids),
+            "id": number,
             "method": request.method,
             "path": request.path,
             "query": request.query,
@@ -491,26 +518,35 @@ class Manager:
             frame = protocol.encode(message, self.config.max_frame)
         except protocol.FrameTooLarge as e:
             raise TooLarge(f"the request is too large: {e}") from e
+        request_id = _request_id(request.headers, number)
         t0 = time.perf_counter()
         outcome = "error"
         self.planner.arrived(name, time.monotonic())
         try:
-            async with asyncio.timeout(timeout):
-                instance = await self._checkout(fs)
+            try:
+                async with asyncio.timeout(timeout):
+                    instance = await self._checkout(fs)
+            except TimeoutError:
+                raise InvocationTimeout(f"no instance of {name} was free within the {timeout:g} s timeout") from None
             reply = await self._exchange(fs, instance, frame, timeout)
             outcome = "ok" if reply.status < 500 else "5xx"
             return reply
-        except TimeoutError:
-            outcome = "timeout"
-            raise InvocationTimeout(f"no instance of {name} was free within the {timeout:g} s timeout") from None
         except ThawError as e:
             outcome = e.code
+            self._log_failure(fs, request_id, e)
             raise
         finally:
             fs.invocations += 1
             self.planner.finished(name, time.monotonic())
             self.metrics.invocations.labels(name, outcome).inc()
             self.metrics.invocation_seconds.labels(name).observe(time.perf_counter() - t0)
+
+    @staticmethod
+    def _log_failure(fs: FunctionState, request_id: str, error: ThawError) -> None:
+        """A failed invocation in thawd's log and the function's (`thaw logs`), with its request id."""
+        text = f"request {request_id} failed ({error.code}): {describe(error)}"
+        log.warning("%s: %s", fs.name, text)
+        fs.log.write("thawd", text)
 
     async def _exchange(self, fs: FunctionState, instance: LiveInstance, frame: bytes, timeout: float) -> Reply:
         instance.channel.send(frame)
@@ -660,7 +696,7 @@ class Manager:
                 raise
             if not hello or hello.get("type") != "restored":
                 channel.close()
-                raise InstanceCrashed(f"the restored instance said {hello} instead of RESTORED")
+                raise InstanceCrashed(_not_restored(fs, hello))
         except BaseException as e:
             ours.close()
             logger.cancel()
@@ -785,6 +821,8 @@ class Manager:
             raise Invalid(f"form must be one of {', '.join(f.value for f in Form)}, not {form!r}") from None
         if codec is not None and codec not in ("lz4", "zstd", "deflate", "iaa"):
             raise Invalid(f"codec must be lz4, zstd, deflate or iaa, not {codec!r}")
+        if wanted is Form.COMPRESSED and (refusal := paged_restore_refusal(self.sandboxes.config)):
+            raise Invalid(f"{name}'s template cannot be compressed here: {refusal}")
         async with self._lock(name):
             if fs.broken:
                 raise Unavailable(f"{name} has no usable template: {fs.broken}")
@@ -792,6 +830,8 @@ class Manager:
                 await self._recapture_locked(fs)
             if fs.template is not None:
                 try:
+                    if self._other_codec(fs.template, wanted, codec):  # recompress, by way of the warm form
+                        await self._take_form(fs, fs.template, Form.WARM)
                     await self._take_form(fs, fs.template, wanted, codec)
                 except PoolIsFull as e:
                     raise PoolFull(f"changing {name}'s template: the pool is full") from e
@@ -803,6 +843,12 @@ class Manager:
                 except CodecUnavailable as e:
                     raise Unavailable(f"codec {codec or self.config.keepalive_codec}: {e}") from e
         return fs
+
+    @staticmethod
+    def _other_codec(ref: TemplateRef, wanted: Form, codec: str | None) -> bool:
+        """Whether `wanted` asks for the template compressed with another codec than it is."""
+        cold = ref.template.manifest.cold
+        return wanted is Form.COMPRESSED and codec is not None and cold is not None and cold.codec != codec
 
     def _held(self, fs: FunctionState, now: float) -> Held:
         assert fs.template is not None
@@ -820,11 +866,17 @@ class Manager:
             self._retire_template(ref, keep_revision=True)
             return
         if form is Form.COMPRESSED and not compressed:
+            if paged_restore_refusal(self.sandboxes.config):
+                return  # the planner's choice, which these sandboxes could not restore: kept warm
             chosen = get_codec(codec or self.config.keepalive_codec)
             template = await asyncio.to_thread(compress, self.pool, ref.name, chosen)
         elif form is Form.WARM and compressed:
             template = await asyncio.to_thread(expand, self.pool, ref.name, fs.deployed.template_name)
         else:
+            return
+        if fs.template is not ref:  # quarantined (or replaced) while we worked: the new form goes
+            await asyncio.to_thread(Template.delete, self.pool, template.name)
+            template.close()
             return
         log.info("%s: template %s is now %s (%s)", fs.name, ref.name, template.name, form)
         fs.template = TemplateRef(template, ref.revision_dir)
@@ -839,6 +891,35 @@ class Manager:
             return
         template = await self._capture(fs.deployed, fs.log)
         fs.template, fs.evicted = TemplateRef(template, fs.deployed.revision_dir), False
+
+    # -- integrity (daemon/scrubber.py) ----------------------------------------------------------
+    async def quarantine(self, segment: str, error: Exception) -> None:
+        """`segment` failed a checksum: no restore uses it again. It leaves the pool's namespace
+        at once (for every daemon attached), the function's template is retired and idle instances
+        thawed from it go; the function is captured again from its code when next invoked, as
+        after an eviction."""
+        await self._take_out_of_use(segment)
+        for fs in list(self.functions.values()):
+            ref = fs.template
+            if ref is None or segment not in (ref.name, working_set_name(ref.name)):
+                continue
+            self._say_quarantined(fs, ref.name, error)
+            fs.template, fs.evicted = None, True
+            self._retire_template(ref, keep_revision=True)
+            for instance in [i for i in fs.instances if i.template is ref and not i.busy]:
+                self._unlist(instance)
+                self._spawn(self._retire(instance))
+
+    async def _take_out_of_use(self, segment: str) -> None:
+        with contextlib.suppress(SegmentNotFound):
+            await asyncio.to_thread(self.pool.delete, segment)
+        self.metrics.quarantined.inc()
+
+    @staticmethod
+    def _say_quarantined(fs: FunctionState, template: str, error: Exception) -> None:
+        message = f"template {template} quarantined: {error}; it is captured again from its code when next invoked"
+        log.error("%s: %s", fs.name, message)
+        fs.log.write("thawd", message)
 
     async def _punch_cold_pages(self) -> None:
         """Free cold pages decompressed more than cache_ttl ago: an instance still using them faults
@@ -875,6 +956,7 @@ class Manager:
             "invocations": fs.invocations,
             "template_bytes": fs.template.template.manifest.data_bytes if fs.template else 0,
             "template_form": _form(fs),
+            "template_codec": _codec(fs),
             "template_stored_bytes": _stored_bytes(fs.template.template) if fs.template else 0,
             "init_ms": None if d.init_ms is None else round(d.init_ms, 1),
         }
@@ -912,6 +994,26 @@ def _form(fs: FunctionState) -> str:
     if fs.template is None:
         return str(Form.EVICTED) if fs.evicted else "none"
     return str(Form.COMPRESSED if fs.template.template.manifest.cold is not None else Form.WARM)
+
+
+def _not_restored(fs: FunctionState, hello: protocol.Message | None) -> str:
+    """Why a thawed instance did not say RESTORED (an after-thaw hook's error goes to its log)."""
+    if hello and hello.get("type") == "error":
+        error = hello.get("error") or {}
+        fs.log.write("thawd", f"after the thaw: {error.get('traceback') or error.get('message')}")
+        return f"the instance failed after the thaw: {error.get('type')}: {error.get('message')}"
+    return f"the restored instance said {hello} instead of RESTORED"
+
+
+def _request_id(headers: dict[str, str], number: int) -> str:
+    """The caller's X-Call-Id (what the OpenFaaS gateway sends) when it is a sane token, else ours."""
+    given = next((v for k, v in headers.items() if k.lower() == "x-call-id"), "")
+    return given if REQUEST_ID.fullmatch(given) else f"thaw-{number}"
+
+
+def _codec(fs: FunctionState) -> str | None:
+    cold = fs.template.template.manifest.cold if fs.template else None
+    return cold.codec if cold else None
 
 
 def _state(pid: int) -> str:

@@ -138,6 +138,21 @@ class SandboxProcess:
                 pidfd.pidfd_send_signal(self.pidfd, signal.SIGKILL)
 
 
+def paged_restore_refusal(config: SandboxConfig) -> str:
+    """Why sandboxes of `config` cannot host a paged restore (lazy, or of a compressed template),
+    or "" when they can. Its userfaultfd must also catch the kernel's own writes (the restore's),
+    and the kernel creates such a userfaultfd only for a caller with CAP_SYS_PTRACE in the initial
+    user namespace, or anyone when vm.unprivileged_userfaultfd is 1. The stub creates it, and in a
+    user namespace the stub is root of that namespace only."""
+    if config.userns and UNPRIVILEGED_USERFAULTFD.read_text().strip() != "1":
+        return (
+            "sandboxes have a user namespace (sandboxes.userns): a lazy restore (or one of a compressed "
+            "template) needs a userfaultfd for kernel faults, which the kernel refuses to its stub "
+            f"({UNPRIVILEGED_USERFAULTFD} is 0); restore with cow or copy, uncompressed"
+        )
+    return ""
+
+
 class Sandbox:
     def __init__(
         self, sandbox_id: str, config: SandboxConfig, agent: Agent, agent_cgroup: Cgroup, instance_cgroup: Cgroup
@@ -251,17 +266,10 @@ class Sandbox:
         return self._track(inner, pid)
 
     def check_paged_restore(self) -> None:
-        """UnsupportedRestore for a paged restore (lazy, or a compressed template) into a user
-        namespace. Its userfaultfd must also catch the kernel's own writes (the restore's), and the
-        kernel creates such a userfaultfd only for a caller with CAP_SYS_PTRACE in the initial user
-        namespace, or anyone when vm.unprivileged_userfaultfd is 1. The stub creates it, and in a
-        user namespace the stub is root of that namespace only."""
-        if self.config.userns and UNPRIVILEGED_USERFAULTFD.read_text().strip() != "1":
-            raise UnsupportedRestore(
-                f"sandbox {self.id} has a user namespace: a lazy restore (or one of a compressed template) "
-                f"needs a userfaultfd for kernel faults, which the kernel refuses to its stub "
-                f"({UNPRIVILEGED_USERFAULTFD} is 0); restore with cow or copy, uncompressed"
-            )
+        """UnsupportedRestore for a paged restore this sandbox cannot host (paged_restore_refusal)."""
+        refusal = paged_restore_refusal(self.config)
+        if refusal:
+            raise UnsupportedRestore(f"sandbox {self.id}: {refusal}")
 
     def _track(self, inner: int, pid: int) -> SandboxProcess:
         if not pid:
