@@ -35,7 +35,7 @@ from sandbox.network import Lease, Network
 FUNCTION_DIR = "/function"
 FIRST_RESTORE_FD = 1000
 UNPRIVILEGED_USERFAULTFD = Path("/proc/sys/vm/unprivileged_userfaultfd")
-_HOSTNAME = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$")
+_HOSTNAME = re.compile(r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?")  # fullmatch: `$` takes a trailing newline
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class SandboxSpec:
         self.limits.validate()
         if not self.function_dir.is_dir():
             raise InvalidSpec(f"function directory {self.function_dir} does not exist or is not a directory")
-        if self.hostname and not _HOSTNAME.match(self.hostname):
+        if self.hostname and not _HOSTNAME.fullmatch(self.hostname):
             raise InvalidSpec(f"hostname {self.hostname!r} is not a valid host name")
         if any("=" in k or "\0" in k + v for k, v in self.env.items()):
             raise InvalidSpec("environment names must not contain '=' and nothing may contain NUL bytes")

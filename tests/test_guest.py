@@ -165,3 +165,9 @@ def test_roundtrip_of_a_frame_near_the_limit() -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_a_frame_nested_too_deeply_is_a_protocol_error() -> None:
+    """A hostile guest's reply cannot crash the daemon's reader with a RecursionError."""
+    with pytest.raises(protocol.ProtocolError, match="nested too deeply"):
+        protocol.decode(b"[" * 100_000 + b"]" * 100_000)

@@ -83,6 +83,8 @@ def decode(data: bytes) -> Message:
         message = json.loads(data)
     except ValueError as e:
         raise ProtocolError(f"frame is not JSON: {e}") from e
+    except RecursionError:  # a hostile guest's [[[[...]]]]: a bad frame, not the daemon's problem
+        raise ProtocolError("frame is JSON nested too deeply") from None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         raise ProtocolError("frame is not a message (a JSON object with a 'type')")
     return message
