@@ -19,8 +19,9 @@ pool destroyed at the end; root. `--socket PATH` uses a running thawd instead, a
 `--function NAME` names the function `invoke` calls there (its reply should be small).
 
 Prints a table (command, min_ms, median_ms, max_ms, runs) and the target (every thaw command's
-median well under 150 ms); `--json PATH` (default bench-results/bench_cli.json) writes the rows as
-a list of objects with `command`, `argv`, `min_ms`, `median_ms`, `max_ms` and `runs`. Quote medians,
+median well under 150 ms); `--json PATH` (default bench-results/bench_cli.json) writes the rows
+(daemon/bench.py's CliRow: `command`, `argv`, `min_ms`, `median_ms`, `max_ms` and `runs`).
+`--quick`: 3 runs after 1 warm-up. Quote medians,
 and only from a quiet machine: the figures are a few tens of milliseconds, a busy core doubles them.
 """
 
@@ -28,23 +29,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import platform
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from daemon import bench  # noqa: E402
+from daemon.bench import CliRow  # noqa: E402
 from tests.thawd import Thawd, write_function  # noqa: E402
 
 THAW = REPO / ".venv" / "bin" / "thaw"
@@ -71,16 +69,17 @@ def commands(thaw: list[str], socket: str, function: str) -> dict[str, list[str]
 
 def run_once(argv: list[str]) -> float:
     """One whole process, in milliseconds; its output read and thrown away."""
-    t0 = time.perf_counter()
-    done = subprocess.run(argv, cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, check=False)
-    elapsed = (time.perf_counter() - t0) * 1e3
-    if done.returncode != 0:
-        stderr = done.stderr.decode(errors="replace").strip()
-        raise BenchError(f"{shlex.join(argv)} exited with {done.returncode}: {stderr[-1000:]}")
+    done: list[subprocess.CompletedProcess[bytes]] = []
+    elapsed = bench.time_ms(
+        lambda: done.append(subprocess.run(argv, cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, check=False))
+    )
+    if done[0].returncode != 0:
+        stderr = done[0].stderr.decode(errors="replace").strip()
+        raise BenchError(f"{shlex.join(argv)} exited with {done[0].returncode}: {stderr[-1000:]}")
     return elapsed
 
 
-def measure(argvs: dict[str, list[str]], runs: int, warmup: int) -> list[dict[str, Any]]:
+def measure(argvs: dict[str, list[str]], runs: int, warmup: int) -> list[CliRow]:
     times: dict[str, list[float]] = {name: [] for name in argvs}
     for n in range(warmup + runs):
         for name, argv in argvs.items():  # in turn: a drift of the machine's speed falls on all of them
@@ -88,14 +87,14 @@ def measure(argvs: dict[str, list[str]], runs: int, warmup: int) -> list[dict[st
             if n >= warmup:
                 times[name].append(elapsed)
     return [
-        {
-            "command": name,
-            "argv": shlex.join(argvs[name]),
-            "min_ms": round(min(ms), 1),
-            "median_ms": round(statistics.median(ms), 1),
-            "max_ms": round(max(ms), 1),
-            "runs": len(ms),
-        }
+        CliRow(
+            command=name,
+            argv=shlex.join(argvs[name]),
+            min_ms=round(min(ms), 1),
+            median_ms=round(bench.median(ms), 1),
+            max_ms=round(max(ms), 1),
+            runs=len(ms),
+        )
         for name, ms in times.items()
     ]
 
@@ -115,16 +114,14 @@ def private_thawd() -> Iterator[Thawd]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"{'command':>8} {'min_ms':>8} {'median_ms':>9} {'max_ms':>8} {'runs':>5}")
-    for r in rows:
-        print(f"{r['command']:>8} {r['min_ms']:>8.1f} {r['median_ms']:>9.1f} {r['max_ms']:>8.1f} {r['runs']:>5}")
+def print_table(rows: list[CliRow]) -> None:
+    headers = ("command", "min_ms", "median_ms", "max_ms", "runs")
+    print(bench.table(headers, ((r.command, r.min_ms, r.median_ms, r.max_ms, r.runs) for r in rows)))
     print(TARGET)
     for r in rows:
-        if r["command"] != "python":
-            print(f"  {r['command']}: median {r['median_ms']:.1f} ms {'ok' if r['median_ms'] < 150 else 'MISSED'}")
+        if r.command != "python":
+            print(f"  {r.command}: median {r.median_ms:.1f} ms {'ok' if r.median_ms < 150 else 'MISSED'}")
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"host: {platform.node()} {platform.machine()} kernel {platform.release()}, {os.cpu_count()} CPUs")
     print(f"load average before the table: {load}")
 
 
@@ -135,15 +132,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--runs", type=int, default=20, help="counted runs of each command [20]")
-    parser.add_argument("--warmup", type=int, default=3, help="uncounted runs of each command first [3]")
+    parser.add_argument("--runs", type=int, help="counted runs of each command [20]")
+    parser.add_argument("--warmup", type=int, help="uncounted runs of each command first [3]")
     parser.add_argument("--thaw", default=str(THAW), help=f"the command line timed as `thaw` [{THAW}]")
     parser.add_argument("--socket", help="a running thawd's API socket (default: start a private thawd)")
     parser.add_argument("--function", help="with --socket: the deployed function `thaw invoke` calls")
-    parser.add_argument(
-        "--json", metavar="PATH", default="bench-results/bench_cli.json", help="[bench-results/bench_cli.json]"
-    )
+    bench.arguments(parser, "bench_cli", "3 runs after 1 warm-up")
     args = parser.parse_args(argv)
+    args.runs = args.runs or (3 if args.quick else 20)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     if args.runs < 1 or args.warmup < 0:
         parser.error("--runs must be positive, --warmup not negative")
     if (args.socket is None) != (args.function is None):
@@ -167,9 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_cli: {e}", file=sys.stderr)
         return 1
     print_table(rows)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    conditions = {"runs": args.runs, "warmup": args.warmup, "thaw": args.thaw, "quick": args.quick,
+                  "thawd": args.socket or "private"}  # fmt: skip
+    bench.write(args.json, bench.Document("bench_cli", {"commands": rows}, conditions, [TARGET]))
     return 0
 
 
