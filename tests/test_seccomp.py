@@ -36,7 +36,7 @@ import ctypes, errno, os, subprocess, threading
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 CLONE_NEWNS, CLONE_NEWUSER, SIGCHLD = 0x20000, 0x10000000, 17
-SYS_CLONE, SYS_MOUNT, SYS_UNSHARE, SYS_CLONE3 = 56, 165, 272, 435
+SYS_CLONE, SYS_PERSONALITY, SYS_MOUNT, SYS_UNSHARE, SYS_CLONE3 = 56, 135, 165, 272, 435
 
 
 def seccomp_mode():
@@ -106,6 +106,8 @@ def handle(event, context):
         "clone3": syscall(SYS_CLONE3, None, 0),
         "mount": in_child(mount_tmpfs),
         "ptrace": in_child(ptrace_me),
+        "no_aslr": in_child(lambda: syscall(SYS_PERSONALITY, 0x0040000)),  # ADDR_NO_RANDOMIZE
+        "persona": syscall(SYS_PERSONALITY, 0xFFFFFFFF),  # the query stays allowed
         "thread": ran,
         "subprocess": subprocess.run(["true"]).returncode,
     }
@@ -118,6 +120,8 @@ CONFINED = {
     "clone3": "ENOSYS",  # so glibc falls back to clone, whose flags the filter can read
     "mount": "unshare EPERM",
     "ptrace": "EPERM",
+    "no_aslr": "EPERM",
+    "persona": "ok",
     "thread": ["thread"],
     "subprocess": 0,
 }
@@ -202,6 +206,19 @@ def test_restore_refuses_a_program_that_is_not_bpf(template: Template) -> None:
         stub.wait(5.0)
         if stub.control is not None:
             stub.control.close()
+
+
+def test_the_personality_rules_allow_exactly_dockers_values() -> None:
+    """The construction checked on every value of a 12-bit analogue, and on the 32-bit rules
+    around the values personality allows."""
+    free = 0b1000_0000_1000
+    rules = seccomp.only_bits(free, width=12)
+    allowed = {x for x in range(1 << 12) if not x & ~free} | {(1 << 12) - 1}
+    assert [x for x in range(1 << 12) if any(x & m == v for m, v in rules) == (x in allowed)] == []
+    rules = seccomp.only_bits(0x20008)
+    values = [0, 8, 0x20000, 0x20008, 0xFFFF_FFFF, 9, 0x40000, 0x80040000, 0xFFFF_FFFE, 0x7FFF_FFFF]
+    denied = [x for x in values if any(x & m == v for m, v in rules)]
+    assert denied == [9, 0x40000, 0x80040000, 0xFFFF_FFFE, 0x7FFF_FFFF] and len(rules) == 32
 
 
 def test_opt_outs_are_checked_by_name() -> None:
