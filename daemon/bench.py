@@ -355,7 +355,20 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "loadavg": [round(x, 2) for x in os.getloadavg()],
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "kerndat": _features(),
     }
+
+
+def _features() -> dict[str, Any]:
+    """kerndat's probed features (native/kerndat.py), what every branch of thaw decides on."""
+    from native.kerndat import kerndat  # probed once per process; only writers of documents pay it
+
+    kd = kerndat()
+    skip = {"nodes", "devdax", "errors", "uffd_features"}
+    found = {f.name: getattr(kd, f.name) for f in dataclasses.fields(kd) if f.name not in skip}
+    found["devdax"] = [d.path for d in kd.devdax]
+    found["errors"] = dict(kd.errors)
+    return found
 
 
 @dataclass
