@@ -6,13 +6,11 @@ import contextlib
 import json
 import os
 import socket
-import subprocess
 import sys
 import textwrap
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -27,7 +25,7 @@ from sandbox.cgroups import CgroupTree, Limits, detect
 from sandbox.egress import thaw_tables
 from sandbox.errors import InvalidLimits, InvalidSpec, SandboxError, SubnetExhausted, UnsupportedRestore
 from sandbox.guest.launch import recv
-from sandbox.network import IP_FORWARD, NetworkConfig
+from sandbox.network import NetworkConfig
 from sandbox.pool import PoolSettings, SandboxPool
 from sandbox.sandbox import UNPRIVILEGED_USERFAULTFD, ProcessExit, Sandbox, SandboxConfig, SandboxSpec
 from shmpool import Pool
@@ -610,142 +608,7 @@ def test_lazy_restore_into_a_user_namespace_is_refused(userns_pool: SandboxPool,
         templates.destroy()
 
 
-# -- egress ------------------------------------------------------------------------------------------
-OUTSIDE = "10.235.0.2"  # in a network namespace this test makes: never a real host
-HOST_SIDE = "10.235.0.1"  # the host's end of the veth to it: an address of the host beyond the bridge
-OUTSIDE_PROGRAM = """
-import socket, sys
-from native.constants import CloneFlag
-from native.namespaces import unshare
-from pyroute2 import IPRoute
-unshare(CloneFlag.NEWNET)
-print("unshared", flush=True)
-sys.stdin.readline()  # the test has moved our end of the veth in
-with IPRoute() as ip:
-    ip.link("set", index=ip.link_lookup(ifname="lo")[0], state="up")
-    end = ip.link_lookup(ifname="thwo1")[0]
-    ip.addr("add", index=end, address=sys.argv[1], prefixlen=24)
-    ip.link("set", index=end, state="up")
-server = socket.create_server((sys.argv[1], 0))
-print(server.getsockname()[1], flush=True)
-while True:  # no route back to any sandbox subnet: only a masqueraded connection is answered
-    conn, peer = server.accept()
-    print(peer[0], flush=True)
-    conn.close()
-"""
-
-
-@dataclass
-class Outside:
-    process: subprocess.Popen[str]
-    port: int
-
-    def next_peer(self) -> str:
-        assert self.process.stdout is not None
-        return self.process.stdout.readline().strip()
-
-
-@pytest.fixture
-def outside() -> Iterator[Outside]:
-    """A host out there: a process in a network namespace of its own, behind a veth of the host's."""
-    process = subprocess.Popen(
-        [sys.executable, "-c", OUTSIDE_PROGRAM, OUTSIDE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    assert process.stdin is not None and process.stdout is not None
-    try:
-        assert process.stdout.readline().strip() == "unshared"
-        with IPRoute() as ipr:
-            ipr.link("add", ifname="thwo0", kind="veth", peer={"ifname": "thwo1", "net_ns_pid": process.pid})
-            host_end = ipr.link_lookup(ifname="thwo0")[0]
-            ipr.addr("add", index=host_end, address=HOST_SIDE, prefixlen=24)
-            ipr.link("set", index=host_end, state="up")
-        process.stdin.write("go\n")
-        process.stdin.flush()
-        yield Outside(process, int(process.stdout.readline()))
-    finally:
-        process.kill()  # its namespace goes with it, and the veth pair with the namespace
-        process.wait()
-        with IPRoute() as ipr:
-            for index in ipr.link_lookup(ifname="thwo0"):
-                ipr.link("del", index=index)
-
-
-@pytest.fixture
-def forwarding() -> Iterator[None]:
-    """The host routes packets: without that, egress off would hold without any table of ours."""
-    before = IP_FORWARD.read_text()
-    IP_FORWARD.write_text("1")
-    yield
-    IP_FORWARD.write_text(before)
-
-
-def _reach(sandbox: Sandbox, targets: dict[str, tuple[str, int]]) -> dict[str, str]:
-    """From inside: "ok" for each target a TCP connection reaches, else the errno's name."""
-    seen = run_json(
-        sandbox,
-        f"""
-        import errno, socket
-        def reach(host, port):
-            try:
-                with socket.create_connection((host, port), timeout=30):
-                    return "ok"
-            except OSError as e:
-                return errno.errorcode.get(e.errno or 0, str(e))
-        print(json.dumps({{name: reach(*target) for name, target in {targets!r}.items()}}))
-        """,
-    )
-    return {k: str(v) for k, v in seen.items()}
-
-
-def _egress_pool(runtime: Path, bridge: str, subnet: str, egress: bool) -> SandboxPool:
-    return SandboxPool(
-        PoolSettings(prewarm=0, max_size=1, cgroup_tree=TREE),
-        SandboxConfig(runtime_dir=runtime),
-        NetworkConfig(bridge=bridge, subnet=subnet, egress=egress),
-    )
-
-
-def test_without_egress_only_the_bridge_answers(runtime: Path, fn_a: Path, outside: Outside, forwarding: None) -> None:
-    pool = _egress_pool(runtime, "thawt4", "10.236.0.0/24", egress=False)
-    try:
-        assert "thaw-thawt4" in thaw_tables()
-        with socket.create_server(("10.236.0.1", 0)) as bridge, socket.create_server((HOST_SIDE, 0)) as host:
-            sandbox = pool.acquire(SandboxSpec(fn_a))
-            try:
-                seen = _reach(
-                    sandbox,
-                    {
-                        "bridge": ("10.236.0.1", bridge.getsockname()[1]),
-                        "host": (HOST_SIDE, host.getsockname()[1]),
-                        "outside": (OUTSIDE, outside.port),
-                    },
-                )
-            finally:
-                pool.release(sandbox)
-    finally:
-        pool.destroy()
-    assert seen == {"bridge": "ok", "host": "EHOSTUNREACH", "outside": "EHOSTUNREACH"}
-    assert "thaw-thawt4" not in thaw_tables()
-
-
-def test_with_egress_the_subnet_goes_out_masqueraded(runtime: Path, fn_a: Path, outside: Outside) -> None:
-    forwarding_before = IP_FORWARD.read_text()
-    pool = _egress_pool(runtime, "thawt5", "10.237.0.0/24", egress=True)
-    try:
-        assert IP_FORWARD.read_text().strip() == "1"
-        with socket.create_server((HOST_SIDE, 0)) as host:
-            sandbox = pool.acquire(SandboxSpec(fn_a))
-            try:
-                seen = _reach(sandbox, {"host": (HOST_SIDE, host.getsockname()[1]), "outside": (OUTSIDE, outside.port)})
-            finally:
-                pool.release(sandbox)
-        peer = outside.next_peer()
-    finally:
-        pool.destroy()
-    assert seen == {"host": "ok", "outside": "ok"}
-    assert peer == HOST_SIDE  # the sandbox's address was masqueraded as the host's
-    assert "thaw-thawt5" not in thaw_tables()
-    assert IP_FORWARD.read_text() == forwarding_before
+# -- egress: tests/test_network.py ------------------------------------------------------------------
 
 
 # -- NUMA ----------------------------------------------------------------------------------------------
