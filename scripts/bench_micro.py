@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     argv_ = [sys.executable, "-m", "pytest", "tests/test_micro.py", "-q", "-p", "no:cacheprovider"]
     argv_ += ["--benchmark-enable", f"--benchmark-json={raw_path}", "--benchmark-columns=min,median,max,rounds"]
     argv_ += ["--benchmark-max-time=0.05", "--benchmark-min-rounds=3"] if args.quick else []
-    done = subprocess.run([*argv_, *pytest_args], cwd=REPO, check=False)
+    env = {**os.environ, "THAW_BENCH_MICRO": "1"}  # tests/test_micro.py: no leak check while timing
+    done = subprocess.run([*argv_, *pytest_args], cwd=REPO, env=env, check=False)
     if done.returncode != 0:
         print(f"bench_micro: pytest exited with {done.returncode}", file=sys.stderr)
         return 1
