@@ -175,6 +175,8 @@ class SandboxPool:
     def _give_back(self, sandbox: Sandbox) -> None:
         with self.lock:
             if sandbox not in self.busy:
+                if self.closed:  # destroy() took it down already, with the pool
+                    return
                 raise SandboxError(f"sandbox {sandbox.id} is not in use in this pool")
             self.busy.discard(sandbox)
             self.returning += 1
