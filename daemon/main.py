@@ -3,9 +3,11 @@
 Start: attach (or create) the pool, kill what a previous thawd left behind (its cgroups, hence its
 sandboxes' agents and instances), build the sandbox pool, open every deployed function's template,
 listen on the API socket (and the gateway's TCP port when configured), then tell systemd READY=1.
+While serving, sandboxes idle beyond the prewarmed ones are given back after sandboxes.idle_timeout.
 SIGTERM/SIGINT: STOPPING=1, stop accepting, let in-flight invocations finish (up to
-daemon.drain_timeout), release every instance and sandbox. Functions and templates stay: the pool
-and the state directory live outside the runtime directory systemd wipes.
+daemon.drain_timeout), cut off what still runs after a short grace (HANDLER_GRACE), release every
+instance and sandbox (taken down several at a time). Functions and templates stay: the pool and
+the state directory live outside the runtime directory systemd wipes.
 """
 
 from __future__ import annotations
