@@ -22,7 +22,7 @@ from daemon.main import build_sandboxes
 from native.kerndat import kerndat
 from sandbox import rootfs
 from sandbox.cgroups import CgroupTree, Limits, detect
-from sandbox.egress import thaw_tables
+from sandbox.egress import HostPort, thaw_tables
 from sandbox.errors import InvalidLimits, InvalidSpec, SandboxError, SubnetExhausted, UnsupportedRestore
 from sandbox.guest.launch import recv
 from sandbox.network import NetworkConfig
@@ -40,6 +40,15 @@ pytestmark = pytest.mark.privileged
 BRIDGE = "thawt0"
 SUBNET = "10.231.0.0/24"
 TREE = "thaw-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+OPEN_PORT = _free_port()  # the one host port the module's pool opens to its sandboxes
 
 
 def _function(directory: Path, body: str = "def handle(event, context):\n    return {'ok': True}\n") -> Path:
@@ -60,7 +69,7 @@ def pool(runtime: Path) -> Iterator[SandboxPool]:
     pool = SandboxPool(
         PoolSettings(prewarm=1, max_size=6, cgroup_tree=TREE),
         SandboxConfig(runtime_dir=runtime),
-        NetworkConfig(bridge=BRIDGE, subnet=SUBNET),
+        NetworkConfig(bridge=BRIDGE, subnet=SUBNET, host_ports=(HostPort("tcp", OPEN_PORT, OPEN_PORT),)),
     )
     yield pool
     pool.destroy()
@@ -96,7 +105,7 @@ def run_json(sandbox: Sandbox, code: str) -> dict[str, object]:
 
 # -- isolation -----------------------------------------------------------------------------------------
 def test_inside_is_isolated(pool: SandboxPool, fn_a: Path, tmp_path: Path) -> None:
-    listener = socket.create_server(("10.231.0.1", 0))
+    listener = socket.create_server(("10.231.0.1", OPEN_PORT))  # the host is closed but for open ports
     port = listener.getsockname()[1]
     accepted: list[str] = []
     threading.Thread(target=lambda: accepted.append(listener.accept()[1][0]), daemon=True).start()
