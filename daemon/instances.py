@@ -69,7 +69,7 @@ from shmpool.errors import PoolError, SegmentCorrupt
 from shmpool.errors import PoolFull as PoolIsFull
 from snapshot.capture import capture
 from snapshot.compress import compress, compressed_name, expand
-from snapshot.errors import SnapshotError, TemplateCorrupt
+from snapshot.errors import SnapshotError, TemplateCorrupt, TemplateTooOld
 from snapshot.restore import Instance as Restored
 from snapshot.restore import Stub, restore
 from snapshot.template import Template, working_set_name
@@ -79,7 +79,7 @@ T = TypeVar("T")
 RESTORED_TIMEOUT = 10.0
 STOP_POLL = 0.001
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,80}")
-GUEST_ENV = {"OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
+GUEST_ENV = {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}  # threads are captured: no OMP cap
 
 
 class Tracer:
@@ -262,6 +262,10 @@ class Manager:
                     fs.evicted = True
                 else:
                     fs.template = TemplateRef(template, deployed.revision_dir)
+            except TemplateTooOld as e:  # captured again when invoked, into the format of today
+                log.info("%s: %s", fs.name, e)
+                await asyncio.to_thread(Template.delete, self.pool, deployed.template_name)
+                fs.evicted = True
             except (SegmentCorrupt, TemplateCorrupt) as e:  # quarantined: captured again when invoked
                 await self._take_out_of_use(deployed.template_name)
                 self._say_quarantined(fs, deployed.template_name, e)

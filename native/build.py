@@ -69,7 +69,8 @@ CONSTANTS = {
         SYS_rt_sigprocmask SYS_sigaltstack SYS_prctl SYS_set_tid_address SYS_set_robust_list
         SYS_get_robust_list SYS_rseq SYS_openat SYS_dup3 SYS_lseek SYS_close SYS_close_range
         SYS_userfaultfd SYS_ioctl SYS_setresuid SYS_setresgid SYS_setgroups SYS_capset
-        SYS_personality SYS_getpid SYS_kill SYS_seccomp
+        SYS_personality SYS_getpid SYS_kill SYS_seccomp SYS_rt_tgsigqueueinfo SYS_rt_sigqueueinfo
+        SYS_clone SYS_clone3 SYS_fork SYS_vfork
     """,
     "seccomp": """
         SECCOMP_SET_MODE_FILTER SCMP_ACT_ALLOW SCMP_ACT_KILL_PROCESS SCMP_ARCH_NATIVE SCMP_ARCH_X86_64
@@ -81,6 +82,8 @@ CONSTANTS = {
         THAW_STUB_REPORT THAW_STUB_REPORT_MAGIC
         THAW_OPF_ALLOW_ERROR THAW_OPF_SAVE
         THAW_OPF_ARG0_SAVED THAW_OPF_STORE32 THAW_STUB_SCRATCH THAW_STUB_SCRATCH_SIZE
+        THAW_OP_THREADS THAW_OP_THREADS_GO THAW_OPF_ARG1_SAVED THAW_THREAD_SETTING_UP THAW_THREAD_READY
+        THAW_THREAD_FAILED THAW_AFFINITY_BYTES THAW_OP_PIPE
     """,
     "agent": """
         THAW_AGENT_PING THAW_AGENT_STUB THAW_AGENT_SPAWN THAW_AGENT_MOUNT_FUNCTION THAW_AGENT_FRESH_TMP
@@ -195,6 +198,8 @@ struct thaw_restorer_args { uint64_t magic; uint64_t nops; uint64_t ops; int64_t
                             uint64_t done; };
 struct thaw_stub_facts { ...; };
 struct thaw_stub_clean { struct thaw_stub_facts stub; ...; };  /* the rest is packed in native/restorer.py */
+struct thaw_thread { uint64_t tid; uint64_t frame_at; int64_t failed_op; int64_t result; uint32_t state; ...; };
+struct thaw_threads { uint64_t nthreads; int64_t failed_thread; uint32_t go; ...; };
 const unsigned char *thaw_restorer_blob(size_t *len);
 
 struct thaw_trace_error { int32_t step; int32_t err; int32_t status; uint32_t trips; uint64_t rip; };

@@ -237,6 +237,12 @@ class Syscall(IntEnum):
     GETPID = lib.SYS_getpid
     KILL = lib.SYS_kill
     SECCOMP = lib.SYS_seccomp
+    RT_TGSIGQUEUEINFO = lib.SYS_rt_tgsigqueueinfo
+    RT_SIGQUEUEINFO = lib.SYS_rt_sigqueueinfo
+    CLONE = lib.SYS_clone
+    CLONE3 = lib.SYS_clone3
+    FORK = lib.SYS_fork
+    VFORK = lib.SYS_vfork
 
 
 UFFDIO_API: int = lib.UFFDIO_API

@@ -237,3 +237,30 @@ def wait(pid: int, nohang: bool = False) -> Stop | None:
         return None
     _round_trips += 1
     return decode_status(status)
+
+
+# PTRACE_PEEKSIGINFO: not in every libc's headers, stable in the kernel's uapi.
+PTRACE_PEEKSIGINFO = 0x4209
+PEEKSIGINFO_SHARED = 1
+SIGINFO_SIZE = 128
+_PEEK_BATCH = 32
+
+
+def peek_siginfo(pid: int, shared: bool = False) -> list[bytes]:
+    """The siginfo of every signal pending for thread `pid` (its own queue), or with `shared` for
+    its whole process, oldest first; nothing is dequeued."""
+    args = ffi.new("uint64_t[2]")  # struct ptrace_peeksiginfo_args { u64 off; u32 flags; s32 nr; }
+    buf = ffi.new("char[]", SIGINFO_SIZE * _PEEK_BATCH)
+    found: list[bytes] = []
+    while True:
+        args[0] = len(found)
+        args[1] = (PEEKSIGINFO_SHARED if shared else 0) | (_PEEK_BATCH << 32)
+        # Safety: `args` and `buf` are owned by this frame and outlive the call.
+        got = int(
+            lib.thaw_ptrace(PTRACE_PEEKSIGINFO, pid, int(ffi.cast("uintptr_t", args)), int(ffi.cast("uintptr_t", buf)))
+        )
+        if got == -1:
+            raise_oserror("ptrace", f"PTRACE_PEEKSIGINFO pid {pid}")
+        if got == 0:
+            return found
+        found += [bytes(ffi.buffer(buf + i * SIGINFO_SIZE, SIGINFO_SIZE)) for i in range(got)]

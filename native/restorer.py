@@ -27,6 +27,7 @@ ALLOW_ERROR = int(lib.THAW_OPF_ALLOW_ERROR)
 SAVE = int(lib.THAW_OPF_SAVE)
 ARG0_SAVED = int(lib.THAW_OPF_ARG0_SAVED)
 STORE32 = int(lib.THAW_OPF_STORE32)
+ARG1_SAVED = int(lib.THAW_OPF_ARG1_SAVED)
 STUB_SCRATCH = int(lib.THAW_STUB_SCRATCH)  # where stubs pre-map the restorer's scratch area
 STUB_SCRATCH_SIZE = int(lib.THAW_STUB_SCRATCH_SIZE)
 SPECIALS_MAX = int(lib.THAW_SPECIALS_MAX)
@@ -36,6 +37,31 @@ _SPECIAL = struct.Struct("<16sQQ")
 _STUB_FACTS = ffi.sizeof("struct thaw_stub_facts")
 assert _CLEAN.size + SPECIALS_MAX * _SPECIAL.size + _STUB_FACTS == ffi.sizeof("struct thaw_stub_clean")
 STUB_IN_CLEAN = int(ffi.offsetof("struct thaw_stub_clean", "stub"))
+# struct thaw_thread: tid, tls, clear_tid, stack, stack_size, nops, ops, frame, frame_size,
+# frame_at, sigreturn_sp, failed_op, result, state, pad; struct thaw_threads: nthreads, threads,
+# syscall_insn, scratch, scratch_end, failed_thread, go, pad, affinity.
+THREAD = struct.Struct("<11QqqII")
+THREADS = struct.Struct(f"<5QqII{int(lib.THAW_AFFINITY_BYTES)}s")
+assert THREAD.size == ffi.sizeof("struct thaw_thread")
+assert THREADS.size == ffi.sizeof("struct thaw_threads")
+THREAD_FAILED_OP = int(ffi.offsetof("struct thaw_thread", "failed_op"))
+THREADS_FAILED = int(ffi.offsetof("struct thaw_threads", "failed_thread"))
+AFFINITY_BYTES = int(lib.THAW_AFFINITY_BYTES)
+
+
+@dataclass(frozen=True)
+class ThreadStart:
+    """What the blob needs to recreate one thread (struct thaw_thread, restorer.h)."""
+
+    tid: int
+    tls: int
+    clear_tid: int
+    stack: int
+    stack_size: int
+    program: Program
+    frame: bytes
+    frame_at: int
+    sigreturn_sp: int
 
 
 def blob() -> bytes:
@@ -105,6 +131,56 @@ class Program:
     def drop_bounding_set(self, last_cap: int, what: str) -> None:
         """Drop capabilities 0..last_cap still in the bounding set (failures are not fatal)."""
         self._op(int(lib.THAW_OP_DROP_BOUNDING), 0, (last_cap,), ALLOW_ERROR, 0, what)
+
+    def subprogram(self) -> Program:
+        """A program for another thread: its data goes into this program's image, its ops too
+        when `threads` places it."""
+        sub = Program.__new__(Program)
+        sub.base, sub.image, sub.ops, sub.what = self.base, self.image, [], []
+        return sub
+
+    def threads(
+        self, starts: list[ThreadStart], syscall_insn: int, scratch: tuple[int, int], what: str
+    ) -> tuple[int, list[int]]:
+        """Recreate the other threads (THAW_OP_THREADS). Returns the address of the threads block
+        (which `threads_go` takes) and of each struct thaw_thread, for reading failures back."""
+        entries = []
+        for t in starts:
+            ops = self.put(b"".join(t.program.ops))
+            frame = self.put(t.frame, 64)
+            entries.append(
+                (
+                    t.tid,
+                    t.tls,
+                    t.clear_tid,
+                    t.stack,
+                    t.stack_size,
+                    len(t.program.ops),
+                    ops,
+                    frame,
+                    len(t.frame),
+                    t.frame_at,
+                    t.sigreturn_sp,
+                    -1,
+                    0,
+                    0,
+                    0,
+                )
+            )
+        table = self.put(b"".join(THREAD.pack(*e) for e in entries), 64)
+        block = self.put(
+            THREADS.pack(len(starts), table, syscall_insn, *scratch, -1, 0, 0, b"\xff" * AFFINITY_BYTES), 64
+        )
+        self._op(int(lib.THAW_OP_THREADS), 0, (block,), 0, 0, what)
+        return block, [table + i * THREAD.size for i in range(len(starts))]
+
+    def threads_go(self, block: int, what: str) -> None:
+        """Let the threads `threads` made run, once no thread can use the main one's privileges."""
+        self._op(int(lib.THAW_OP_THREADS_GO), 0, (block,), 0, 0, what)
+
+    def pipe(self, read: tuple[int, int], write: tuple[int, int], spare: int, what: str) -> None:
+        """A new pipe whose ends are (fd, flags) `read` and `write`; fds from `spare` up are free."""
+        self._op(int(lib.THAW_OP_PIPE), 0, (read[0], write[0], read[1], write[1], spare), 0, 0, what)
 
     def pause(self, what: str) -> None:
         """Stop with int3 here; the program goes on when the tracer resumes the stub."""

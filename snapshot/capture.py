@@ -2,23 +2,26 @@
 
     template = capture(pid, pool, "hello")
 
-The guest must have stopped itself (SIGSTOP after READY) and have one thread. It is seized,
-read, and left stopped exactly as it was (it can still be resumed or killed). What is read:
+The guest must have stopped itself (SIGSTOP after READY). Every thread is seized, read, and
+left stopped exactly as it was (it can still be resumed or killed). What is read:
 
 - registers, xstate and rseq through ptrace; brk, every sigaction, the signal mask, the
   alternate stack, the tid address, the robust list and dumpability through injected syscalls;
 - mm fields (/proc/PID/stat), auxv, comm, exe, credentials, personality and the fd table;
+- every other thread's own state (snapshot/threads.py), and the signals pending for the main
+  thread and for the process;
 - the VMAs: anonymous memory dumped sparsely (pages never touched are not stored, nor the stack's
   pages below the red zone: dead, though present), private file VMAs that were written dumped
   whole, untouched file VMAs recorded by file identity and mapped from the file again at restore.
 
-Refused, with the cause named: a process that is not stopped, more than one thread, writable
-shared mappings, mappings of things that are not regular files, fds other than stdio, the control
-socket (fd 3) and regular files or directories.
+Refused, with the cause named: a process (or a thread of it) that is not stopped, a thread inside
+vfork or clone, writable shared mappings, mappings of things that are not regular files, fds other
+than stdio, the control socket (fd 3) and regular files or directories.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import stat
@@ -32,7 +35,7 @@ from native import memory, ptrace
 from native.constants import Prctl, Prot, Syscall
 from shmpool import Pool, UnsupportedMapping
 from shmpool.backends import round_up
-from snapshot import procfs
+from snapshot import procfs, threads
 from snapshot.errors import NotCapturable
 from snapshot.inject import RED_ZONE, InjectionError, SyscallInjector, seize_stopped
 from snapshot.manifest import (
@@ -42,6 +45,7 @@ from snapshot.manifest import (
     FileIdentity,
     Manifest,
     MmFields,
+    PipeRecord,
     Run,
     VmaRecord,
     pack_header,
@@ -54,6 +58,7 @@ SIGACTION_SIZE = 32  # the kernel's struct sigaction on x86-64: handler, flags, 
 MERGE_GAP_PAGES = 16  # store small holes between present runs: one mapping instead of two at restore
 COPY_CHUNK = 8 << 20
 CONTROL_FD = 3
+FIONREAD = 0x541B
 # Flags that only matter when a file is first opened; reopening with them would change the file.
 _OPEN_ONLY_FLAGS = os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_NOCTTY
 
@@ -66,49 +71,64 @@ def capture(pid: int, pool: Pool, name: str, mounts: Mapping[str, str] | None = 
             f"templates need a pool with {PAGE >> 10} KiB pages; the {pool.config.backend} pool has "
             f"{pool.config.page_size >> 10} KiB pages (use a tmpfs, memfd or devdax pool)"
         )
-    check_capturable(pid)
-    with _seized(pid):
-        manifest = _read_process(pid)
+    tids = check_capturable(pid)
+    with _seized(pid, tids):
+        manifest = _read_process(pid, tids)
         _write_template(pid, pool, name, manifest)
     return Template.open(pool, name, verify=False, mounts=mounts)  # publish read it back and checksummed it
 
 
-def check_capturable(pid: int) -> None:
+def check_capturable(pid: int) -> list[int]:
+    """The TIDs of the threads besides the main one, once every thread is seen stopped."""
     try:
         state = procfs.state(pid)
-        threads = procfs.threads(pid)
+        tids = threads.other_threads(pid)
+        if state not in ("T", "t"):
+            raise NotCapturable(
+                f"pid {pid} is not stopped (state {state}): only a guest parked with SIGSTOP after READY is captured"
+            )
+        threads.check_threads(pid, tids)
     except FileNotFoundError:
-        raise NotCapturable(f"pid {pid} does not exist") from None
-    if state not in ("T", "t"):
-        raise NotCapturable(
-            f"pid {pid} is not stopped (state {state}): only a guest parked with SIGSTOP after READY is captured"
-        )
-    if len(threads) > 1:
-        names = ", ".join(f"{tid} ({comm})" for tid, comm in threads)
-        raise NotCapturable(
-            f"pid {pid} has {len(threads)} threads: {names}; a template holds one thread "
-            "(start thread pools after the restore, e.g. OMP_NUM_THREADS=1 during init)"
-        )
+        raise NotCapturable(f"pid {pid} does not exist (or a thread of it exited)") from None
+    return tids
 
 
 @contextmanager
-def _seized(pid: int) -> Iterator[None]:
+def _seized(pid: int, tids: list[int]) -> Iterator[None]:
+    """Every thread seized (the others first: the main thread's seize sends SIGCONT, which a
+    seized thread sleeps through), and all parked again afterwards, as we found them."""
+    seized = threads.seize_threads(pid, tids)
     try:
         seize_stopped(pid)
     except InjectionError as e:
+        os.kill(pid, signal.SIGSTOP)
+        threads.release_threads(seized)
         raise NotCapturable(str(e)) from e
     try:
         yield
     finally:
-        ptrace.detach(pid, signal.SIGSTOP)  # parked again, as we found it
+        os.kill(pid, signal.SIGSTOP)  # pending for every thread as each is let go
+        threads.release_threads(seized)
+        ptrace.detach(pid, signal.SIGSTOP)
+        _wait_parked(pid, tids)
+
+
+def _wait_parked(pid: int, tids: list[int]) -> None:
+    """Until every thread is back in the group stop (a let-go thread takes its SIGSTOP when it
+    next runs): the caller gets the process as it gave it, whether the capture worked or not."""
+    with contextlib.suppress(NotCapturable, FileNotFoundError):
+        threads.check_threads(pid, [pid, *tids])
 
 
 # -- reading the process ------------------------------------------------------------------------
-def _read_process(pid: int) -> Manifest:
+def _read_process(pid: int, tids: list[int]) -> Manifest:
     regs = ptrace.getregs(pid)
+    threads.refuse_forking(pid, pid, regs)
     xstate = ptrace.get_xstate(pid)
     rseq = ptrace.get_rseq_configuration(pid)
+    pending, shared = ptrace.peek_siginfo(pid), ptrace.peek_siginfo(pid, shared=True)
     with SyscallInjector(pid) as inj:
+        others = threads.capture_threads(pid, tids, inj)
         brk = inj.call_ok(Syscall.BRK, 0, what="brk(0)")
         sigactions = _sigactions(inj)
         sigmask = _read_u64(inj, Syscall.RT_SIGPROCMASK, 0, 0, inj.scratch, 8, what="rt_sigprocmask")
@@ -117,6 +137,7 @@ def _read_process(pid: int) -> Manifest:
         head = _read_out(inj, 16, Syscall.GET_ROBUST_LIST, 0, inj.scratch, inj.scratch + 8)
         dumpable = inj.call_ok(Syscall.PRCTL, Prctl.GET_DUMPABLE, what="PR_GET_DUMPABLE")
         syscall_insn = inj.insn
+        fds, pipes = _read_fds(pid, inj)
     vmas, files, specials, data_bytes = _plan_vmas(pid, regs.rsp)
     exe = _identity(f"/proc/{pid}/exe", os.readlink(f"/proc/{pid}/exe"))
     files.append(exe)
@@ -139,10 +160,14 @@ def _read_process(pid: int) -> Manifest:
         specials=specials,
         vmas=tuple(vmas),
         files=tuple(files),
-        fds=tuple(_read_fds(pid)),
+        fds=tuple(fds),
+        pipes=tuple(pipes),
         credentials=_credentials(pid),
         source_pid=pid,
         data_bytes=data_bytes,
+        threads=others,
+        pending=tuple(pending),
+        shared_pending=tuple(shared),
     )
 
 
@@ -296,9 +321,11 @@ def _fdinfo(pid: int, fd: int) -> dict[str, str]:
     return {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
 
 
-def _read_fds(pid: int) -> list[FdRecord]:
-    """Path fds to reopen at restore; stdio and the control socket come from the stub."""
+def _read_fds(pid: int, inj: SyscallInjector) -> tuple[list[FdRecord], list[PipeRecord]]:
+    """Path fds to reopen at restore, and pipes the process holds both ends of (made anew);
+    stdio and the control socket come from the stub."""
     records, unknown = [], []
+    pipes: dict[str, list[tuple[int, int]]] = {}
     for entry in sorted(Path(f"/proc/{pid}/fd").iterdir(), key=lambda p: int(p.name)):
         fd = int(entry.name)
         target = os.readlink(entry)
@@ -312,14 +339,34 @@ def _read_fds(pid: int) -> list[FdRecord]:
             info = _fdinfo(pid, fd)
             flags = int(info["flags"], 8) & ~_OPEN_ONLY_FLAGS
             records.append(FdRecord(fd=fd, path=target, flags=flags, pos=int(info["pos"])))
+        elif target.startswith("pipe:[") and stat.S_ISFIFO(mode):
+            pipes.setdefault(target, []).append((fd, int(_fdinfo(pid, fd)["flags"], 8)))
         else:
             unknown.append(f"fd {fd} -> {target}")
     if unknown:
         raise NotCapturable(
-            f"pid {pid} has fds a restore cannot recreate: {', '.join(unknown)} "
-            "(only stdio, the control socket on fd 3 and regular files or directories are kept)"
+            f"pid {pid} has fds a restore cannot recreate: {', '.join(unknown)} (only stdio, the control "
+            "socket on fd 3, regular files, directories and pipes whose both ends it holds are kept)"
         )
-    return records
+    return records, [_pipe(pid, name, ends, inj) for name, ends in pipes.items()]
+
+
+def _pipe(pid: int, name: str, ends: list[tuple[int, int]], inj: SyscallInjector) -> PipeRecord:
+    """A pipe both of whose ends the process holds, and that holds no unread bytes (a new pipe is
+    made at restore: what the old one buffered is not carried over)."""
+    read = tuple((fd, flags) for fd, flags in ends if flags & os.O_ACCMODE == os.O_RDONLY)
+    write = tuple((fd, flags) for fd, flags in ends if flags & os.O_ACCMODE == os.O_WRONLY)
+    fds = ", ".join(str(fd) for fd, _ in ends)
+    if not read or not write:
+        raise NotCapturable(
+            f"pid {pid} holds only one end of {name} (fd {fds}): a restore makes only pipes whose both ends "
+            "it holds (the other end is closed, or in another process)"
+        )
+    inj.call_ok(Syscall.IOCTL, read[0][0], FIONREAD, inj.scratch, what=f"FIONREAD of fd {read[0][0]}")
+    (unread,) = struct.unpack("<i", inj.read_scratch(4))
+    if unread:
+        raise NotCapturable(f"pid {pid}'s {name} (fd {fds}) holds {unread} unread bytes: capture it once they are read")
+    return PipeRecord(read=read, write=write)
 
 
 # -- writing ------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ class SnapshotError(Exception):
 
 
 class NotCapturable(SnapshotError):
-    """The process cannot be captured as it is (running, threaded, shared-writable memory, fds)."""
+    """The process cannot be captured as it is (running, inside vfork, shared-writable memory, fds)."""
 
 
 class TemplateCorrupt(SnapshotError):
@@ -21,3 +21,7 @@ class FileChanged(SnapshotError):
 
 class RestoreError(SnapshotError):
     """A restore failed; the stub was killed and nothing of it is left running."""
+
+
+class TemplateTooOld(TemplateCorrupt):
+    """A template an older thaw captured, in a format this one no longer reads: capture it again."""

@@ -20,10 +20,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from native.pager import MAX_COLD_CHUNK
-from snapshot.errors import TemplateCorrupt
+from snapshot.errors import TemplateCorrupt, TemplateTooOld
+from snapshot.threads import ThreadRecord
 
 MAGIC = b"THAWTPL\0"
-VERSION = 1
+VERSION = 2  # 2: threads, pending signals, pipes
 HEADER = struct.Struct("<8sIIQQ32s")
 HEADER_SIZE = 4096
 
@@ -80,6 +81,14 @@ class FdRecord:
     path: str
     flags: int
     pos: int
+
+
+@dataclass(frozen=True)
+class PipeRecord:
+    """A pipe the process holds both ends of: made anew (empty) at restore, each end at its fds."""
+
+    read: tuple[tuple[int, int], ...]  # (fd, flags) of every fd of the read end
+    write: tuple[tuple[int, int], ...]
 
 
 @dataclass(frozen=True)
@@ -185,6 +194,10 @@ class Manifest:
     data_bytes: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     cold: ColdSection | None = None
+    threads: tuple[ThreadRecord, ...] = ()  # every thread but the main one
+    pipes: tuple[PipeRecord, ...] = ()
+    pending: tuple[bytes, ...] = ()  # siginfo of the signals queued to the main thread
+    shared_pending: tuple[bytes, ...] = ()  # and to the process
 
     # -- serialisation -------------------------------------------------------------------------
     def to_json(self) -> bytes:
@@ -193,14 +206,16 @@ class Manifest:
         doc["auxv"] = base64.b64encode(self.auxv).decode()
         doc["sigactions"] = {str(k): base64.b64encode(v).decode() for k, v in self.sigactions.items()}
         doc["cold"] = self.cold.to_doc() if self.cold else None
+        doc["threads"] = [t.to_doc() for t in self.threads]
+        doc["pending"] = [base64.b64encode(p).decode() for p in self.pending]
+        doc["shared_pending"] = [base64.b64encode(p).decode() for p in self.shared_pending]
         return json.dumps({"version": VERSION, "manifest": doc}, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> Manifest:
         try:
             outer = json.loads(raw)
-            if outer.get("version") != VERSION:
-                raise TemplateCorrupt(f"manifest version {outer.get('version')} is not {VERSION}")
+            _check_version(outer.get("version"), "manifest")
             d = outer["manifest"]
             return cls(
                 comm=d["comm"],
@@ -231,6 +246,10 @@ class Manifest:
                 data_bytes=d["data_bytes"],
                 extra=d.get("extra", {}),
                 cold=ColdSection.from_doc(d["cold"]) if d.get("cold") else None,
+                threads=tuple(ThreadRecord.from_doc(t) for t in d["threads"]),
+                pipes=tuple(PipeRecord(read=_ends(p["read"]), write=_ends(p["write"])) for p in d["pipes"]),
+                pending=tuple(base64.b64decode(p) for p in d["pending"]),
+                shared_pending=tuple(base64.b64decode(p) for p in d["shared_pending"]),
             )
         except TemplateCorrupt:
             raise
@@ -250,11 +269,23 @@ def unpack_header(raw: bytes, segment_size: int) -> tuple[int, int, bytes]:
     magic, version, _flags, offset, length, digest = HEADER.unpack(raw[: HEADER.size])
     if magic != MAGIC:
         raise TemplateCorrupt(f"not a thaw template (magic {magic!r})")
-    if version != VERSION:
-        raise TemplateCorrupt(f"template format version {version}, this thaw reads {VERSION}: capture it again")
+    _check_version(version, "template format")
     if offset < HEADER_SIZE or offset + length > segment_size:
         raise TemplateCorrupt(f"manifest at {offset}+{length} lies outside the {segment_size}-byte segment")
     return offset, length, digest
+
+
+def _ends(raw: list[list[int]]) -> tuple[tuple[int, int], ...]:
+    return tuple((int(fd), int(flags)) for fd, flags in raw)
+
+
+def _check_version(version: object, what: str) -> None:
+    if isinstance(version, int) and 0 < version < VERSION:
+        raise TemplateTooOld(
+            f"{what} version {version}: captured by an older thaw (this one reads {VERSION}): capture it again"
+        )
+    if version != VERSION:
+        raise TemplateCorrupt(f"{what} version {version!r}, this thaw reads {VERSION}")
 
 
 def check_manifest(raw: bytes, digest: bytes) -> Manifest:

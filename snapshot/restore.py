@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from native import pidfd, ptrace, seccomp, tracer
+from native import memory, pidfd, ptrace, seccomp, tracer
 from native.constants import (
     PR_SET_MM_MAP,
     UFFDIO_API,
@@ -82,6 +82,7 @@ from snapshot.errors import FileChanged, RestoreError
 from snapshot.inject import InjectionError, SyscallInjector, restart_fixup, seize_stopped
 from snapshot.manifest import Manifest, VmaRecord
 from snapshot.template import FIRST_RESTORE_FD, MODES, Template
+from snapshot.threads import ThreadPlan, ThreadRecord, queue_pending
 
 PAGE = procfs.PAGE
 STACK_SIZE = 64 << 10
@@ -163,7 +164,8 @@ class Instance:
 # -- the per-template program -------------------------------------------------------------------
 @dataclass
 class _Plan:
-    """The scratch area is [program image][stack][park area for moving the special mappings]."""
+    """The scratch area is [program image][stack][park area for moving the special mappings]
+    [the other threads' stacks]."""
 
     scratch: int
     size: int
@@ -176,6 +178,7 @@ class _Plan:
     args: int = 0  # the argument block's address
     stack_top: int = 0
     end: RestoreEnd | None = None
+    threads: ThreadPlan = field(default_factory=lambda: ThreadPlan(()))
 
     def blob_run(self) -> BlobRun:
         return BlobRun(self.image, self.scratch, self.args, self.stack_top, self.stub_at)
@@ -206,6 +209,8 @@ class _Builder:
 
     def __init__(self, template: Template, mode: str, scratch: int, fd_base: int, bpf: bytes | None) -> None:
         self.t, self.m, self.mode = template, template.manifest, mode
+        self.threads = ThreadPlan(template.manifest.threads)
+        self.fprog = 0
         self.bpf = bpf
         self.p = Program(scratch)
         self.fd_base = fd_base
@@ -224,7 +229,7 @@ class _Builder:
     def file_fd(self, index: int) -> int:
         return self.fd_base + 1 + index
 
-    def build(self, size: int, park: int) -> _Plan:
+    def build(self, size: int, park: int, thread_stacks: int) -> _Plan:
         specials = ", ".join(self.m.specials)
         stub_at = self.p.clean_stub(
             (self.p.base, self.p.base + size),
@@ -241,8 +246,22 @@ class _Builder:
         self.mm_and_signals()
         self.fds()
         self.thread_state()
-        self.credentials()
-        return _Plan(self.p.base, size, self.p, stub_at, self.uffd_fd, self.ranges, self.via_cache)
+        if self.m.threads:  # before the credentials: clone3's set_tid needs CAP_CHECKPOINT_RESTORE
+            vmas = [(v.start, v.end) for v in self.m.vmas]
+            scratch = (self.p.base, self.p.base + size)
+            self.threads.add(self.p, thread_stacks, self.m.syscall_insn, scratch, vmas, self.thread_credentials)
+        self.credentials(self.p)
+        # THREADS_GO reads /proc/self/task/*, which a non-dumpable process's new uid may not open
+        dumpable = 1 if self.m.threads else self.m.dumpable
+        self.p.syscall(Syscall.PRCTL, Prctl.SET_DUMPABLE, dumpable, what="PR_SET_DUMPABLE")
+        self.seccomp(self.p)
+        if self.m.threads:  # only now may code of the function's run in another thread
+            self.threads.go(self.p)
+            if self.m.dumpable != dumpable:
+                self.p.syscall(Syscall.PRCTL, Prctl.SET_DUMPABLE, self.m.dumpable, what="PR_SET_DUMPABLE")
+        plan = _Plan(self.p.base, size, self.p, stub_at, self.uffd_fd, self.ranges, self.via_cache)
+        plan.threads = self.threads
+        return plan
 
     # each step ---------------------------------------------------------------------------------
     def userfaultfd(self) -> None:
@@ -362,8 +381,17 @@ class _Builder:
             )
 
     def fds(self) -> None:
+        p = self.p
+        taken = [r.fd for r in self.m.fds] + [fd for pipe in self.m.pipes for fd, _ in pipe.read + pipe.write]
+        spare = max(taken, default=3) + 1  # above every fd the instance will hold: free for moves
+        for pipe in self.m.pipes:
+            fds = ", ".join(str(fd) for fd, _ in pipe.read + pipe.write)
+            p.pipe(pipe.read[0], pipe.write[0], spare, what=f"making a pipe anew as fds {fds}")
+            for (first, _), others in ((pipe.read[0], pipe.read[1:]), (pipe.write[0], pipe.write[1:])):
+                for fd, flags in others:
+                    p.syscall(Syscall.DUP3, first, fd, flags & os.O_CLOEXEC, what=f"duplicating fd {first} as {fd}")
         for rec in self.m.fds:
-            self.p.open_fd(rec.path, rec.flags, rec.fd, rec.pos, what=f"reopening fd {rec.fd} ({rec.path})")
+            p.open_fd(rec.path, rec.flags, rec.fd, rec.pos, what=f"reopening fd {rec.fd} ({rec.path})")
         self.p.syscall(
             Syscall.CLOSE_RANGE, self.fd_base, self.fd_base + self.nfds - 1, 0, what="closing the restore fds"
         )
@@ -381,9 +409,15 @@ class _Builder:
         if pointer:
             p.syscall(Syscall.RSEQ, pointer, size, 0, signature, what="registering rseq")
         p.syscall(Syscall.PRCTL, Prctl.SET_NAME, p.cstr(m.comm[:15]), what="PR_SET_NAME")
+        queue_pending(p, m.pending, m.shared_pending)
 
-    def credentials(self) -> None:
-        p, c = self.p, self.m.credentials
+    def thread_credentials(self, p: Program, _thread: ThreadRecord) -> None:
+        """Credentials and the seccomp filter are per thread: each drops its own."""
+        self.credentials(p)
+        self.seccomp(p)
+
+    def credentials(self, p: Program) -> None:
+        c = self.m.credentials
         p.drop_bounding_set(_cap_last_cap(), what="dropping the capability bounding set")
         groups = p.put(struct.pack(f"<{len(c.groups)}I", *c.groups)) if c.groups else 0
         p.syscall(Syscall.SETGROUPS, len(c.groups), groups, what="setgroups")
@@ -392,11 +426,14 @@ class _Builder:
         header = p.put(struct.pack("<Ii", CAPABILITY_VERSION_3, 0))
         p.syscall(Syscall.CAPSET, header, p.put(bytes(24)), what="clearing capabilities")
         p.syscall(Syscall.PRCTL, Prctl.SET_NO_NEW_PRIVS, 1, 0, 0, 0, what="PR_SET_NO_NEW_PRIVS")
-        p.syscall(Syscall.PRCTL, Prctl.SET_DUMPABLE, self.m.dumpable, what="PR_SET_DUMPABLE")
-        if self.bpf is not None:  # last: it judges every later syscall, injected ones too
-            program = p.put(self.bpf)
-            fprog = p.put(seccomp.sock_fprog(program, self.bpf))
-            p.syscall(Syscall.SECCOMP, seccomp.SET_MODE_FILTER, 0, fprog, what="installing the seccomp filter")
+
+    def seccomp(self, p: Program) -> None:
+        if self.bpf is None:
+            return
+        if not self.fprog:  # one copy of the filter serves every thread
+            self.fprog = p.put(seccomp.sock_fprog(p.put(self.bpf), self.bpf))
+        # last: it judges every later syscall, injected ones too
+        p.syscall(Syscall.SECCOMP, seccomp.SET_MODE_FILTER, 0, self.fprog, what="installing the seccomp filter")
 
 
 def _cap_last_cap() -> int:
@@ -411,12 +448,13 @@ def _plan(template: Template, mode: str, fd_base: int, bpf: bytes | None, avoid:
         return plan
     spans = _intervals(template.manifest)
     specials = sum(end - start for start, end in template.manifest.specials.values())
-    estimate = _Builder(template, mode, 0, fd_base, bpf).build(0, 0)  # sizes do not depend on addresses
+    estimate = _Builder(template, mode, 0, fd_base, bpf).build(0, 0, 0)  # sizes do not depend on addresses
     image_size = round_up(len(estimate.program.finish()[0]), PAGE)
-    size = image_size + STACK_SIZE + round_up(specials, PAGE)
+    park_size = round_up(specials, PAGE)
+    size = image_size + STACK_SIZE + park_size + estimate.threads.stacks_size
     scratch = _scratch_address(spans, size, avoid)
     stack_top = scratch + image_size + STACK_SIZE
-    plan = _Builder(template, mode, scratch, fd_base, bpf).build(size, park=stack_top)
+    plan = _Builder(template, mode, scratch, fd_base, bpf).build(size, stack_top, stack_top + park_size)
     plan.image, plan.args = plan.program.finish()
     plan.stack_top = stack_top
     m = template.manifest
@@ -564,6 +602,9 @@ def _check_outcome(pid: int, template: Template, plan: _Plan, outcome: Outcome, 
             f"the kernel's special mappings in pid {pid} differ from the template's ({specials} and their sizes): "
             "it was captured under another kernel"
         )
+    if not outcome.ok and outcome.failed_op == plan.threads.op_index:
+        step = plan.threads.describe_failure(lambda address, length: memory.read_exact(pid, address, length))
+        raise RestoreError(f"restore failed in pid {pid} at {step}: {Program.describe(outcome, what)}")
     if not outcome.ok:
         raise RestoreError(f"restore failed in pid {pid} at {Program.describe(outcome, what)}")
     if paused != (outcome.done < len(what)):

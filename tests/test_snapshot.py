@@ -477,9 +477,18 @@ def test_second_instance_shares_what_the_first_decompressed(pool: Pool, workload
     Template.delete(pool, "shared.z")
 
 
+def _wait_idle(pid: int, timeout: float = 10.0) -> None:
+    """Until the instance blocks reading its next request (read(2) on fd 3)."""
+    deadline = time.monotonic() + timeout
+    while not Path(f"/proc/{pid}/syscall").read_text().startswith("0 0x3 "):
+        assert time.monotonic() < deadline, f"pid {pid} did not go back to waiting for a request"
+        time.sleep(0.001)
+
+
 def test_punched_pages_refault_and_are_refilled(pool: Pool, workload: Template) -> None:
     with compress(pool, workload.name, get_codec("lz4"), "punch.z", hot=[]) as z, thawed(z, "cow") as (inst, stub):
         assert request_json(stub, "/verify")["big"]
+        _wait_idle(inst.pid)  # done with the request: nothing of it touches a page after the punch
         image = z.cold_image()
         resident = image.stats().resident
         assert resident > 0
@@ -646,14 +655,12 @@ def _function(tmp_path: Path, body: str) -> Path:
 @pytest.mark.parametrize(
     ("init", "message"),
     [
-        (
-            "import threading, time\nthreading.Thread(target=time.sleep, args=(600,), name='sleeper').start()",
-            r"has 2 threads: \d+ \(python[\d.]*\), \d+ \(python[\d.]*\); a template holds one thread",
-        ),
-        ("import os\nPIPE = os.pipe()", r"fds a restore cannot recreate: fd \d+ -> pipe:\[\d+\]"),
+        ("import os\nR, W = os.pipe()\nos.write(W, b'unread')", r"pipe:\[\d+\] \(fd \d+, \d+\) holds 6 unread bytes"),
+        ("import os\nR, W = os.pipe()\nos.close(W)", r"holds only one end of pipe:\[\d+\] \(fd \d+\)"),
+        ("import socket\nS = socket.socket()", r"fds a restore cannot recreate: fd \d+ -> socket:\[\d+\]"),
         ("import mmap\nSHARED = mmap.mmap(-1, 4096)", r"writable shared mapping"),
     ],
-    ids=["threads", "pipe-fd", "shared-writable"],
+    ids=["unread-pipe", "half-a-pipe", "socket", "shared-writable"],
 )
 def test_uncapturable_guests_are_refused(pool: Pool, tmp_path: Path, init: str, message: str) -> None:
     guest = start_guest(_function(tmp_path, init))

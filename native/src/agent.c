@@ -432,10 +432,30 @@ static int child_setup(const int *fds, int nfds, int first, int keep)
     return 0;
 }
 
+/* Where the next fork's pid is counted from, in this pid namespace. Guests start from 2, so
+ * their threads' TIDs are small; stubs from STUB_PIDS_FROM, so a stub's own pid never takes a TID
+ * that a template's thread must get back (a restore recreates threads with their captured TIDs).
+ * Best effort: without it, pids keep counting up and a taken TID fails that restore, named. */
+#define STUB_PIDS_FROM 16384
+
+static void count_pids_from(long last)
+{
+    int fd = open("/proc/sys/kernel/ns_last_pid", O_WRONLY | O_CLOEXEC);
+    if (fd < 0)
+        return;
+    char text[24];
+    int n = snprintf(text, sizeof text, "%ld", last);
+    if (write(fd, text, (size_t)n) < 0) {
+        /* pid_max below the range, or not ours to set: pids go on from where they are */
+    }
+    close(fd);
+}
+
 static void do_stub(const struct thaw_agent_msg *req, const int *fds, int nfds)
 {
     if (nfds < 2)
         return reply_error(EINVAL, "a stub needs at least the log and control fds, got %d", nfds);
+    count_pids_from(STUB_PIDS_FROM);
     pid_t pid = fork();
     if (pid < 0)
         return reply_error(errno, "fork of a stub");
@@ -500,6 +520,7 @@ static void do_spawn(const struct thaw_agent_msg *req, char *payload, const int 
     int report[2];
     if (pipe2(report, O_CLOEXEC) < 0)
         return reply_error(errno, "pipe");
+    count_pids_from(1);
     pid_t pid = fork();
     if (pid < 0) {
         close(report[0]);

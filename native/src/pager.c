@@ -188,12 +188,13 @@ static int fill_cold(struct thaw_pager *p, int uffd, const struct thaw_pager_ran
  * while the kill lands. Counted as an error. */
 static void fail_fault(struct thaw_pager *p, int uffd, uint64_t addr)
 {
+    /* Counted before the kill: whoever sees the instance die asks the stats why. */
+    __atomic_add_fetch(&p->errors, 1, __ATOMIC_RELEASE);
     if (p->pidfd >= 0)
         syscall(SYS_pidfd_send_signal, p->pidfd, SIGKILL, NULL, 0);
     struct uffdio_zeropage zp = {.range = {.start = addr, .len = PAGE}};
     if (ioctl(uffd, UFFDIO_ZEROPAGE, &zp) < 0)
         wake(uffd, addr, PAGE);
-    p->errors++;
 }
 
 static void serve_cold_fault(struct thaw_pager *p, int uffd, const struct thaw_pager_range *r, uint64_t addr)

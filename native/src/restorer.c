@@ -314,9 +314,263 @@ static long drop_bounding(long last_cap)
     return failed;
 }
 
+/* -- THAW_OP_THREADS (see restorer.h) --------------------------------------------------------- */
+#define NR_CLONE3 435
+#define NR_FUTEX 202
+#define NR_EXIT 60
+#define NR_RT_SIGRETURN 15
+#define FUTEX_WAIT_PRIVATE_ 128
+#define FUTEX_WAKE_PRIVATE_ 129
+#define CLONE_THREAD_FLAGS_ 0x000d0f00ULL /* VM | FS | FILES | SIGHAND | THREAD | SYSVSEM | SETTLS */
+#define CLONE_CHILD_CLEARTID_ 0x00200000ULL
+
+struct clone_args_ {
+    uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls, set_tid, set_tid_size,
+        cgroup;
+};
+
+static long run_program(const struct thaw_restorer_op *ops, uint64_t nops, int64_t *failed_op, int64_t *result,
+                        uint64_t *done);
+
+static void copy_bytes(uint64_t to, uint64_t from, uint64_t n)
+{
+    volatile char *d = (volatile char *)to; /* volatile: never turned into a call to memcpy */
+    const volatile char *s = (const volatile char *)from;
+    for (uint64_t i = 0; i < n; i++)
+        d[i] = s[i];
+}
+
+static void say(struct thaw_thread *t, uint32_t state)
+{
+    __atomic_store_n(&t->state, state, __ATOMIC_RELEASE);
+    raw_syscall6(NR_FUTEX, (long)&t->state, FUTEX_WAKE_PRIVATE_, 1, 0, 0, 0);
+}
+
+/* A new thread starts here, on its stack in the scratch area, and never comes back. */
+__attribute__((used, noinline, noreturn)) static void thread_main(struct thaw_thread *t, struct thaw_threads *ts)
+{
+    uint64_t done = 0;
+    run_program((const struct thaw_restorer_op *)t->ops, t->nops, &t->failed_op, &t->result, &done);
+    if (t->failed_op >= 0) {
+        say(t, THAW_THREAD_FAILED);
+        for (;;)
+            raw_syscall6(NR_EXIT, 0, 0, 0, 0, 0, 0);
+    }
+    copy_bytes(t->frame_at, t->frame, t->frame_size);
+    say(t, THAW_THREAD_READY);
+    while (__atomic_load_n(&ts->go, __ATOMIC_ACQUIRE) == 0)
+        raw_syscall6(NR_FUTEX, (long)&ts->go, FUTEX_WAIT_PRIVATE_, 0, 0, 0, 0);
+    /* The frame is on the thread's own stack and the syscall instruction is the restored
+     * image's: once rt_sigreturn is entered, nothing of the scratch area is used. */
+    __asm__ volatile("mov %%rdi, %%rsp\n\t"
+                     "mov %[nr], %%eax\n\t"
+                     "jmp *%%rsi\n\t"
+                     :
+                     : "D"(t->sigreturn_sp), "S"(ts->syscall_insn), [nr] "i"(NR_RT_SIGRETURN)
+                     : "memory");
+    __builtin_unreachable();
+}
+
+/* clone3 onto `args->stack`; the child calls thread_main(t, ts) (r12 and r13 survive the
+ * syscall in both), the parent gets the child's TID or -errno. */
+static long clone_thread(struct clone_args_ *args, struct thaw_thread *t, struct thaw_threads *ts)
+{
+    long ret;
+    register long r12 __asm__("r12") = (long)t;
+    register long r13 __asm__("r13") = (long)ts;
+    __asm__ volatile("syscall\n\t"
+                     "test %%rax, %%rax\n\t"
+                     "jnz 1f\n\t"
+                     "mov %%r12, %%rdi\n\t"
+                     "mov %%r13, %%rsi\n\t"
+                     "call thread_main\n\t"
+                     "ud2\n\t"
+                     "1:\n\t"
+                     : "=a"(ret)
+                     : "a"(NR_CLONE3), "D"(args), "S"(sizeof *args), "r"(r12), "r"(r13)
+                     : "rcx", "r11", "memory");
+    return ret;
+}
+
+static long make_threads(struct thaw_threads *ts)
+{
+    struct thaw_thread *threads = (struct thaw_thread *)ts->threads;
+    ts->failed_thread = -1;
+    for (uint64_t i = 0; i < ts->nthreads; i++) {
+        struct thaw_thread *t = &threads[i];
+        int tid = (int)t->tid;
+        struct clone_args_ args = {0};
+        args.flags = CLONE_THREAD_FLAGS_ | (t->clear_tid ? CLONE_CHILD_CLEARTID_ : 0);
+        args.child_tid = t->clear_tid;
+        args.stack = t->stack;
+        args.stack_size = t->stack_size;
+        args.tls = t->tls;
+        args.set_tid = (uint64_t)&tid;
+        args.set_tid_size = 1;
+        t->failed_op = -1;
+        t->state = THAW_THREAD_SETTING_UP;
+        long r = clone_thread(&args, t, ts);
+        if (r < 0) {
+            t->result = r;
+            ts->failed_thread = (int64_t)i;
+            return r;
+        }
+        uint32_t state;
+        while ((state = __atomic_load_n(&t->state, __ATOMIC_ACQUIRE)) == THAW_THREAD_SETTING_UP)
+            raw_syscall6(NR_FUTEX, (long)&t->state, FUTEX_WAIT_PRIVATE_, THAW_THREAD_SETTING_UP, 0, 0, 0);
+        if (state != THAW_THREAD_READY) {
+            ts->failed_thread = (int64_t)i;
+            return t->result < 0 ? t->result : -EINTR_;
+        }
+    }
+    return 0;
+}
+
+#define NR_SCHED_YIELD 24
+#define NR_SCHED_SETAFFINITY 203
+#define OUT_TRIES 100000
+
+#define NR_GETDENTS64 217
+#define NR_READLINK 89
+#define O_DIRECTORY_ 0200000
+
+/* 1 while the thread /proc/self/task/`tid` may still be inside [lo, hi): its pc there, or running
+ * (on another CPU, when the tracer could not pin the stub) so that its pc is not known; 0 once it
+ * is out. `tid` is a name from /proc/self/task: a TID as that /proc's pid namespace counts. */
+static int still_inside(const char *tid, uint64_t lo, uint64_t hi)
+{
+    char path[64] = "/proc/self/task/";
+    char *p = path + 16;
+    for (int i = 0; tid[i] && i < 20; i++)
+        *p++ = tid[i];
+    for (const char *tail = "/syscall"; *tail;)
+        *p++ = *tail++;
+    *p = 0;
+    long fd = raw_syscall6(NR_OPENAT, AT_FDCWD_, (long)path, O_CLOEXEC_, 0, 0, 0);
+    if (fd == -2 /* ENOENT */ || fd == -3 /* ESRCH */)
+        return 0; /* it exited */
+    if (fd < 0)
+        return 1;
+    char buf[256];
+    long n = raw_syscall6(NR_READ, fd, (long)buf, sizeof buf - 1, 0, 0, 0);
+    raw_syscall6(NR_CLOSE, fd, 0, 0, 0, 0, 0);
+    if (n <= 0 || buf[0] == 'r') /* "running" */
+        return 1;
+    while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == ' '))
+        n--;
+    long start = n;
+    while (start > 0 && buf[start - 1] != ' ')
+        start--;
+    const char *q = buf + start + 2; /* past "0x" */
+    uint64_t pc = hex(&q, buf + n);
+    return pc >= lo && pc < hi;
+}
+
+/* This thread's name in /proc/self/task ("PID/task/TID" is what /proc/thread-self points to). */
+static long own_task(char *name, long size)
+{
+    char link[64];
+    long n = raw_syscall6(NR_READLINK, (long)"/proc/thread-self", (long)link, sizeof link - 1, 0, 0, 0);
+    if (n <= 0)
+        return n < 0 ? n : -2;
+    long start = n;
+    while (start > 0 && link[start - 1] != '/')
+        start--;
+    long len = n - start < size - 1 ? n - start : size - 1;
+    for (long i = 0; i < len; i++)
+        name[i] = link[start + i];
+    name[len] = 0;
+    return 0;
+}
+
+/* Wait, yielding the CPU, until every other thread listed in /proc/self/task is out of [lo, hi).
+ * The list comes from /proc, not from the TIDs the threads were given: those count in the
+ * instance's pid namespace, which need not be the one this /proc shows (a stub without one). */
+static long wait_out_of(uint64_t lo, uint64_t hi)
+{
+    char self[24];
+    long r = own_task(self, sizeof self);
+    if (r < 0)
+        return r;
+    long dir = raw_syscall6(NR_OPENAT, AT_FDCWD_, (long)"/proc/self/task", O_DIRECTORY_ | O_CLOEXEC_, 0, 0, 0);
+    if (dir < 0)
+        return dir;
+    char buf[2048];
+    for (;;) {
+        long n = raw_syscall6(NR_GETDENTS64, dir, (long)buf, sizeof buf, 0, 0, 0);
+        if (n <= 0) {
+            r = n;
+            break;
+        }
+        for (long at = 0; at < n;) {
+            uint16_t reclen = *(uint16_t *)(buf + at + 16);
+            const char *name = buf + at + 19; /* struct linux_dirent64: ino, off, reclen, type, name */
+            at += reclen;
+            if (name[0] < '0' || name[0] > '9' || same(name, self))
+                continue;
+            for (int tries = 0; tries < OUT_TRIES && still_inside(name, lo, hi); tries++)
+                raw_syscall6(NR_SCHED_YIELD, 0, 0, 0, 0, 0, 0);
+        }
+    }
+    raw_syscall6(NR_CLOSE, dir, 0, 0, 0, 0, 0);
+    return r;
+}
+
+static long threads_go(struct thaw_threads *ts)
+{
+    struct thaw_thread *threads = (struct thaw_thread *)ts->threads;
+    __atomic_store_n(&ts->go, 1, __ATOMIC_RELEASE);
+    raw_syscall6(NR_FUTEX, (long)&ts->go, FUTEX_WAKE_PRIVATE_, 0x7fffffff, 0, 0, 0);
+    long r = wait_out_of(ts->scratch, ts->scratch_end);
+    if (r < 0)
+        return r;
+    for (uint64_t i = 0; i < ts->nthreads; i++) {
+        r = raw_syscall6(NR_SCHED_SETAFFINITY, (long)threads[i].tid, THAW_AFFINITY_BYTES, (long)ts->affinity, 0, 0,
+                         0);
+        if (r < 0 && r != -3 /* ESRCH: it exited already */)
+            return r;
+    }
+    return 0;
+}
+
+/* -- THAW_OP_PIPE: made at the lowest free fds, then moved above every captured fd (`spare`) so
+ * neither end lands on the other's number, then to their own. */
+#define NR_PIPE2 293
+#define NR_FCNTL 72
+#define F_DUPFD_ 0
+#define F_SETFL_ 4
+#define O_ACCMODE_ 3
+
+static long place_fd(long from, long to, long flags)
+{
+    long r = raw_syscall6(NR_DUP3, from, to, flags & O_CLOEXEC_, 0, 0, 0);
+    raw_syscall6(NR_CLOSE, from, 0, 0, 0, 0, 0);
+    if (r < 0)
+        return r;
+    return raw_syscall6(NR_FCNTL, to, F_SETFL_, flags & ~(O_CLOEXEC_ | O_ACCMODE_), 0, 0, 0);
+}
+
+static long make_pipe(long read_fd, long write_fd, long read_flags, long write_flags, long spare)
+{
+    int ends[2];
+    long r = raw_syscall6(NR_PIPE2, (long)ends, 0, 0, 0, 0, 0);
+    if (r < 0)
+        return r;
+    long moved[2];
+    for (int i = 0; i < 2; i++) {
+        moved[i] = raw_syscall6(NR_FCNTL, ends[i], F_DUPFD_, spare, 0, 0, 0);
+        raw_syscall6(NR_CLOSE, ends[i], 0, 0, 0, 0, 0);
+        if (moved[i] < 0)
+            return moved[i];
+    }
+    r = place_fd(moved[0], read_fd, read_flags);
+    return r < 0 ? r : place_fd(moved[1], write_fd, write_flags);
+}
+
 static long run_op(const struct thaw_restorer_op *op, long saved)
 {
     long a0 = (op->flags & THAW_OPF_ARG0_SAVED) ? saved : (long)op->args[0];
+    long a1 = (op->flags & THAW_OPF_ARG1_SAVED) ? saved : (long)op->args[1];
     if (op->kind == THAW_OP_PREAD)
         return pread_fully(a0, op->args[1], op->args[2], op->args[3]);
     if (op->kind == THAW_OP_PAUSE) {
@@ -329,30 +583,43 @@ static long run_op(const struct thaw_restorer_op *op, long saved)
         return drop_bounding(a0);
     if (op->kind == THAW_OP_OPEN_FD)
         return open_fd(op->args[0], (long)op->args[1], (long)op->args[2], (long)op->args[3]);
-    return raw_syscall6((long)op->nr, a0, (long)op->args[1], (long)op->args[2], (long)op->args[3],
-                        (long)op->args[4], (long)op->args[5]);
+    if (op->kind == THAW_OP_THREADS)
+        return make_threads((struct thaw_threads *)a0);
+    if (op->kind == THAW_OP_THREADS_GO)
+        return threads_go((struct thaw_threads *)a0);
+    if (op->kind == THAW_OP_PIPE)
+        return make_pipe(a0, a1, (long)op->args[2], (long)op->args[3], (long)op->args[4]);
+    return raw_syscall6((long)op->nr, a0, a1, (long)op->args[2], (long)op->args[3], (long)op->args[4],
+                        (long)op->args[5]);
 }
 
-__attribute__((section(".text.entry"), noreturn, used)) void restorer_entry(struct thaw_restorer_args *a)
+/* Run `nops` ops in order, stopping at the first that fails (its index and result go out). */
+static long run_program(const struct thaw_restorer_op *ops, uint64_t nops, int64_t *failed_op, int64_t *result,
+                        uint64_t *done)
 {
-    const struct thaw_restorer_op *ops = (const struct thaw_restorer_op *)a->ops;
     long saved = 0;
-    a->failed_op = -1;
-    a->result = 0;
-    for (uint64_t i = 0; i < a->nops; i++) {
+    *failed_op = -1;
+    *result = 0;
+    for (uint64_t i = 0; i < nops; i++) {
         const struct thaw_restorer_op *op = &ops[i];
         long r = run_op(op, saved);
         if (r < 0 && r > -4096 && !(op->flags & THAW_OPF_ALLOW_ERROR)) {
-            a->failed_op = (int64_t)i;
-            a->result = r;
-            break;
+            *failed_op = (int64_t)i;
+            *result = r;
+            return r;
         }
         if (op->flags & THAW_OPF_SAVE)
             saved = r;
         if (op->flags & THAW_OPF_STORE32)
             *(volatile uint32_t *)op->store = (uint32_t)r;
-        a->done = i + 1;
+        *done = i + 1;
     }
+    return 0;
+}
+
+__attribute__((section(".text.entry"), noreturn, used)) void restorer_entry(struct thaw_restorer_args *a)
+{
+    run_program((const struct thaw_restorer_op *)a->ops, a->nops, &a->failed_op, &a->result, &a->done);
     for (;;)
         __asm__ volatile("int3");
 }

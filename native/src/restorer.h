@@ -25,6 +25,66 @@ enum thaw_restorer_op_kind {
     THAW_OP_PAUSE = 4,   /* int3, then go on when the tracer resumes (it starts the pager here) */
     THAW_OP_CLEAN_STUB = 5,   /* args[0] = struct thaw_stub_clean *: make room for the template */
     THAW_OP_DROP_BOUNDING = 6, /* drop capabilities 0..args[0] that are still in the bounding set */
+    THAW_OP_THREADS = 7,       /* args[0] = struct thaw_threads *: recreate the template's other threads */
+    THAW_OP_THREADS_GO = 8,    /* args[0] = struct thaw_threads *: let them run (after the credentials) */
+    THAW_OP_PIPE = 9, /* a new pipe, read end as fd args[0] (flags args[2]), write end as fd args[1]
+                         (flags args[3]); fds from args[4] up are free for the moves */
+};
+
+/* THAW_OP_THREADS: the template's other threads, recreated by the blob (CRIU's restorer does the
+ * same), so a restore costs the same ptrace round trips with 1 thread or 64. For each thread in
+ * turn, clone3 with set_tid gives it its captured TID (glibc caches TIDs in struct pthread) and
+ * its fs_base (CLONE_SETTLS) and tid address (CLONE_CHILD_CLEARTID); the new thread runs its own
+ * program on a stack in the scratch area (robust list, rseq, name, affinity, pending signals,
+ * credentials, seccomp: all per-thread state), copies its signal frame below its captured stack
+ * pointer, says READY through `state`, and waits for `go`. The main thread waits for each READY;
+ * a thread that fails says FAILED and exits, and the op fails with its result (-EEXIST from
+ * clone3: its TID is taken).
+ *
+ * THAW_OP_THREADS_GO comes after the main thread's own credentials and seccomp filter: until
+ * then no thread may run code of the function's (its memory is shared with a main thread that is
+ * still privileged, and whose program lies in the writable scratch area). It sets `go`, and each
+ * thread returns to its captured registers, xstate, signal mask and alternate stack with
+ * rt_sigreturn, run at a `syscall` instruction of the restored image. The tracer unmaps the
+ * scratch area after the blob ends, so the op waits until no thread is inside it: while the
+ * restore runs, every thread shares the main thread's one CPU (native/tracer.py, same_cpu), so
+ * a thread the main thread sees in /proc/self/task/TID/syscall is not running and its pc is
+ * exact; the op yields the CPU until every pc is out of [scratch, scratch_end). Then each thread
+ * gets `affinity` (every CPU the cpuset allows). */
+#define THAW_THREAD_SETTING_UP 0u
+#define THAW_THREAD_READY 1u
+#define THAW_THREAD_FAILED 2u
+
+struct thaw_thread {
+    uint64_t tid;           /* its TID, kept */
+    uint64_t tls;           /* its fs_base */
+    uint64_t clear_tid;     /* its tid address, 0: none */
+    uint64_t stack;         /* [stack, stack + stack_size): for its program, in the scratch area */
+    uint64_t stack_size;
+    uint64_t nops;          /* its program */
+    uint64_t ops;
+    uint64_t frame;         /* its signal frame (fpstate and struct rt_sigframe), built by Python */
+    uint64_t frame_size;
+    uint64_t frame_at;      /* where the frame goes: below the captured stack pointer and red zone */
+    uint64_t sigreturn_sp;  /* the stack pointer rt_sigreturn wants: just past the frame's pretcode */
+    int64_t failed_op;      /* out: index of its op that failed, -1 */
+    int64_t result;         /* out: that op's result (or clone3's) */
+    uint32_t state;         /* out, a futex word: THAW_THREAD_* */
+    uint32_t pad;
+};
+
+#define THAW_AFFINITY_BYTES 128
+
+struct thaw_threads {
+    uint64_t nthreads;
+    uint64_t threads;      /* struct thaw_thread[nthreads] */
+    uint64_t syscall_insn; /* a `syscall` instruction of the restored image */
+    uint64_t scratch;      /* [scratch, scratch_end): the area the threads must have left */
+    uint64_t scratch_end;
+    int64_t failed_thread; /* out: index of the thread that failed, -1 */
+    uint32_t go;           /* a futex word: 1 once the threads may run */
+    uint32_t pad;
+    uint8_t affinity[THAW_AFFINITY_BYTES];
 };
 
 /* THAW_OP_CLEAN_STUB: the stub-specific start of every restore, done by the blob itself so the
@@ -77,6 +137,7 @@ struct thaw_stub_report {
 #define THAW_OPF_SAVE 2u        /* keep the result in the saved slot */
 #define THAW_OPF_ARG0_SAVED 4u  /* args[0] = the saved slot */
 #define THAW_OPF_STORE32 8u     /* write the result as a 32-bit value at `store` */
+#define THAW_OPF_ARG1_SAVED 16u /* args[1] = the saved slot */
 
 struct thaw_restorer_op {
     uint32_t kind;

@@ -65,13 +65,13 @@ def start_parked(
     function_dir: Path, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 120
 ) -> ParkedGuest:
     """Start `python -m sandbox.guest function_dir` with fd 3 on a socketpair; return once it has
-    said READY and stopped itself. Thread pools stay off during init (OMP_NUM_THREADS=1)."""
+    said READY and stopped itself."""
     ours, theirs = socket.socketpair()
     popen = subprocess.Popen(
         ["sh", "-c", 'exec "$@" 3<&0 </dev/null', "sh", sys.executable, "-m", "sandbox.guest", str(function_dir)],
         stdin=theirs.fileno(),  # the shell moves it to fd 3
         cwd=cwd,
-        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        env={**os.environ, **(env or {})},
     )
     theirs.close()
     guest = ParkedGuest(popen, ours)
