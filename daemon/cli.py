@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from snapshot.vocabulary import ColdCodec, RestoreMode, choices
+
 if TYPE_CHECKING:
     import http.client
 
@@ -490,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", type=float, help="CPU limit in cores, e.g. 0.5")
     p.add_argument("--timeout", type=float, help="seconds per invocation (default: thawd's)")
     p.add_argument("--env", action="append", metavar="NAME=VALUE", help="environment variable (repeatable)")
-    p.add_argument("--mode", default="cow", choices=["cow", "copy", "lazy"], help="restore mode (default cow)")
+    p.add_argument("--mode", default="cow", choices=choices(RestoreMode), help="restore mode (default cow)")
     p.add_argument("--max-instances", type=int, help="instances of this function at most")
     p.add_argument("--idle-timeout", type=float, help="seconds an idle instance stays warm (0: release at once)")
     p.set_defaults(run=cmd_deploy)
@@ -518,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("name")
     p.add_argument("form", choices=["warm", "compressed", "evicted"])
-    p.add_argument("--codec", choices=["lz4", "zstd", "deflate", "iaa"], help="for compressed (default: thawd's)")
+    p.add_argument("--codec", choices=choices(ColdCodec), help="for compressed (default: thawd's)")
     p.set_defaults(run=cmd_template)
     p = sub.add_parser("instances", parents=[common], help="list live instances")
     p.add_argument("name", nargs="?", help="only this function's")

@@ -18,6 +18,7 @@ from typing import Any
 from sandbox.egress import parse_host_ports
 from sandbox.errors import InvalidHostPorts
 from shmpool.cli import parse_size
+from snapshot.vocabulary import ColdCodec, choices
 
 NODE_LIST = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
 
@@ -135,8 +136,8 @@ class DaemonConfig:
                 raise ConfigError(f"{_dotted(name)} must not be negative, not {getattr(self, name)}")
         if self.keepalive_policy not in ("fixed", "hybrid"):
             raise ConfigError(f"keepalive.policy must be fixed or hybrid, not {self.keepalive_policy!r}")
-        if self.keepalive_codec not in ("lz4", "zstd", "deflate", "iaa"):
-            raise ConfigError(f"keepalive.codec must be lz4, zstd, deflate or iaa, not {self.keepalive_codec!r}")
+        if self.keepalive_codec not in choices(ColdCodec):
+            raise ConfigError(f"keepalive.codec must be {', '.join(choices(ColdCodec))}, not {self.keepalive_codec!r}")
         for name in ("keepalive_plan_interval", "keepalive_cache_ttl"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_dotted(name)} must be positive, not {getattr(self, name)}")

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from native import mounts, pidfd
+from native.restorer import FIRST_RESTORE_FD
 from native.seccomp import program as default_seccomp
 from sandbox import rootfs
 from sandbox.agent import Agent, AgentOptions
@@ -33,7 +34,6 @@ from sandbox.errors import AgentError, InvalidSpec, SandboxError, UnsupportedRes
 from sandbox.network import Lease, Network
 
 FUNCTION_DIR = "/function"
-FIRST_RESTORE_FD = 1000
 UNPRIVILEGED_USERFAULTFD = Path("/proc/sys/vm/unprivileged_userfaultfd")
 _HOSTNAME = re.compile(r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?")  # fullmatch: `$` takes a trailing newline
 

@@ -55,6 +55,7 @@ from snapshot.compress import compress
 from snapshot.restore import Instance, restore
 from snapshot.stub import LaunchedStub, launch_stub
 from snapshot.template import Template
+from snapshot.vocabulary import RestoreMode
 
 REPO = Path(__file__).resolve().parents[1]
 GUEST = """
@@ -251,7 +252,7 @@ def bench_compressed(pool: Pool, function_dir: Path, records: int, reps: int) ->
         assert stub.control is not None
         _request(stub.control, "/work")
         _close(instance, stub)
-        for mode in ("cow", "copy", "lazy"):
+        for mode in RestoreMode:
             rows.append(measure_first_invocations(template, mode, None, reps))
         for codec in available_codecs():
             with compress(pool, "heavy", get_codec(codec)) as z:

@@ -22,6 +22,7 @@ from typing import Any
 from native.pager import MAX_COLD_CHUNK
 from snapshot.errors import TemplateCorrupt, TemplateTooOld
 from snapshot.threads import ThreadRecord
+from snapshot.vocabulary import ColdCodec
 
 MAGIC = b"THAWTPL\0"
 VERSION = 2  # 2: threads, pending signals, pipes
@@ -116,7 +117,7 @@ class MmFields:
 
 
 COLD_CHUNK = struct.Struct("<QQII")  # seg_off, comp_off, length, comp_length
-COLD_CODECS = ("lz4", "zstd", "deflate", "iaa")
+COLD_CODECS = tuple(ColdCodec)
 PAGE = 4096
 
 

@@ -66,6 +66,7 @@ from native.ptrace import Registers
 from native.restorer import (
     ARG0_SAVED,
     ARGS,
+    FIRST_RESTORE_FD,
     SAVE,
     SPECIALS_DIFFER,
     STORE32,
@@ -81,7 +82,7 @@ from snapshot import procfs
 from snapshot.errors import FileChanged, RestoreError
 from snapshot.inject import InjectionError, SyscallInjector, restart_fixup, seize_stopped
 from snapshot.manifest import Manifest, VmaRecord
-from snapshot.template import FIRST_RESTORE_FD, MODES, Template
+from snapshot.template import MODES, Template
 from snapshot.threads import ThreadPlan, ThreadRecord, queue_pending
 
 PAGE = procfs.PAGE

@@ -25,10 +25,10 @@ from typing import IO, Any
 
 import native
 from native.constants import CloneFlag
+from native.restorer import FIRST_RESTORE_FD
 from snapshot import procfs
 from snapshot.errors import RestoreError
 from snapshot.restore import Stub
-from snapshot.template import FIRST_RESTORE_FD
 
 STUB_PROGRAM = Path(native.__file__).parent / "thaw-stub"
 STOP_TIMEOUT = 10.0

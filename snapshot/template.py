@@ -30,9 +30,9 @@ from native.tracer import FileChecks
 from shmpool import Pool, Segment, SegmentNotFound
 from snapshot.errors import FileChanged, TemplateCorrupt
 from snapshot.manifest import HEADER_SIZE, FileIdentity, Manifest, check_manifest, unpack_header
+from snapshot.vocabulary import RestoreMode
 
-MODES = ("cow", "copy", "lazy")
-FIRST_RESTORE_FD = 1000
+MODES = tuple(RestoreMode)
 SEGMENT_SLOT = 0  # restore fd slots: the segment, then every file of the manifest, then the cache
 
 

@@ -30,11 +30,12 @@ from snapshot.errors import FileChanged, NotCapturable, RestoreError, TemplateCo
 from snapshot.restore import restore
 from snapshot.stub import LaunchedStub, launch_stub
 from snapshot.template import Template
+from snapshot.vocabulary import RestoreMode
 from tests.damage import flip_byte, segment_path, write_behind
 from tests.guests import captured, prepared_stub_facts, recv, request, start_guest, thawed
 
 pytestmark = pytest.mark.privileged
-MODES = ["cow", "copy", "lazy"]
+MODES = list(RestoreMode)
 
 WORKLOAD = """
 import ctypes, decimal, fractions, hashlib, json, os, random, signal, threading, time

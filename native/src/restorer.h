@@ -13,6 +13,10 @@
 /* A stub may map the restorer's scratch area itself before it stops (anonymous, read/write/exec,
  * exactly here and this large): a restore whose plan chose this address then skips one injected
  * mmap, a ptrace round trip. Both stubs thaw ships (thaw-stub and the sandbox agent's) do. */
+/* Where a stub holds the fds a restore needs: the template segment, the files it maps, the cache
+ * (snapshot/template.py, Template.restore_fds, orders them). */
+#define THAW_FIRST_RESTORE_FD 1000
+
 #define THAW_STUB_SCRATCH 0x200000000000ULL
 #define THAW_STUB_SCRATCH_SIZE (4ULL << 20)
 

@@ -26,7 +26,6 @@
 
 #include "stub_prepare.h"
 
-#define FIRST_RESTORER_FD 1000
 #define CONTROL_FD 3
 
 static int status_code(int status)
@@ -55,12 +54,12 @@ static int bare;
 
 static int become_stub(int nmoves, char **moves)
 {
-    int top = FIRST_RESTORER_FD - 1, control = -1;
+    int top = THAW_FIRST_RESTORE_FD - 1, control = -1;
     for (int i = 0; i < nmoves; i++) {
         int src, dst;
-        if (sscanf(moves[i], "%d:%d", &src, &dst) != 2 || (dst != CONTROL_FD && dst < FIRST_RESTORER_FD)) {
+        if (sscanf(moves[i], "%d:%d", &src, &dst) != 2 || (dst != CONTROL_FD && dst < THAW_FIRST_RESTORE_FD)) {
             fprintf(stderr, "thaw-stub: bad fd move %s (want SRC:3 or SRC:DST with DST >= %d)\n", moves[i],
-                    FIRST_RESTORER_FD);
+                    THAW_FIRST_RESTORE_FD);
             return 2;
         }
         if (dst == CONTROL_FD) { /* last: its source may be the number another move needs */
@@ -78,7 +77,7 @@ static int become_stub(int nmoves, char **moves)
         perror("thaw-stub: dup2 of the control socket");
         return 2;
     }
-    syscall(SYS_close_range, 4, FIRST_RESTORER_FD - 1, 0);
+    syscall(SYS_close_range, 4, THAW_FIRST_RESTORE_FD - 1, 0);
     syscall(SYS_close_range, top + 1, ~0U, 0);
     if (!bare)
         thaw_stub_prepare(NULL);
