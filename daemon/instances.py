@@ -73,6 +73,7 @@ from snapshot.errors import SnapshotError, TemplateCorrupt, TemplateTooOld
 from snapshot.restore import Instance as Restored
 from snapshot.restore import Stub, restore
 from snapshot.template import Template, working_set_name
+from snapshot.vocabulary import ColdCodec, choices
 
 log = logging.getLogger("thawd")
 T = TypeVar("T")
@@ -823,8 +824,8 @@ class Manager:
             wanted = Form(form)
         except ValueError:
             raise Invalid(f"form must be one of {', '.join(f.value for f in Form)}, not {form!r}") from None
-        if codec is not None and codec not in ("lz4", "zstd", "deflate", "iaa"):
-            raise Invalid(f"codec must be lz4, zstd, deflate or iaa, not {codec!r}")
+        if codec is not None and codec not in choices(ColdCodec):
+            raise Invalid(f"codec must be {', '.join(choices(ColdCodec))}, not {codec!r}")
         if wanted is Form.COMPRESSED and (refusal := paged_restore_refusal(self.sandboxes.config)):
             raise Invalid(f"{name}'s template cannot be compressed here: {refusal}")
         async with self._lock(name):
