@@ -190,12 +190,13 @@ class SandboxPool:
         finally:  # on any other error too: the sandbox is neither kept nor lost from the count
             with self.changed:
                 self.returning -= 1
-                if clean and not self.closed:
+                kept = clean and not self.closed
+                if kept:
                     self._idle(sandbox)
                 else:
                     self.leaving += 1
                 self.changed.notify_all()
-            if not (clean and not self.closed):
+            if not kept:
                 self._leave(sandbox)
 
     def _idle(self, sandbox: Sandbox) -> None:
@@ -205,6 +206,8 @@ class SandboxPool:
     def _discard(self, sandbox: Sandbox) -> None:
         """Destroy a busy sandbox (a failed repurpose)."""
         with self.lock:
+            if sandbox not in self.busy:  # destroy() took it down already, with the pool
+                return
             self.busy.discard(sandbox)
             self.leaving += 1
         self._leave(sandbox)
