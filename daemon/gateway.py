@@ -36,9 +36,10 @@ from aiohttp import web
 
 from daemon.bodies import json_body, json_response
 from daemon.errors import Conflict, Invalid, NotFound, ThawError, describe, short_repr
-from daemon.instances import FunctionState, Manager
+from daemon.instances import Manager
 from daemon.registry import FunctionSpec, InvalidFunction, check_cpu, check_memory
 from daemon.server import INVOKE_METHODS, VERSION, invocation_of, parse_since, parse_tail, reply_response, stream_logs
+from daemon.state import FunctionState
 
 NAMESPACE = "openfaas-fn"
 TIMEOUT_ANNOTATION = "com.thaw.timeout"

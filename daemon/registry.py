@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -168,6 +169,9 @@ class Deployed:
     updated_at: float
     directory: Path  # the function's directory in the registry
     init_ms: float | None = None  # the guest's cold start at deploy: exec to READY
+    # Kept with the function across restarts of thawd (faasd keeps them in its deployments):
+    min_warm: int = 0  # the scale target (the gateway's scale-function)
+    invocations: int = 0
 
     @property
     def revision_dir(self) -> Path:
@@ -213,7 +217,10 @@ class Registry:
     def _read(self, directory: Path) -> Deployed:
         data = json.loads((directory / "function.json").read_text())
         spec = FunctionSpec.from_json(data["spec"])
-        return Deployed(spec, data["revision"], data["created_at"], data["updated_at"], directory, data.get("init_ms"))
+        counts = (_count(data.get("min_warm")), _count(data.get("invocations")))
+        return Deployed(
+            spec, data["revision"], data["created_at"], data["updated_at"], directory, data.get("init_ms"), *counts
+        )
 
     def get(self, name: str) -> Deployed:
         directory = self.root / name
@@ -254,19 +261,30 @@ class Registry:
     def commit(self, staged: Deployed) -> None:
         """Put `staged` in force (atomically). The previous revision's files stay until its last
         instance is gone (the daemon removes them with its template)."""
+        self._write(staged)
+
+    def save_counts(self, deployed: Deployed) -> None:
+        """Store the function's scale target and invocation count (atomically, as a deploy does).
+        A function deleted meanwhile is not brought back."""
+        if (deployed.directory / "function.json").exists():
+            self._write(deployed)
+
+    def _write(self, deployed: Deployed) -> None:
         record = {
-            "spec": staged.spec.to_json(),
-            "revision": staged.revision,
-            "created_at": staged.created_at,
-            "updated_at": staged.updated_at,
-            "init_ms": staged.init_ms,
+            "spec": deployed.spec.to_json(),
+            "revision": deployed.revision,
+            "created_at": deployed.created_at,
+            "updated_at": deployed.updated_at,
+            "init_ms": deployed.init_ms,
+            "min_warm": deployed.min_warm,
+            "invocations": deployed.invocations,
         }
-        tmp = staged.directory / "function.json.tmp"
+        tmp = deployed.directory / f"function.json.{threading.get_ident()}.tmp"  # a write per thread: no clash
         with open(tmp, "w") as f:
             json.dump(record, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        tmp.rename(staged.directory / "function.json")
+        tmp.rename(deployed.directory / "function.json")
 
     def discard(self, staged: Deployed) -> None:
         """Remove a revision that never came into force (and the function's directory if it was its first)."""
@@ -276,6 +294,11 @@ class Registry:
 
     def remove(self, name: str) -> None:
         shutil.rmtree(self.get(name).directory)
+
+
+def _count(value: Any) -> int:
+    """A stored count; what an older thawd did not store (or a damaged record) is 0."""
+    return value if _is_int(value) and value >= 0 else 0
 
 
 def install_requirements(requirements: Path, site: Path) -> None:

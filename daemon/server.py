@@ -18,10 +18,12 @@ from aiohttp import web
 
 from daemon.bodies import json_body, json_response
 from daemon.errors import Invalid, ThawError, describe
-from daemon.instances import FunctionState, Invocation, Manager, Reply
+from daemon.guestio import Invocation, Reply
+from daemon.instances import Manager
 from daemon.lora.api import add_routes as add_lora_routes
 from daemon.lora.host import LoraHost
 from daemon.registry import FunctionSpec, InvalidFunction
+from daemon.state import FunctionState
 
 log = logging.getLogger("thawd")
 OPENAPI = Path(__file__).with_name("openapi.json")

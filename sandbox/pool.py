@@ -40,6 +40,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from sandbox.cgroups import CgroupTree, Limits
 from sandbox.errors import InvalidSpec, PoolExhausted, SandboxError
@@ -62,6 +63,9 @@ class PoolSettings:
     # cpuset allows that node (else the kernel ignores the policy and allocates from the cpuset).
     cpuset_mems: str | None = None
     idle_timeout: float = 120.0  # seconds an idle sandbox beyond `prewarm` is kept (see shrink())
+    # Idle sandboxes hold a stub that waits for its restore (Sandbox.prepare_stub), forked when
+    # the sandbox is built or given back, so a thaw into one does not wait for a fork.
+    waiting_stubs: bool = False
 
     def validate(self) -> PoolSettings:
         if not 0 <= self.prewarm <= self.max_size or self.max_size < 1:
@@ -97,13 +101,24 @@ class SandboxPool:
         self.closed = False
         try:
             for _ in range(self.settings.prewarm):
-                self._idle(self._create())
+                sandbox = self._create()
+                self._idle(sandbox)
+                self._prepare(sandbox)
         except BaseException:
             self.destroy()
             raise
 
     def _create(self) -> Sandbox:
         return Sandbox.create(self.config, self.tree, self.network)
+
+    def _prepare(self, sandbox: Sandbox) -> None:
+        if self.settings.waiting_stubs:
+            sandbox.prepare_stub()
+
+    def available(self) -> int:
+        """Sandboxes an acquire could have now without waiting: idle ones, and room to build."""
+        with self.lock:
+            return len(self.idle) + max(self.settings.max_size - self.size(), 0)
 
     def size(self) -> int:
         """Every sandbox that exists, whatever it is doing (never above settings.max_size)."""
@@ -115,7 +130,7 @@ class SandboxPool:
         spec.validate()
         if self.settings.cpuset_mems is not None and spec.limits.cpuset_mems is None:
             spec = replace(spec, limits=replace(spec.limits, cpuset_mems=self.settings.cpuset_mems))
-        sandbox = self._take(wait)
+        sandbox = self._take(wait, spec.function_dir)
         if sandbox is None:
             try:
                 sandbox = self._create()
@@ -144,15 +159,17 @@ class SandboxPool:
             raise
         return sandbox
 
-    def _take(self, wait: float) -> Sandbox | None:
-        """An idle sandbox, now busy; or None with a build counted (the caller builds it)."""
+    def _take(self, wait: float, function_dir: Path) -> Sandbox | None:
+        """An idle sandbox, now busy; or None with a build counted (the caller builds it). The
+        most recently used one that holds `function_dir` already (its repurpose then has nothing
+        to do), else the most recently used."""
         deadline = time.monotonic() + wait
         with self.changed:
             while True:
                 if self.closed:
                     raise SandboxError("the sandbox pool is shut down")
                 if self.idle:
-                    sandbox = self.idle.pop()
+                    sandbox = self.idle.pop(self._steer(function_dir))
                     del self.idle_since[sandbox]
                     self.busy.add(sandbox)
                     return sandbox
@@ -167,6 +184,13 @@ class SandboxPool:
                         f"{self.returning + self.leaving} on their way back or out)"
                     )
                 self.changed.wait(left)
+
+    def _steer(self, function_dir: Path) -> int:
+        """Where in `idle` the sandbox for `function_dir` is (the lock is held)."""
+        for i in range(len(self.idle) - 1, -1, -1):
+            if self.idle[i].mounted == function_dir:
+                return i
+        return -1
 
     def release(self, sandbox: Sandbox) -> None:
         """Kill the sandbox's instances, scrub it and keep it for the next function."""
@@ -184,6 +208,7 @@ class SandboxPool:
         try:
             if sandbox.alive():
                 sandbox.release()
+                self._prepare(sandbox)  # on this thread, the releasing one: off the next thaw's path
                 clean = True
         except SandboxError:
             pass  # it cannot be made clean: it goes

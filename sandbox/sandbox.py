@@ -15,12 +15,14 @@ and every program spawned here under a seccomp filter (a stub gets it from its r
 
 from __future__ import annotations
 
+import array
 import contextlib
 import os
 import re
 import secrets
 import shutil
 import signal
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +36,9 @@ from sandbox.errors import AgentError, InvalidSpec, SandboxError, UnsupportedRes
 from sandbox.network import Lease, Network
 
 FUNCTION_DIR = "/function"
+# Where a waiting stub holds its end of the hand-off socket, below the restore fds: the fds it
+# receives land at the lowest free numbers (4 on: 0-3 are taken), clear of every place they go.
+HANDOFF_FD = FIRST_RESTORE_FD - 1
 UNPRIVILEGED_USERFAULTFD = Path("/proc/sys/vm/unprivileged_userfaultfd")
 _HOSTNAME = re.compile(r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?")  # fullmatch: `$` takes a trailing newline
 
@@ -164,7 +169,9 @@ class Sandbox:
         self.spec: SandboxSpec | None = None
         self.limits: Limits | None = None  # what the instance cgroup holds (None: not known)
         self.hostname = f"sbx-{sandbox_id}"
+        self.mounted: Path | None = None  # the function directory at /function (kept across a release)
         self.processes: list[SandboxProcess] = []
+        self.waiting: WaitingStub | None = None  # a stub stopped in here, waiting for its restore fds
 
     # -- building ------------------------------------------------------------------------------------
     @classmethod
@@ -212,18 +219,23 @@ class Sandbox:
     def repurpose(self, spec: SandboxSpec) -> None:
         """Make this sandbox the given function's: limits, /function, hostname, env. /tmp is fresh
         already: a sandbox is repurposed only new or released, and nothing runs in it in between.
-        Limits the instance cgroup holds already are not written again (a function's instances
-        often follow each other through the same sandbox)."""
+        What the sandbox holds already is not done again: a function's instances often follow
+        each other through the same sandbox (the pool steers them there), and then neither the
+        limits, nor the function mount (release keeps it), nor the hostname change: no request
+        to the agent at all."""
         spec.validate()
         if spec.limits != self.limits:
             self.limits = None  # unknown until every file is written
             self.instance_cgroup.set_limits(spec.limits)
             self.limits = spec.limits
-        mount = mounts.detached_bind(str(spec.function_dir))
-        try:
-            self.agent.mount_function(mount)
-        finally:
-            os.close(mount)
+        if spec.function_dir != self.mounted:
+            self.mounted = None  # unknown until the agent says it is done
+            mount = mounts.detached_bind(str(spec.function_dir))
+            try:
+                self.agent.mount_function(mount)
+            finally:
+                os.close(mount)
+            self.mounted = spec.function_dir
         hostname = spec.hostname or f"sbx-{self.id}"
         if hostname != self.hostname:
             self.agent.hostname(hostname)
@@ -265,6 +277,44 @@ class Sandbox:
             inner, pid = self.agent.stub(log, control, restore_fds, FIRST_RESTORE_FD)
         return self._track(inner, pid)
 
+    def prepare_stub(self) -> None:
+        """Leave a stub in this (idle) sandbox, forked and stopped now, off any thaw's path: it
+        holds /dev/null at fds 0-3 and one end of a hand-off socket at HANDOFF_FD, and waits
+        there for the fds of its restore (take_stub). Its pid counts from the stubs' range, as
+        any stub's (the agent forks it), so it never takes a TID a template's thread needs."""
+        if self.waiting is not None:
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            with _fds(None, None) as (control, log):
+                inner, pid = self.agent.stub(log, control, [theirs.fileno()], HANDOFF_FD)
+            self.waiting = WaitingStub(self._track(inner, pid), ours)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+
+    def take_stub(
+        self, restore_fds: list[int], control_fd: int, log_fd: int, paged: bool = False
+    ) -> tuple[SandboxProcess, int]:
+        """A stopped stub for a restore: the one waiting here, handed `log_fd`, `control_fd` and
+        `restore_fds` over its hand-off socket (the second value, the fd it receives them on,
+        which the restore's first step reads: snapshot.restore.Stub.handoff); else a stub forked
+        now that holds them already (-1). `paged` as for spawn_stub."""
+        if paged:
+            self.check_paged_restore()
+        waiting, self.waiting = self.waiting, None
+        if waiting is not None:
+            try:
+                waiting.hand(log_fd, control_fd, restore_fds)
+                return waiting.process, HANDOFF_FD
+            except OSError:  # it died waiting (its socket end is gone): fork one as before
+                waiting.process.kill()
+            finally:
+                waiting.close()
+        return self.spawn_stub(restore_fds, control_fd, log_fd, paged=False), -1
+
     def check_paged_restore(self) -> None:
         """UnsupportedRestore for a paged restore this sandbox cannot host (paged_restore_refusal)."""
         refusal = paged_restore_refusal(self.config)
@@ -280,19 +330,20 @@ class Sandbox:
 
     # -- giving back ---------------------------------------------------------------------------------
     def release(self) -> None:
-        """Kill every instance process, check the cgroup is empty, scrub /function, /tmp, hostname
-        and env. The agent survives; SandboxError if the sandbox cannot be made clean."""
+        """Kill every instance process (a waiting stub too), check the cgroup is empty, give it a
+        fresh /tmp and forget the env. The agent survives; SandboxError if the sandbox cannot be
+        made clean. The function mount (read-only code), the hostname and the limits stay until
+        the next repurpose, which keeps them for the same function and replaces them for another
+        before anything runs: nothing runs in a released sandbox."""
         self.instance_cgroup.kill_and_wait()
         for process in self.processes:
             process.wait_exit(timeout=5.0)
         self.processes = []
-        self.agent.mount_function(None)
+        if self.waiting is not None:
+            self.waiting.close()
+            self.waiting = None
         self.agent.fresh_tmp(self.config.tmp_options)
-        default = f"sbx-{self.id}"
-        if self.hostname != default:
-            self.agent.hostname(default)
-            self.hostname = default
-        self.spec = None  # the limits stay until the next repurpose: nothing runs under them
+        self.spec = None
 
     def destroy(self) -> None:
         """Take everything down: processes, agent, veth, cgroups."""
@@ -308,6 +359,9 @@ class Sandbox:
             if process.exit is None:
                 os.close(process.pidfd)
                 process.exit = ProcessExit(None, signal.SIGKILL, False)
+        if self.waiting is not None:
+            self.waiting.close()
+            self.waiting = None
         try:
             self.agent_cgroup.kill_and_wait()
             self.agent_cgroup.remove()
@@ -323,6 +377,24 @@ class Sandbox:
 
     def alive(self) -> bool:
         return self.agent.alive()
+
+
+@dataclass(eq=False)
+class WaitingStub:
+    """A stub stopped in an idle sandbox, and the daemon's end of its hand-off socket."""
+
+    process: SandboxProcess
+    sock: socket.socket
+
+    def hand(self, log_fd: int, control_fd: int, restore_fds: list[int]) -> None:
+        """Send the fds of its restore, in the order the restore's first step places them (log
+        at 0-2, control at 3, the restore fds from FIRST_RESTORE_FD): one message, queued in the
+        socket until the stub reads it, even once our end is closed."""
+        fds = array.array("i", [log_fd, control_fd, *restore_fds])
+        self.sock.sendmsg([b"F"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())])
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 class _fds:

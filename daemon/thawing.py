@@ -1,0 +1,258 @@
+"""Starting processes in sandboxes: a function's guest for its capture, and instances thawed from
+its template.
+
+A thaw, step by step: a sandbox from the pool (repurposed for the function: nothing to do when
+the function held it last), its stub (waiting in it already, stopped; else forked by its agent
+now), the restore on a ptrace worker thread (daemon/ptrace_workers.py), then the instance's
+RESTORED on its channel. The sandbox trip runs on the default executor, so the ptrace threads
+only do ptrace work, and thaws of any functions run side by side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from daemon.config import DaemonConfig
+from daemon.errors import DeployFailed, InstanceCrashed, PoolFull, Unavailable
+from daemon.guestio import Channel, not_restored
+from daemon.logs import FunctionLog, follow_pipe
+from daemon.metrics import Metrics
+from daemon.ptrace_workers import PtraceWorkers
+from daemon.registry import FUNCTION_MOUNT, Deployed
+from daemon.state import FunctionState, LiveInstance, TemplateRef
+from daemon.templates import Templates
+from native.seccomp import program as seccomp_program
+from sandbox.cgroups import Limits
+from sandbox.errors import SandboxError
+from sandbox.guest import protocol
+from sandbox.pool import SandboxPool
+from sandbox.sandbox import Sandbox, SandboxProcess, SandboxSpec
+from shmpool import Pool
+from shmpool.errors import PoolError
+from shmpool.errors import PoolFull as PoolIsFull
+from snapshot.capture import capture
+from snapshot.errors import SnapshotError
+from snapshot.restore import Stub, restore
+from snapshot.template import Template
+
+log = logging.getLogger("thawd")
+T = TypeVar("T")
+RESTORED_TIMEOUT = 10.0
+STOP_POLL = 0.001
+GUEST_ENV = {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}  # threads are captured: no OMP cap
+
+
+class Thawer:
+    def __init__(
+        self,
+        config: DaemonConfig,
+        pool: Pool,
+        sandboxes: SandboxPool,
+        templates: Templates,
+        workers: PtraceWorkers,
+        metrics: Metrics,
+    ) -> None:
+        self.config, self.pool, self.sandboxes, self.templates = config, pool, sandboxes, templates
+        self.workers, self.metrics = workers, metrics
+        self.ids = itertools.count(1)
+        self.acquiring = 0  # sandbox trips under way: sandboxes promised, not yet taken
+
+    # -- sandboxes -----------------------------------------------------------------------------------
+    def spec_of(self, deployed: Deployed) -> SandboxSpec:
+        spec = deployed.spec
+        env = {**GUEST_ENV, **spec.env}
+        return SandboxSpec(deployed.revision_dir, Limits(cpu=spec.cpu, memory=spec.memory), env, hostname=spec.name)
+
+    def sandboxes_free(self) -> int:
+        """Sandboxes an acquire could have now without waiting, less those promised already."""
+        return self.sandboxes.available() - self.acquiring
+
+    async def acquire(self, deployed: Deployed) -> Sandbox:
+        return await to_the_end(self._acquire_now, deployed, undo=self.release)
+
+    def _acquire_now(self, deployed: Deployed) -> Sandbox:
+        try:
+            return self.sandboxes.acquire(self.spec_of(deployed))
+        except SandboxError as e:
+            raise Unavailable(f"no sandbox for {deployed.spec.name}") from e
+
+    def _sandbox_with_stub(
+        self, deployed: Deployed, fds: list[int], control_fd: int, log_fd: int, paged: bool
+    ) -> tuple[Sandbox, SandboxProcess, int]:
+        """A sandbox for `deployed` and a stub in it holding the restore fds, in one trip to a
+        worker thread (a trip and back cost a few hundred microseconds here): the stub waiting in
+        the sandbox, handed the fds (the third value: the fd it receives them on), else one forked
+        now (-1). Without a stub, the sandbox goes back."""
+        sandbox = self._acquire_now(deployed)
+        try:
+            stub, handoff = sandbox.take_stub(fds, control_fd, log_fd, paged)
+            return sandbox, stub, handoff
+        except BaseException:
+            try:
+                self.sandboxes.release(sandbox)
+            except SandboxError as e:
+                log.warning("releasing sandbox %s: %s", sandbox.id, e)
+            raise
+
+    async def release(self, sandbox: Sandbox) -> None:
+        try:
+            await asyncio.to_thread(self.sandboxes.release, sandbox)
+        except SandboxError as e:
+            log.warning("releasing sandbox %s: %s", sandbox.id, e)
+
+    # -- capture ---------------------------------------------------------------------------------------
+    async def capture(self, deployed: Deployed, function_log: FunctionLog) -> Template:
+        """Start the guest in a sandbox, wait for READY and its stop, capture it, release the sandbox."""
+        spec = deployed.spec
+        sandbox = await self.acquire(deployed)
+        ours, theirs = socket.socketpair()
+        log_read, log_write = os.pipe2(os.O_CLOEXEC)
+        logger = asyncio.ensure_future(follow_pipe(log_read, function_log, f"deploy-{deployed.revision}"))
+        channel: Channel | None = None
+        try:
+            argv = [sys.executable, "-m", "sandbox.guest", f"{FUNCTION_MOUNT}/code", "--handler", spec.handler]
+            argv += ["--site-dir", f"{FUNCTION_MOUNT}/site", "--max-frame", str(self.config.max_frame)]
+            started = time.perf_counter()
+            seccomp = seccomp_program(frozenset(spec.syscalls))  # built once per set of opt-outs
+            guest = await asyncio.to_thread(sandbox.spawn, argv, theirs.fileno(), log_write, seccomp=seccomp)
+            theirs.close()
+            os.close(log_write)
+            log_write = -1
+            channel = await Channel.open(ours, self.config.max_frame)
+            await self._wait_parked(channel, guest, function_log)
+            deployed.init_ms = ms_since(started)
+            name = deployed.template_name
+            await asyncio.to_thread(self.templates.clear_name, name)
+            t0 = time.perf_counter()
+            mounts = {FUNCTION_MOUNT: str(deployed.revision_dir)}
+            template = await self.workers.run(capture, guest.pid, self.pool, name, mounts)
+            log.info("%s: captured revision %d in %.0f ms", spec.name, deployed.revision, ms_since(t0))
+            self.metrics.starts.labels(spec.name, "cold").inc()
+            return template
+        except PoolIsFull as e:
+            raise PoolFull(f"capturing {spec.name}: the pool is full") from e
+        except (SnapshotError, PoolError, SandboxError) as e:
+            raise DeployFailed(f"capturing {spec.name} failed") from e
+        finally:
+            if channel is not None:
+                channel.close()
+            else:
+                ours.close()
+            theirs.close()
+            if log_write >= 0:
+                os.close(log_write)
+            await self.release(sandbox)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(logger, 1.0)  # the guest's last words, before we say why it failed
+
+    async def _wait_parked(self, channel: Channel, guest: SandboxProcess, function_log: FunctionLog) -> None:
+        timeout = self.config.instances_deploy_timeout
+        try:
+            first = await asyncio.wait_for(channel.recv(), timeout)
+        except TimeoutError:
+            raise DeployFailed(f"the function's init did not finish within {timeout:g} s") from None
+        except protocol.ProtocolError as e:
+            raise DeployFailed(f"the guest broke the protocol: {e}") from e
+        if first != {"type": "ready"}:
+            exit_ = await asyncio.to_thread(guest.wait_exit, 5.0)
+            how = exit_.describe() if exit_ else f"said {first}"
+            await asyncio.sleep(0.05)  # let the log reader take the traceback in
+            tail = "\n".join(e["text"] for e in function_log.recent(tail=12) if e["instance"].startswith("deploy"))
+            raise DeployFailed(f"the function's init failed (the guest {how}):\n{tail}")
+        while _state(guest.pid) != "T":
+            if guest.wait(0) is not None:
+                raise DeployFailed("the guest exited after READY instead of stopping for capture")
+            await asyncio.sleep(STOP_POLL)
+
+    # -- thaw ------------------------------------------------------------------------------------------
+    async def thaw(self, fs: FunctionState, ref: TemplateRef) -> LiveInstance:
+        """A new instance of `fs` from `ref`, said RESTORED; Unavailable (or PoolFull,
+        InstanceCrashed) naming why not. Nothing of it is left on failure."""
+        t0 = time.perf_counter()
+        deployed = fs.deployed
+        ours, theirs = socket.socketpair()
+        log_read, log_write = os.pipe2(os.O_CLOEXEC)
+        instance_id = f"{fs.name}-{next(self.ids)}"
+        logger = asyncio.ensure_future(follow_pipe(log_read, fs.log, instance_id))
+        acquired: Sandbox | None = None  # to give back if the thaw fails
+        try:
+            try:  # the stub comes from the sandbox off the ptrace threads, which only do the ptrace work
+                fds = ref.template.restore_fds(fs.spec.mode)
+                paged = ref.template.paged(fs.spec.mode)
+                give_back = lambda got: self.release(got[0])  # noqa: E731
+                trip = (self._sandbox_with_stub, deployed, fds, theirs.fileno(), log_write, paged)
+                self.acquiring += 1
+                try:
+                    sandbox, stub, _handoff = await to_the_end(*trip, undo=give_back)
+                finally:
+                    self.acquiring -= 1
+                acquired = sandbox
+            finally:
+                theirs.close()
+                os.close(log_write)
+            seccomp = seccomp_program(frozenset(fs.spec.syscalls))  # the restorer's last step installs it
+            target = Stub(stub.pid, stub.wait, stub.kill)
+            restored = await self.workers.run(restore, ref.template, target, fs.spec.mode, seccomp)
+            channel = await Channel.open(ours, self.config.max_frame)
+            try:
+                hello = await asyncio.wait_for(channel.recv(), RESTORED_TIMEOUT)
+            except BaseException:
+                channel.close()
+                raise
+            if not hello or hello.get("type") != "restored":
+                channel.close()
+                why, for_log = not_restored(hello)
+                if for_log:
+                    fs.log.write("thawd", for_log)
+                raise InstanceCrashed(why)
+        except BaseException as e:
+            ours.close()
+            logger.cancel()
+            if acquired is not None:
+                await self.release(acquired)
+            if isinstance(e, PoolIsFull):
+                raise PoolFull(f"restoring {fs.name}: the pool is full") from e
+            if isinstance(e, SnapshotError | SandboxError | PoolError | TimeoutError):
+                raise Unavailable(f"restoring an instance of {fs.name} failed") from e
+            raise
+        elapsed = time.perf_counter() - t0
+        self.metrics.restore_seconds.observe(elapsed)
+        return LiveInstance(
+            instance_id, fs.name, deployed.revision, ref, sandbox, stub, restored, channel, logger, elapsed * 1e3
+        )
+
+
+def _state(pid: int) -> str:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return "X"
+    return stat[stat.rindex(")") + 2]
+
+
+async def to_the_end(call: Callable[..., T], *args: Any, undo: Callable[[T], Awaitable[object]]) -> T:
+    """asyncio.to_thread, but not abandoned when cancelled (a timeout, a client gone): the thread
+    goes on regardless, so wait for it, give back what it got (`undo`), then re-raise. Abandoned,
+    a sandbox it acquired stayed busy for good, and the fds it was using were closed under it."""
+    trip = asyncio.ensure_future(asyncio.to_thread(call, *args))
+    try:
+        return await asyncio.shield(trip)
+    except asyncio.CancelledError:
+        await asyncio.wait([trip])
+        if not trip.cancelled() and trip.exception() is None:
+            await undo(trip.result())
+        raise
+
+
+def ms_since(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1e3
