@@ -3,7 +3,9 @@ it) drives thawd as it drives faasd.
 
 Routes (faas-provider's): GET/POST/PUT/DELETE /system/functions, GET /system/function/{name},
 POST /system/scale-function/{name}, GET /system/info, GET /system/logs (ndjson),
-GET /system/namespaces, and /function/{name}[/...] for invocations. /system/* wants Basic auth.
+GET /system/namespaces, /function/{name}[/...] for invocations, and GET /healthz (the gateway's
+health checks). /system/* wants Basic auth. A function may be named NAME or NAME.openfaas-fn
+wherever a name goes (the gateway sends both forms; faasd accepts both): thaw has one namespace.
 
 How a FunctionDeployment maps onto a thaw function:
 - `service` is the function's name; `namespace` must be empty or "openfaas-fn" (thaw has one).
@@ -15,9 +17,11 @@ How a FunctionDeployment maps onto a thaw function:
 - `limits.memory` ("128Mi", "1G", ...) is the memory limit; `limits.cpu` ("500m", "1") the CPU
   limit; `requests` is accepted and shown back (thaw reserves nothing ahead).
 - Annotations `com.thaw.timeout` (seconds) and `com.thaw.mode` (cow | copy | lazy) set those.
-- Replicas: `scale-function` sets how many instances stay warm; `availableReplicas` counts live
-  instances. A deployed function with none reports 0 (the gateway's scale-from-zero asks for 1 and
-  polls until it is there, a restore later), though an invocation works at any time.
+- Replicas: `scale-function` sets how many instances stay warm (stored with the function: a
+  restarted thawd thaws up to it again); `availableReplicas` counts live instances. A deployed
+  function with none reports 0 (the gateway's scale-from-zero asks for 1 and polls until it is
+  there, a restore later), though an invocation works at any time. An update (PUT) answers once
+  the new revision is thawed up to the target, so availableReplicas never drops to 0 under it.
 """
 
 from __future__ import annotations
@@ -113,6 +117,13 @@ def _check_namespace(namespace: Any) -> None:
         raise Invalid(f"namespace not valid: {short_repr(namespace)} (thaw has one: {NAMESPACE})")
 
 
+def function_name(given: str) -> str | None:
+    """NAME or NAME.NAMESPACE (how the gateway names a function in a namespace) as thaw's name,
+    or None for a namespace thaw does not have (no function of it exists). Names have no dots."""
+    name, dot, namespace = given.partition(".")
+    return name if not dot or namespace == NAMESPACE else None
+
+
 def _resources(body: dict[str, Any], field: str, ranged: bool = True) -> tuple[int | None, float | None]:
     """`limits` or `requests`: {memory, cpu}, each a quantity string; with `ranged`, within thaw's limits."""
     resources = body.get(field)
@@ -151,6 +162,8 @@ def deployment_to_spec(body: dict[str, Any]) -> tuple[FunctionSpec, Path]:
     service = body.get("service")
     if not isinstance(service, str) or not service:
         raise Invalid("service (the function's name) is required")
+    if "." in service:
+        service = function_name(service) or service  # another namespace: the name check refuses it
     image = body.get("image")
     if not isinstance(image, str) or not image:
         raise Invalid("image (the function's directory on thawd's host) is required")
@@ -234,7 +247,7 @@ async def list_functions(request: web.Request) -> web.Response:
 
 async def get_function(request: web.Request) -> web.Response:
     _check_namespace(request.query.get("namespace"))
-    fs = manager_of(request).functions.get(request.match_info["name"])
+    fs = manager_of(request).functions.get(function_name(request.match_info["name"]) or "")
     if fs is None:
         return web.Response(status=404)  # faasd: an empty 404
     return json_response(function_status(fs))
@@ -261,12 +274,13 @@ async def update(request: web.Request) -> web.Response:
 
 async def delete(request: web.Request) -> web.Response:
     _check_namespace(request.query.get("namespace"))
-    name = (await json_body(request)).get("functionName")
-    if not isinstance(name, str) or not name:
+    given = (await json_body(request)).get("functionName")
+    if not isinstance(given, str) or not given:
         raise Invalid("functionName is required")
     m = manager_of(request)
+    name = function_name(given) or ""
     if name not in m.functions:
-        raise NotFound(f"service {name} not found")
+        raise NotFound(f"service {given} not found")
     await m.delete(name)
     return web.Response(status=200)
 
@@ -275,13 +289,16 @@ async def scale(request: web.Request) -> web.Response:
     """faasd scales the body's serviceName (the gateway sends the same name in the path)."""
     _check_namespace(request.query.get("namespace"))
     body = await json_body(request)
-    name = body.get("serviceName") or request.match_info["name"]
+    given = body.get("serviceName") or request.match_info["name"]
+    if not isinstance(given, str):
+        raise Invalid(f"serviceName must be a string, not {short_repr(given)}")
     replicas = body.get("replicas")
     if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
         raise Invalid("replicas (a non-negative integer) is required")
     m = manager_of(request)
+    name = function_name(given) or ""
     if name not in m.functions:
-        raise NotFound(f"service {name} not found")
+        raise NotFound(f"service {given} not found")
     await m.scale(name, replicas)
     return web.Response(status=200)
 
@@ -296,9 +313,16 @@ async def namespaces(request: web.Request) -> web.Response:
     return json_response([NAMESPACE])
 
 
+async def healthz(request: web.Request) -> web.Response:
+    """faas-provider's health check (no auth): 200 while thawd serves, 503 once it is stopping."""
+    if manager_of(request).closing:
+        return text_error(503, "stopping")
+    return web.Response(text="OK")
+
+
 async def logs(request: web.Request) -> web.StreamResponse:
     """faas-provider's logs.Request in the query; logs.Message as ndjson lines."""
-    name = request.query.get("name", "")
+    name = function_name(request.query.get("name", "")) or ""
     _check_namespace(request.query.get("namespace"))
     try:
         parse_tail(request.query.get("tail"))
@@ -322,13 +346,14 @@ async def logs(request: web.Request) -> web.StreamResponse:
 
 async def invoke(request: web.Request) -> web.Response:
     m = manager_of(request)
-    name = request.match_info["name"]
+    given = request.match_info["name"]
+    name = function_name(given) or ""
     if request.method not in INVOKE_METHODS:
         response = text_error(405, f"method {request.method} not allowed")
         response.headers["Allow"] = ", ".join(INVOKE_METHODS)  # RFC 9110: a 405 names them
         return response
     if name not in m.functions:
-        return text_error(404, f"Cannot find service: {name}.")
+        return text_error(404, f"Cannot find service: {given}.")
     body = await request.read()
     path = "/" + request.match_info.get("tail", "")
     try:
@@ -350,6 +375,7 @@ def build_gateway(manager: Manager, user: str, password: str) -> web.Application
     r.add_get("/system/info", info)
     r.add_get("/system/namespaces", namespaces)
     r.add_get("/system/logs", logs)
+    r.add_get("/healthz", healthz)
     r.add_route("*", "/function/{name}", invoke)
     r.add_route("*", "/function/{name}/{tail:.*}", invoke)
     return app
