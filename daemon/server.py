@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from daemon.bodies import json_body, json_response
+from daemon.containers import add_routes as add_container_routes
 from daemon.errors import Invalid, ThawError, describe
 from daemon.guestio import Invocation, Reply
 from daemon.instances import Manager
@@ -311,6 +312,7 @@ def build_app(manager: Manager, lora: LoraHost | None = None) -> web.Application
     r.add_get("/instances", list_instances)
     r.add_get("/sandboxes", list_sandboxes)
     r.add_get("/pool", pool_status)
+    add_container_routes(app, manager)  # containerd-shim-thaw-v2's containers (daemon/containers.py)
     if lora is not None:
         add_lora_routes(app, lora)
     return app

@@ -72,6 +72,7 @@ class AgentOptions:
     gid: int
     tmp_options: str
     userns: tuple[int, int] | None = None  # a user namespace whose root is this host uid, gid
+    netns_fd: int | None = None  # join this network namespace (a container's) instead of a new one
 
 
 class Agent:
@@ -97,9 +98,11 @@ class Agent:
             argv += ["--tmp", options.tmp_options]
             if options.userns is not None:
                 argv += ["--userns", "{}:{}".format(*options.userns)]
+            netns = [] if options.netns_fd is None else [options.netns_fd]
+            argv += [arg for fd in netns for arg in ("--netns-fd", str(fd))]
             starter = subprocess.Popen(
                 argv,
-                pass_fds=[theirs.fileno(), *cgroup_fds],
+                pass_fds=[theirs.fileno(), *cgroup_fds, *netns],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,

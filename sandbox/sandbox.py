@@ -175,8 +175,18 @@ class Sandbox:
 
     # -- building ------------------------------------------------------------------------------------
     @classmethod
-    def create(cls, config: SandboxConfig, tree: CgroupTree, network: Network | None = None) -> Sandbox:
-        """Build a sandbox; on failure everything built so far is taken down again."""
+    def create(
+        cls,
+        config: SandboxConfig,
+        tree: CgroupTree,
+        network: Network | None = None,
+        netns_fd: int | None = None,
+        instance_cgroup: Cgroup | None = None,
+    ) -> Sandbox:
+        """Build a sandbox; on failure everything built so far is taken down again.
+        A container's (daemon/containers.py): `netns_fd` is the network namespace it joins instead
+        of a new one (pass no `network`: the pod's is set up already), `instance_cgroup` the cgroup
+        its OCI spec names (the caller's to remove)."""
         config.validate()
         sandbox_id = secrets.token_hex(4)
         undo: list[object] = []
@@ -184,8 +194,9 @@ class Sandbox:
         try:
             agent_cgroup = tree.create(f"agent-{sandbox_id}")
             undo.append(agent_cgroup)
-            instance_cgroup = tree.create(f"sbx-{sandbox_id}")
-            undo.append(instance_cgroup)
+            if instance_cgroup is None:
+                instance_cgroup = tree.create(f"sbx-{sandbox_id}")
+                undo.append(instance_cgroup)
             root.mkdir(parents=True)
             options = AgentOptions(
                 root=root,
@@ -195,6 +206,7 @@ class Sandbox:
                 gid=config.gid,
                 tmp_options=config.tmp_options,
                 userns=config.agent_userns(),
+                netns_fd=netns_fd,
             )
             agent = Agent.start(options, agent_cgroup.procs_files())
             sandbox = cls(sandbox_id, config, agent, agent_cgroup, instance_cgroup)

@@ -71,6 +71,7 @@ struct config {
     const char *tmp_options;
     int userns;                      /* also a user namespace (--userns) */
     unsigned userns_uid, userns_gid; /* the host ids root inside maps to */
+    int netns_fd;                    /* --netns-fd: join this network namespace instead of a new one */
 };
 
 static int control = -1;
@@ -746,7 +747,7 @@ static int serve(void)
 static int parse(int argc, char **argv, struct config *cfg)
 {
     *cfg = (struct config){.control = -1, .hostname = "sandbox", .uid = 65534, .gid = 65534,
-                           .tmp_options = "mode=1777,size=64m"};
+                           .tmp_options = "mode=1777,size=64m", .netns_fd = -1};
     for (int i = 1; i + 1 < argc; i += 2) {
         const char *k = argv[i], *v = argv[i + 1];
         if (!strcmp(k, "--control"))
@@ -767,6 +768,8 @@ static int parse(int argc, char **argv, struct config *cfg)
             cfg->tmp_options = v;
         else if (!strcmp(k, "--userns") && sscanf(v, "%u:%u", &cfg->userns_uid, &cfg->userns_gid) == 2)
             cfg->userns = 1;
+        else if (!strcmp(k, "--netns-fd"))
+            cfg->netns_fd = atoi(v);
         else {
             fprintf(stderr, "thaw-agent: unknown option %s\n", k);
             return -1;
@@ -774,7 +777,8 @@ static int parse(int argc, char **argv, struct config *cfg)
     }
     if (cfg->control < 0 || !cfg->root || (argc - 1) % 2) {
         fprintf(stderr, "usage: thaw-agent --control FD --root DIR [--ro PATH]... [--cgroup-fd FD]... "
-                        "[--hostname NAME] [--uid UID --gid GID] [--tmp OPTIONS] [--userns HOSTUID:HOSTGID]\n");
+                        "[--hostname NAME] [--uid UID --gid GID] [--tmp OPTIONS] [--userns HOSTUID:HOSTGID] "
+                        "[--netns-fd FD]\n");
         return -1;
     }
     return 0;
@@ -862,7 +866,26 @@ static int new_user_namespace(const struct config *cfg)
     return 0;
 }
 
-static int enter_namespaces(void) { return unshare(SANDBOX_NAMESPACES) < 0 ? fail("unshare") : 0; }
+static int enter_namespaces(void)
+{
+    /* A sandbox made for a container joined the pod's network namespace already (join_netns). */
+    int flags = settings->netns_fd >= 0 ? SANDBOX_NAMESPACES & ~CLONE_NEWNET : SANDBOX_NAMESPACES;
+    return unshare(flags) < 0 ? fail("unshare") : 0;
+}
+
+/* --netns-fd: a sandbox made for a container (containerd-shim-thaw-v2) lives in the network
+ * namespace its OCI spec names (the pod's, set up by the CNI) instead of a new one. Joined first,
+ * as host root in the host's user namespace: from inside a new user namespace, setns into a
+ * namespace the host's owns is refused (EPERM). */
+static int join_netns(const struct config *cfg)
+{
+    if (cfg->netns_fd < 0)
+        return 0;
+    if (setns(cfg->netns_fd, CLONE_NEWNET) < 0)
+        return fail("setns into the container's network namespace (--netns-fd %d)", cfg->netns_fd);
+    close(cfg->netns_fd);
+    return 0;
+}
 
 /* With a user namespace the order matters. The skeleton is built first, as host root in a mount
  * namespace of the host's user namespace: host paths are reached with host root's rights (a leaf
@@ -897,7 +920,7 @@ int main(int argc, char **argv)
         }
         close(cfg.cgroup_fds[i]);
     }
-    if ((cfg.userns ? enter_user_namespaces(&cfg) : enter_namespaces()) < 0) {
+    if (join_netns(&cfg) < 0 || (cfg.userns ? enter_user_namespaces(&cfg) : enter_namespaces()) < 0) {
         reply_error(errno, "%s", failure);
         return 1;
     }

@@ -98,6 +98,10 @@ def to_event(request: protocol.Message) -> Event:
 def serve(handler: Handler, fd: int, max_frame: int) -> None:
     """Answer requests until the daemon closes fd 3."""
     while (request := protocol.recv(fd, max_frame)) is not None:
+        if request["type"] == "serve-http":  # a container's instance (sandbox/guest/httpmode.py)
+            from sandbox.guest import httpmode
+
+            httpmode.serve_after_thaw(handler, fd, int(request["port"]), max_frame)
         if request["type"] != "request":
             continue
         context = Context(hostname=socket.gethostname(), pid=os.getpid())
