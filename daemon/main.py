@@ -91,6 +91,7 @@ def build_sandboxes(config: DaemonConfig, pool_node: int) -> SandboxPool:
         network=config.sandboxes_network,
         cpuset_mems=mems,
         idle_timeout=config.sandboxes_idle_timeout,
+        waiting_stubs=True,  # a thaw into an idle sandbox finds its stub there, stopped
     )
     try:
         network = NetworkConfig(

@@ -36,7 +36,7 @@ from sandbox.cgroups import Limits
 from sandbox.errors import SandboxError
 from sandbox.guest import protocol
 from sandbox.pool import SandboxPool
-from sandbox.sandbox import Sandbox, SandboxProcess, SandboxSpec
+from sandbox.sandbox import HANDOFF_PLACES, Sandbox, SandboxProcess, SandboxSpec
 from shmpool import Pool
 from shmpool.errors import PoolError
 from shmpool.errors import PoolFull as PoolIsFull
@@ -193,7 +193,7 @@ class Thawer:
                 trip = (self._sandbox_with_stub, deployed, fds, theirs.fileno(), log_write, paged)
                 self.acquiring += 1
                 try:
-                    sandbox, stub, _handoff = await to_the_end(*trip, undo=give_back)
+                    sandbox, stub, handoff = await to_the_end(*trip, undo=give_back)
                 finally:
                     self.acquiring -= 1
                 acquired = sandbox
@@ -201,7 +201,7 @@ class Thawer:
                 theirs.close()
                 os.close(log_write)
             seccomp = seccomp_program(frozenset(fs.spec.syscalls))  # the restorer's last step installs it
-            target = Stub(stub.pid, stub.wait, stub.kill)
+            target = Stub(stub.pid, stub.wait, stub.kill, handoff=handoff, handoff_places=HANDOFF_PLACES)
             restored = await self.workers.run(restore, ref.template, target, fs.spec.mode, seccomp)
             channel = await Channel.open(ours, self.config.max_frame)
             try:

@@ -83,7 +83,7 @@ CONSTANTS = {
         THAW_OPF_ALLOW_ERROR THAW_OPF_SAVE
         THAW_OPF_ARG0_SAVED THAW_OPF_STORE32 THAW_STUB_SCRATCH THAW_STUB_SCRATCH_SIZE
         THAW_OP_THREADS THAW_OP_THREADS_GO THAW_OPF_ARG1_SAVED THAW_THREAD_SETTING_UP THAW_THREAD_READY
-        THAW_THREAD_FAILED THAW_AFFINITY_BYTES THAW_OP_PIPE THAW_FIRST_RESTORE_FD
+        THAW_THREAD_FAILED THAW_AFFINITY_BYTES THAW_OP_PIPE THAW_FIRST_RESTORE_FD THAW_OP_RECEIVE_FDS
     """,
     "agent": """
         THAW_AGENT_PING THAW_AGENT_STUB THAW_AGENT_SPAWN THAW_AGENT_MOUNT_FUNCTION THAW_AGENT_FRESH_TMP
@@ -200,6 +200,8 @@ struct thaw_stub_facts { ...; };
 struct thaw_stub_clean { struct thaw_stub_facts stub; ...; };  /* the rest is packed in native/restorer.py */
 struct thaw_thread { uint64_t tid; uint64_t frame_at; int64_t failed_op; int64_t result; uint32_t state; ...; };
 struct thaw_threads { uint64_t nthreads; int64_t failed_thread; uint32_t go; ...; };
+struct thaw_receive_fds { uint64_t nfds; uint64_t nmoves; uint64_t moves; uint64_t control; uint64_t control_size; };
+struct thaw_fd_move { int32_t index; int32_t to; };
 const unsigned char *thaw_restorer_blob(size_t *len);
 
 struct thaw_trace_error { int32_t step; int32_t err; int32_t status; uint32_t trips; uint64_t rip; };

@@ -48,6 +48,10 @@ assert THREADS.size == ffi.sizeof("struct thaw_threads")
 THREAD_FAILED_OP = int(ffi.offsetof("struct thaw_thread", "failed_op"))
 THREADS_FAILED = int(ffi.offsetof("struct thaw_threads", "failed_thread"))
 AFFINITY_BYTES = int(lib.THAW_AFFINITY_BYTES)
+_RECEIVE = struct.Struct("<5Q")  # struct thaw_receive_fds
+_MOVE = struct.Struct("<ii")  # struct thaw_fd_move
+_CMSG_HEADER = 16  # struct cmsghdr on x86-64: the fds follow it
+assert _RECEIVE.size == ffi.sizeof("struct thaw_receive_fds") and _MOVE.size == ffi.sizeof("struct thaw_fd_move")
 
 
 @dataclass(frozen=True)
@@ -182,6 +186,15 @@ class Program:
     def pipe(self, read: tuple[int, int], write: tuple[int, int], spare: int, what: str) -> None:
         """A new pipe whose ends are (fd, flags) `read` and `write`; fds from `spare` up are free."""
         self._op(int(lib.THAW_OP_PIPE), 0, (read[0], write[0], read[1], write[1], spare), 0, 0, what)
+
+    def receive_fds(self, sock: int, nfds: int, moves: list[tuple[int, int]], what: str) -> None:
+        """Take `nfds` fds sent to `sock` in one SCM_RIGHTS message and dup3 each (index among
+        them, fd it becomes) of `moves`; then close them and the socket (a waiting stub's
+        hand-off, restorer.h)."""
+        control_size = _CMSG_HEADER + -(-4 * nfds // 8) * 8
+        table = self.put(b"".join(_MOVE.pack(index, to) for index, to in moves))
+        raw = _RECEIVE.pack(nfds, len(moves), table, self.put(bytes(control_size)), control_size)
+        self._op(int(lib.THAW_OP_RECEIVE_FDS), 0, (sock, self.put(raw)), 0, 0, what)
 
     def pause(self, what: str) -> None:
         """Stop with int3 here; the program goes on when the tracer resumes the stub."""

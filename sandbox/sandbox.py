@@ -39,6 +39,9 @@ FUNCTION_DIR = "/function"
 # Where a waiting stub holds its end of the hand-off socket, below the restore fds: the fds it
 # receives land at the lowest free numbers (4 on: 0-3 are taken), clear of every place they go.
 HANDOFF_FD = FIRST_RESTORE_FD - 1
+# What the fds a waiting stub is handed before its restore fds become: the log at 0-2, the
+# control socket at 3 (snapshot.restore.Stub.handoff_places).
+HANDOFF_PLACES = ((0, 1, 2), (3,))
 UNPRIVILEGED_USERFAULTFD = Path("/proc/sys/vm/unprivileged_userfaultfd")
 _HOSTNAME = re.compile(r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?")  # fullmatch: `$` takes a trailing newline
 

@@ -106,6 +106,13 @@ class Stub:
     wait: Callable[[float | None], int | None]
     kill: Callable[[], None]
     fd_base: int = FIRST_RESTORE_FD
+    # A stub that waited (forked before anyone knew its template) holds no restore fds yet: its
+    # creator sent them to its socket `handoff` in one SCM_RIGHTS message, and the restore's
+    # first step after cleaning the stub takes them (restorer.h, THAW_OP_RECEIVE_FDS). The message
+    # starts with fds of the creator's own: received fd i becomes each fd of handoff_places[i];
+    # the restore fds follow, placed from fd_base. -1: the stub holds its fds already.
+    handoff: int = -1
+    handoff_places: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclass
@@ -208,8 +215,11 @@ def _scratch_address(spans: list[tuple[int, int]], size: int, avoid: int = 0) ->
 class _Builder:
     """Writes the template-specific body of the restore program."""
 
-    def __init__(self, template: Template, mode: str, scratch: int, fd_base: int, bpf: bytes | None) -> None:
+    def __init__(
+        self, template: Template, mode: str, scratch: int, fd_base: int, bpf: bytes | None, handoff: _Handoff
+    ) -> None:
         self.t, self.m, self.mode = template, template.manifest, mode
+        self.handoff = handoff
         self.threads = ThreadPlan(template.manifest.threads)
         self.fprog = 0
         self.bpf = bpf
@@ -230,6 +240,16 @@ class _Builder:
     def file_fd(self, index: int) -> int:
         return self.fd_base + 1 + index
 
+    def receive_fds(self) -> None:
+        """A stub that waited takes its fds now, from its hand-off socket (Stub.handoff)."""
+        sock, places = self.handoff
+        if sock < 0:
+            return
+        moves = [(i, fd) for i, fds in enumerate(places) for fd in fds]
+        moves += [(len(places) + i, self.fd_base + i) for i in range(self.nfds)]
+        what = f"receiving the restore fds the stub waited for (fd {sock})"
+        self.p.receive_fds(sock, len(places) + self.nfds, moves, what=what)
+
     def build(self, size: int, park: int, thread_stacks: int) -> _Plan:
         specials = ", ".join(self.m.specials)
         stub_at = self.p.clean_stub(
@@ -238,6 +258,7 @@ class _Builder:
             self.m.specials,
             what=f"unmapping the stub and moving its special mappings ({specials}) to the template's addresses",
         )
+        self.receive_fds()
         if self.paged:
             self.userfaultfd()
         for vma in self.m.vmas:
@@ -441,21 +462,32 @@ def _cap_last_cap() -> int:
     return int(Path("/proc/sys/kernel/cap_last_cap").read_text())
 
 
-def _plan(template: Template, mode: str, fd_base: int, bpf: bytes | None, avoid: int = 0) -> _Plan:
-    key = (mode, fd_base, bpf)  # bytes keep their hash: a lookup hashes the filter once
+_Handoff = tuple[int, tuple[tuple[int, ...], ...]]  # Stub.handoff, Stub.handoff_places
+_NO_HANDOFF: _Handoff = (-1, ())
+
+
+def _plan(
+    template: Template,
+    mode: str,
+    fd_base: int,
+    bpf: bytes | None,
+    avoid: int = 0,
+    handoff: _Handoff = _NO_HANDOFF,
+) -> _Plan:
+    key = (mode, fd_base, bpf, handoff)  # bytes keep their hash: a lookup hashes the filter once
     plans = template.restore_plans
     plan: _Plan | None = plans.get(key)
     if plan is not None and plan.scratch != avoid:
         return plan
     spans = _intervals(template.manifest)
     specials = sum(end - start for start, end in template.manifest.specials.values())
-    estimate = _Builder(template, mode, 0, fd_base, bpf).build(0, 0, 0)  # sizes do not depend on addresses
+    estimate = _Builder(template, mode, 0, fd_base, bpf, handoff).build(0, 0, 0)  # sizes do not depend on addresses
     image_size = round_up(len(estimate.program.finish()[0]), PAGE)
     park_size = round_up(specials, PAGE)
     size = image_size + STACK_SIZE + park_size + estimate.threads.stacks_size
     scratch = _scratch_address(spans, size, avoid)
     stack_top = scratch + image_size + STACK_SIZE
-    plan = _Builder(template, mode, scratch, fd_base, bpf).build(size, stack_top, stack_top + park_size)
+    plan = _Builder(template, mode, scratch, fd_base, bpf, handoff).build(size, stack_top, stack_top + park_size)
     plan.image, plan.args = plan.program.finish()
     plan.stack_top = stack_top
     m = template.manifest
@@ -573,7 +605,8 @@ def _run_restorer(template: Template, mode: str, stub: Stub, bpf: bytes | None) 
     """Copy the restorer into the stub's scratch area and run it to its first int3. Stubs map
     the area where restorer.h says before they stop; for a stub that did not, or a plan that
     needs it elsewhere, the stub's maps decide where it goes and an injected mmap makes it."""
-    plan = _plan(template, mode, stub.fd_base, bpf)
+    handoff = (stub.handoff, stub.handoff_places)
+    plan = _plan(template, mode, stub.fd_base, bpf, handoff=handoff)
     files = template.file_checks()
     if plan.scratch == STUB_SCRATCH and plan.size <= STUB_SCRATCH_SIZE:
         try:
@@ -586,7 +619,7 @@ def _run_restorer(template: Template, mode: str, stub: Stub, bpf: bytes | None) 
     premapped = _premapped_scratch(stub_maps)
     taken = [(v.start, v.end) for v in stub_maps if v.start != premapped]
     if not _free(taken, plan.scratch, plan.size):
-        plan = _plan(template, mode, stub.fd_base, bpf, avoid=plan.scratch)
+        plan = _plan(template, mode, stub.fd_base, bpf, avoid=plan.scratch, handoff=handoff)
     if plan.scratch != premapped or plan.size > STUB_SCRATCH_SIZE:
         in_the_way = not _free([(premapped, premapped + STUB_SCRATCH_SIZE)], plan.scratch, plan.size)
         _map_scratch(stub.pid, plan, replace=in_the_way)

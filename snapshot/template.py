@@ -64,7 +64,7 @@ class Template:
         self._source_view: mmap.mmap | None = None
         self._working_set: list[int] | None = None
         # restore.py's per-template restore programs, built once per (mode, fd base, seccomp filter)
-        self.restore_plans: dict[tuple[str, int, bytes | None], Any] = {}
+        self.restore_plans: dict[tuple[Any, ...], Any] = {}  # keyed as restore.py's _plan keys them
 
     @property
     def name(self) -> str:

@@ -567,6 +567,73 @@ static long make_pipe(long read_fd, long write_fd, long read_flags, long write_f
     return r < 0 ? r : place_fd(moved[1], write_fd, write_flags);
 }
 
+#define NR_RECVMSG 47
+#define SOL_SOCKET_ 1
+#define SCM_RIGHTS_ 1
+#define MSG_CTRUNC_ 8
+#define EBADMSG_ 74
+
+struct iovec_ {
+    void *base;
+    uint64_t len;
+};
+
+struct msghdr_ { /* the kernel's struct user_msghdr */
+    void *name;
+    int32_t namelen;
+    struct iovec_ *iov;
+    uint64_t iovlen;
+    void *control;
+    uint64_t controllen;
+    uint32_t flags;
+};
+
+struct cmsghdr_ {
+    uint64_t len;
+    int32_t level;
+    int32_t type;
+};
+
+/* THAW_OP_RECEIVE_FDS (restorer.h). Fields are set one by one: an initializer could become a
+ * memset call, and there is no libc here. */
+static long receive_fds(long sock, const struct thaw_receive_fds *r)
+{
+    char byte;
+    struct iovec_ iov;
+    struct msghdr_ msg;
+    iov.base = &byte;
+    iov.len = 1;
+    msg.name = 0;
+    msg.namelen = 0;
+    msg.iov = &iov;
+    msg.iovlen = 1;
+    msg.control = (void *)r->control;
+    msg.controllen = r->control_size;
+    msg.flags = 0;
+    long n;
+    do
+        n = raw_syscall6(NR_RECVMSG, sock, (long)&msg, 0, 0, 0, 0);
+    while (n == -EINTR_);
+    raw_syscall6(NR_CLOSE, sock, 0, 0, 0, 0, 0);
+    if (n < 0)
+        return n;
+    const struct cmsghdr_ *c = (const struct cmsghdr_ *)r->control;
+    const int32_t *fds = (const int32_t *)(c + 1);
+    uint64_t got = 0;
+    if (msg.controllen >= sizeof *c && c->level == SOL_SOCKET_ && c->type == SCM_RIGHTS_)
+        got = (c->len - sizeof *c) / sizeof *fds;
+    long result = (n == 0 || (msg.flags & MSG_CTRUNC_) || got != r->nfds) ? -EBADMSG_ : 0;
+    const struct thaw_fd_move *moves = (const struct thaw_fd_move *)r->moves;
+    for (uint64_t i = 0; result == 0 && i < r->nmoves; i++)
+        if (moves[i].index < 0 || (uint64_t)moves[i].index >= got)
+            result = -EBADMSG_;
+        else if ((result = raw_syscall6(NR_DUP3, fds[moves[i].index], moves[i].to, 0, 0, 0, 0)) > 0)
+            result = 0;
+    for (uint64_t i = 0; i < got; i++)
+        raw_syscall6(NR_CLOSE, fds[i], 0, 0, 0, 0, 0);
+    return result;
+}
+
 static long run_op(const struct thaw_restorer_op *op, long saved)
 {
     long a0 = (op->flags & THAW_OPF_ARG0_SAVED) ? saved : (long)op->args[0];
@@ -589,6 +656,8 @@ static long run_op(const struct thaw_restorer_op *op, long saved)
         return threads_go((struct thaw_threads *)a0);
     if (op->kind == THAW_OP_PIPE)
         return make_pipe(a0, a1, (long)op->args[2], (long)op->args[3], (long)op->args[4]);
+    if (op->kind == THAW_OP_RECEIVE_FDS)
+        return receive_fds(a0, (const struct thaw_receive_fds *)a1);
     return raw_syscall6((long)op->nr, a0, a1, (long)op->args[2], (long)op->args[3], (long)op->args[4],
                         (long)op->args[5]);
 }

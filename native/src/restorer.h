@@ -33,6 +33,28 @@ enum thaw_restorer_op_kind {
     THAW_OP_THREADS_GO = 8,    /* args[0] = struct thaw_threads *: let them run (after the credentials) */
     THAW_OP_PIPE = 9, /* a new pipe, read end as fd args[0] (flags args[2]), write end as fd args[1]
                          (flags args[3]); fds from args[4] up are free for the moves */
+    THAW_OP_RECEIVE_FDS = 10, /* args[0] = a socket, args[1] = struct thaw_receive_fds *: take the
+                                 restore fds from it (below) */
+};
+
+/* THAW_OP_RECEIVE_FDS: a stub that waited in an idle sandbox (forked before anyone knew which
+ * template it would become) holds no restore fds, only one end of a hand-off socket; the daemon
+ * sends them, in one SCM_RIGHTS message, as it chooses the stub, so a thaw does not wait for a
+ * fork. The blob receives the message, dup3s each fd where `moves` says, closes the received fds
+ * and the socket. Received fds take the lowest free numbers: the stub keeps 0-3 taken (/dev/null)
+ * and its socket below THAW_FIRST_RESTORE_FD, so they land between the two, clear of every place
+ * they go. A message that does not carry exactly `nfds` fds fails the op with -EBADMSG. */
+struct thaw_fd_move {
+    int32_t index; /* which received fd */
+    int32_t to;    /* the fd it becomes */
+};
+
+struct thaw_receive_fds {
+    uint64_t nfds;
+    uint64_t nmoves;
+    uint64_t moves;        /* struct thaw_fd_move[nmoves] */
+    uint64_t control;      /* room for the control message: 16 + 4 * nfds bytes, rounded up to 8 */
+    uint64_t control_size;
 };
 
 /* THAW_OP_THREADS: the template's other threads, recreated by the blob (CRIU's restorer does the
