@@ -195,7 +195,7 @@ class CodecRow:
 class InvokeRow:
     """scripts/bench_invoke: one cell of invocations through thawd (or straight to a guest)."""
 
-    path: str  # warm | restore | direct (| burst, issue 17)
+    path: str  # warm | restore | direct (bursts are BurstRow)
     concurrency: int
     p50_ms: float
     p99_ms: float
@@ -203,6 +203,20 @@ class InvokeRow:
     requests: int
     errors: int
     cdf_ms: list[float]  # latency at percentiles 0, 1, ..., 100
+
+
+@dataclass(frozen=True)
+class BurstRow:
+    """scripts/bench_invoke: a burst of requests released at one instant to a function scaled to
+    zero (no instance live), as the gateway forwards the requests queued during a scale from zero."""
+
+    path: str  # burst
+    concurrency: int  # requests in the burst
+    p50_ms: float  # each request's latency from the release, over every round
+    p99_ms: float
+    makespan_ms: float  # from the release to the last answer (the median of the rounds)
+    restores: int  # instances thawed for one burst (the median of the rounds)
+    errors: int  # non-200 answers, over every round
 
 
 @dataclass(frozen=True)
@@ -281,6 +295,16 @@ class SweepRow:
 
 
 @dataclass(frozen=True)
+class ShimRow:
+    """scripts/bench_shim: container start to first HTTP answer under one containerd runtime."""
+
+    runtime: str  # thaw (containerd-shim-thaw-v2, thawed) | runc (Debian's, the function cold)
+    median_ms: float
+    p90_ms: float
+    runs: int
+
+
+@dataclass(frozen=True)
 class CliRow:
     """scripts/bench_cli: a `thaw` command as a whole process."""
 
@@ -317,7 +341,11 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("bench_restore", {"restore": RestoreRow}, "restore to first reply per state size and mode"),
         Benchmark("bench_restore_compressed", {"compressed": CompressedRow}, "compressed templates' first invocation"),
         Benchmark("bench_codecs", {"codecs": CodecRow}, "codec ratio and fault cost on template pages"),
-        Benchmark("bench_invoke", {"invoke": InvokeRow}, "invocation latency and throughput through thawd"),
+        Benchmark(
+            "bench_invoke",
+            {"invoke": InvokeRow, "burst": BurstRow},
+            "invocation latency and throughput through thawd, and bursts from zero",
+        ),
         Benchmark("bench_sandbox", {"sandbox": SandboxRow}, "sandbox create, repurpose, release"),
         Benchmark("bench_numa", {"pool": PoolRow}, "pool bandwidth and latency per backend and node"),
         Benchmark(
@@ -327,6 +355,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         ),
         Benchmark("simulate_keepalive", {"policies": PolicyRow, "sweep": SweepRow}, "keep-alive policies over a trace"),
         Benchmark("bench_cli", {"commands": CliRow}, "thaw commands as whole processes"),
+        Benchmark("bench_shim", {"shim": ShimRow}, "container start to first HTTP answer: thaw's shim vs runc"),
         Benchmark("bench_micro", {"micro": MicroRow}, "pytest-benchmark microbenchmarks"),
     )
 }
