@@ -195,6 +195,7 @@ class Containers:
             if isinstance(e, SnapshotError | SandboxError | OSError | TimeoutError):
                 raise Unavailable(f"thawing container {instance_name} from {ref.name} failed") from e
             raise
+        assert sandbox is not None  # the stub's: set, or the thaw raised
         container = Container(
             request["namespace"], request["id"], fs.name, start, sandbox, stub, ref, reader, writer, logger,
             created, init_ms, (time.perf_counter() - t0) * 1e3,
@@ -348,7 +349,8 @@ def _check(body: Any) -> dict[str, Any]:
     unknown = sorted(set(body) - known)
     if unknown:
         raise Invalid(f"unknown container field(s): {', '.join(unknown)}")
-    out = {"env": {}, "netns": "", "cgroups_path": "", "memory": None, "cpu": None, "handler": "handler:handle"}
+    out: dict[str, Any] = {"env": {}, "netns": "", "cgroups_path": "", "memory": None, "cpu": None}
+    out["handler"] = "handler:handle"
     out.update(body)
     for name in ("namespace", "id"):
         if not isinstance(out.get(name), str) or not NAME_PART.fullmatch(out[name]):
@@ -360,8 +362,12 @@ def _check(body: Any) -> dict[str, Any]:
     for name in ("function_dir", "netns", "cgroups_path"):
         if not isinstance(out.get(name), str):
             raise Invalid(f"{name} must be a string")
-    if not Path(out["function_dir"]).is_absolute() or not Path(out["function_dir"]).is_dir():
+    directory = Path(out["function_dir"])
+    if not directory.is_absolute() or not directory.is_dir():
         raise Invalid(f"function_dir {out['function_dir']!r} is not an absolute path to a directory")
+    module = out["handler"].partition(":")[0].split(".")[0]
+    if not (directory / f"{module}.py").is_file() and not (directory / module / "__init__.py").is_file():
+        raise Invalid(f"function_dir {directory} has no module {module!r} (handler {out['handler']})")
     if out["netns"] and not Path(out["netns"]).exists():
         raise Invalid(f"network namespace {out['netns']} does not exist")
     if ".." in out["cgroups_path"].split("/"):
@@ -373,6 +379,13 @@ def _check(body: Any) -> dict[str, Any]:
     if out["cpu"] is not None and (not isinstance(out["cpu"], int | float) or out["cpu"] <= 0):
         raise Invalid("cpu must be a positive number of cores")
     return out
+
+
+def _integer(value: Any, name: str) -> int:
+    """A JSON integer (4797.0 is one too, as JSON Schema counts)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        raise Invalid(f"{name} must be an integer")
+    return int(value)
 
 
 def _copy_function(source: Path, target: Path) -> None:
@@ -474,16 +487,12 @@ def add_routes(app: Any, manager: Any) -> Containers:
 
     async def start(request: web.Request) -> web.Response:
         body = await json_body(request) if request.can_read_body else {}
-        port = body.get("port", 8080) if isinstance(body, dict) else None
-        if not isinstance(port, int) or isinstance(port, bool):
-            raise Invalid("port must be an integer")
+        port = _integer(body.get("port", 8080) if isinstance(body, dict) else None, "port")
         return json_response((await containers.start(*ids(request), port)).describe())
 
     async def kill(request: web.Request) -> web.Response:
         body = await json_body(request)
-        signo = body.get("signal") if isinstance(body, dict) else None
-        if not isinstance(signo, int) or isinstance(signo, bool):
-            raise Invalid("signal must be a signal number")
+        signo = _integer(body.get("signal") if isinstance(body, dict) else None, "signal")
         return json_response((await containers.kill(*ids(request), signo)).describe())
 
     async def wait(request: web.Request) -> web.Response:

@@ -94,6 +94,7 @@ def runs(out: Path) -> list[Run]:
         Run("bench_lora", "bench_lora.py"),
         Run("bench_cli", "bench_cli.py"),
         Run("bench_micro", "bench_micro.py"),
+        Run("bench_shim", "bench_shim.py"),  # containerd + runc (scripts/setup installs them)
         Run("simulate_keepalive", "simulate_keepalive.py", costs),
     ]
 

@@ -34,7 +34,7 @@ BASE_URL = "http://thawd"
 # Operations whose body names a path on thawd's host (a function's directory, a model, an adapter):
 # the document cannot say which paths exist, so a request valid by it may still be refused, with 400
 # naming the path, and that is the answer the document gives for it.
-NAMES_A_HOST_PATH = ["deployFunction", "updateFunction", "importLoraModel", "importLoraAdapter"]
+NAMES_A_HOST_PATH = ["deployFunction", "updateFunction", "importLoraModel", "importLoraAdapter", "createContainer"]
 CONFIG = schemathesis.Config.from_dict(
     {
         "generation": {"max-examples": 8, "deterministic": True},

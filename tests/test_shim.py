@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from sandbox.cgroups import CgroupTree
 from tests.oci_image import Containerd, containerd, http_in, netns, remove_netns, wait_http, write_image
 from tests.thawd import Thawd
 
@@ -56,20 +57,17 @@ def after_thaw():
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Thawd, Containerd]]:
     base = tmp_path_factory.mktemp("shim")
     thawd = Thawd(base, "thawshim0", "10.238.0.0/24")
-    thawd.start()
-    try:
-        with containerd(thawd.socket) as ctd:
-            for name, files in (
-                (IMAGE, {"function/handler.py": HELLO}),
-                (CRASHY, {"function/handler.py": THAW_FAILS}),
-                (BROKEN, {"app/main.py": "print('not a thaw function')\n"}),
-            ):
-                archive = base / (name.rsplit("/", 1)[1].replace(":", "-") + ".tar")
-                write_image(archive, name, files)
-                ctd.ctr("image", "import", str(archive))
-            yield thawd, ctd
-    finally:
-        thawd.stop()
+    with thawd.serving(), containerd(thawd.socket) as ctd:
+        for name, files in (
+            (IMAGE, {"function/handler.py": HELLO}),
+            (CRASHY, {"function/handler.py": THAW_FAILS}),
+            (BROKEN, {"app/main.py": "print('not a thaw function')\n"}),
+        ):
+            archive = base / (name.rsplit("/", 1)[1].replace(":", "-") + ".tar")
+            write_image(archive, name, files)
+            ctd.ctr("image", "import", str(archive))
+        yield thawd, ctd
+    CgroupTree("thawshim0").remove()
 
 
 @pytest.fixture
@@ -140,6 +138,7 @@ def _same_netns(pid: int, ns: str) -> bool:
 def test_kill_delete_rm_leave_nothing_behind(node: tuple[Thawd, Containerd], pod: str) -> None:
     thawd, ctd = node
     mounts_before = len(Path("/proc/self/mountinfo").read_text().splitlines())
+    parents_before = cgroup_dirs("default")
     run(ctd, IMAGE, "gone1", pod)
     _, info = thawd.api("GET", "/containers/default/gone1")
     pid = info["pid"]
@@ -158,7 +157,7 @@ def test_kill_delete_rm_leave_nothing_behind(node: tuple[Thawd, Containerd], pod
     ctd.ctr("container", "rm", "gone1")
 
     assert not Path(f"/proc/{pid}").exists()
-    assert not cgroup_dirs("default/gone1") and not cgroup_dirs("default")  # parents we made go too
+    assert not cgroup_dirs("default/gone1") and cgroup_dirs("default") == parents_before  # parents made go too
     assert not mounts_under(ctd.base / "state")
     assert len(Path("/proc/self/mountinfo").read_text().splitlines()) <= mounts_before
     assert thawd.api("GET", "/containers")[1] == []

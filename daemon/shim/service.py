@@ -268,7 +268,7 @@ class TaskService:
             id=task.id,
             bundle=str(task.bundle),
             pid=task.pid,
-            status=task.status,
+            status=task_pb2.Status.Name(task.status),
             stdout=task.stdout,
             exit_status=task.exit_status,
             exited_at=timestamp(task.exited_at) if task.exited.is_set() else None,

@@ -132,7 +132,8 @@ def _read_request(reader: Any, max_body: int) -> tuple[str, str, str, dict[str, 
 
 
 def _read_chunked(reader: Any, max_body: int) -> bytes:
-    chunks, total = [], 0
+    chunks: list[bytes] = []
+    total = 0
     while True:
         size = int(reader.readline(MAX_HEADER).split(b";")[0].strip() or b"0", 16)
         if size == 0:
