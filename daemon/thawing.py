@@ -66,6 +66,7 @@ class Thawer:
         self.workers, self.metrics = workers, metrics
         self.ids = itertools.count(1)
         self.acquiring = 0  # sandbox trips under way: sandboxes promised, not yet taken
+        self.releasing: set[asyncio.Task[None]] = set()
 
     # -- sandboxes -----------------------------------------------------------------------------------
     def spec_of(self, deployed: Deployed) -> SandboxSpec:
@@ -103,6 +104,25 @@ class Thawer:
             except SandboxError as e:
                 log.warning("releasing sandbox %s: %s", sandbox.id, e)
             raise
+
+    def _ready_sandbox_with_stub(
+        self, deployed: Deployed, fds: list[int], control_fd: int, log_fd: int, paged: bool
+    ) -> tuple[Sandbox, SandboxProcess, int] | None:
+        """The fast path, on the event loop: a sandbox the function holds already, with a stub
+        waiting in it (no request to its agent, one sendmsg to hand the stub its fds), when a
+        trip to a worker thread and back would cost more than the work. None: take the trip. A
+        paged restore takes the trip (its check reads procfs)."""
+        sandbox = None if paged else self.sandboxes.acquire_ready(self.spec_of(deployed))
+        if sandbox is None:
+            return None
+        try:  # a stub that died waiting is replaced by a fork here: rare enough to do on the loop
+            stub, handoff = sandbox.take_stub(fds, control_fd, log_fd)
+        except BaseException:
+            task = asyncio.ensure_future(self.release(sandbox))
+            self.releasing.add(task)
+            task.add_done_callback(self.releasing.discard)
+            raise
+        return sandbox, stub, handoff
 
     async def release(self, sandbox: Sandbox) -> None:
         try:
@@ -189,13 +209,17 @@ class Thawer:
             try:  # the stub comes from the sandbox off the ptrace threads, which only do the ptrace work
                 fds = ref.template.restore_fds(fs.spec.mode)
                 paged = ref.template.paged(fs.spec.mode)
-                give_back = lambda got: self.release(got[0])  # noqa: E731
-                trip = (self._sandbox_with_stub, deployed, fds, theirs.fileno(), log_write, paged)
-                self.acquiring += 1
-                try:
-                    sandbox, stub, handoff = await to_the_end(*trip, undo=give_back)
-                finally:
-                    self.acquiring -= 1
+                ready = self._ready_sandbox_with_stub(deployed, fds, theirs.fileno(), log_write, paged)
+                if ready is not None:
+                    sandbox, stub, handoff = ready
+                else:
+                    give_back = lambda got: self.release(got[0])  # noqa: E731
+                    trip = (self._sandbox_with_stub, deployed, fds, theirs.fileno(), log_write, paged)
+                    self.acquiring += 1
+                    try:
+                        sandbox, stub, handoff = await to_the_end(*trip, undo=give_back)
+                    finally:
+                        self.acquiring -= 1
                 acquired = sandbox
             finally:
                 theirs.close()

@@ -159,6 +159,25 @@ class SandboxPool:
             raise
         return sandbox
 
+    def acquire_ready(self, spec: SandboxSpec) -> Sandbox | None:
+        """An idle sandbox that needs nothing done for `spec` (it holds the function's mount,
+        limits and hostname already, and a stub waits in it), now busy; None when there is none.
+        Never waits for the agent or a build, so an event loop may call it (thawd's thaws try it
+        before a trip to a worker thread for `acquire`)."""
+        spec.validate()
+        if self.settings.cpuset_mems is not None and spec.limits.cpuset_mems is None:
+            spec = replace(spec, limits=replace(spec.limits, cpuset_mems=self.settings.cpuset_mems))
+        with self.lock:
+            for i in range(len(self.idle) - 1, -1, -1) if not self.closed else ():
+                sandbox = self.idle[i]
+                if sandbox.ready_for(spec):
+                    del self.idle[i]
+                    del self.idle_since[sandbox]
+                    self.busy.add(sandbox)
+                    sandbox.spec = spec
+                    return sandbox
+        return None
+
     def _take(self, wait: float, function_dir: Path) -> Sandbox | None:
         """An idle sandbox, now busy; or None with a build counted (the caller builds it). The
         most recently used one that holds `function_dir` already (its repurpose then has nothing

@@ -257,6 +257,16 @@ class Sandbox:
             self.hostname = hostname
         self.spec = spec
 
+    def ready_for(self, spec: SandboxSpec) -> bool:
+        """Whether a repurpose for `spec` would change nothing and a stub waits here."""
+        hostname = spec.hostname or f"sbx-{self.id}"
+        return (
+            self.waiting is not None
+            and self.mounted == spec.function_dir
+            and self.limits == spec.limits
+            and self.hostname == hostname
+        )
+
     def spawn(
         self,
         argv: list[str],

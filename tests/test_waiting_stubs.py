@@ -168,3 +168,20 @@ def test_a_function_comes_back_to_its_sandbox_and_keeps_its_mount(pool: SandboxP
             pool.release(first_elsewhere)
     finally:
         pool.release(swapped)
+
+
+def test_a_ready_sandbox_is_taken_without_its_agent(pool: SandboxPool, tmp_path: Path) -> None:
+    """What thawd's thaws try first, on its event loop: a sandbox that holds the function already
+    (mount, limits, hostname) with a stub waiting in it, or none (then the usual acquire)."""
+    fn = _function(tmp_path / "ready", "def handle(event, context):\n    return 'ready'\n")
+    spec = SandboxSpec(fn, hostname="ready")
+    assert pool.acquire_ready(spec) is None  # no sandbox holds it yet
+    box = pool.acquire(spec)
+    pool.release(box)  # back with its mount kept and a stub waiting
+    ready = pool.acquire_ready(spec)
+    try:
+        assert ready is box and ready.waiting is not None
+        assert pool.acquire_ready(spec) is None  # the one that held it is busy now
+        assert pool.acquire_ready(SandboxSpec(fn, hostname="renamed")) is None  # a hostname to change
+    finally:
+        pool.release(ready or box)
