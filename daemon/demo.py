@@ -55,7 +55,7 @@ def _capture_function(pool: Pool, function_dir: Path) -> Template:
         m = template.manifest
         print(
             f"  - captured pid {guest.pid} into template {TEMPLATE!r} in {(time.perf_counter() - t0) * 1e3:.0f} ms: "
-            f"{len(m.vmas)} VMAs, {m.data_bytes >> 20} MiB of pages, {len(m.files)} files re-mapped"
+            f"{len(m.memory.vmas)} VMAs, {m.data_bytes >> 20} MiB of pages, {len(m.files.identities)} files re-mapped"
         )
         os.kill(guest.pid, signal.SIGCONT)  # the original goes on, as a cold start would
         recv(guest.control)  # RESTORED: the guest says it after any stop

@@ -22,7 +22,7 @@ def show(root: str, name: str, as_json: bool) -> None:
     with Template.open(Pool(root), name) as template:
         m = template.manifest
         kinds: dict[str, int] = {}
-        for v in m.vmas:
+        for v in m.memory.vmas:
             kinds[v.kind] = kinds.get(v.kind, 0) + 1
         summary = {
             "name": name,
@@ -31,8 +31,10 @@ def show(root: str, name: str, as_json: bool) -> None:
             "segment_bytes": template.segment.size,
             "page_bytes": m.data_bytes,
             "vmas": kinds,
-            "files": [f.path for f in m.files],
-            "fds": [{"fd": f.fd, "path": f.path} for f in m.fds],
+            "files": [f.path for f in m.files.identities],
+            "fds": [{"fd": f.fd, "path": f.path} for f in m.fds.paths],
+            "pipes": len(m.fds.pipes),
+            "threads": 1 + len(m.threads.others),
             "uid": m.credentials.uid[0],
             "working_set_pages": len(template.working_set()),
         }
@@ -45,7 +47,8 @@ def show(root: str, name: str, as_json: bool) -> None:
     )
     print("  VMAs: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
     print(
-        f"  files re-mapped: {len(m.files)}; fds reopened: {len(m.fds)}; uid {m.credentials.uid[0]}; "
+        f"  threads: {summary['threads']}; files re-mapped: {len(m.files.identities)}; "
+        f"fds reopened: {len(m.fds.paths)}, pipes: {len(m.fds.pipes)}; uid {m.credentials.uid[0]}; "
         f"working set: {summary['working_set_pages']} pages"
     )
 

@@ -28,10 +28,10 @@ from collections.abc import Callable, Iterable, Iterator
 
 from native.pager import MAX_COLD_CHUNK
 from shmpool import Pool
-from shmpool.backends import round_up
 from shmpool.codecs import DEFAULT_CHUNK, Codec, ZstdCodec, check_chunk_size, train_zstd_dictionary
 from snapshot.errors import SnapshotError
-from snapshot.manifest import HEADER_SIZE, ColdSection, Manifest, pack_header
+from snapshot.image import ImageWriter, page_area_end
+from snapshot.manifest import ColdSection, Manifest
 from snapshot.template import Template
 
 PAGE = 4096
@@ -91,7 +91,7 @@ def compress(
 
 def _stretches(manifest: Manifest, keep: Callable[[int], bool], with_stacks: bool) -> Iterator[tuple[int, int]]:
     """(segment offset, length) of each stretch of pages inside one run whose index `keep` takes."""
-    for vma in manifest.vmas:
+    for vma in manifest.memory.vmas:
         if vma.stack and not with_stacks:
             continue
         for run in vma.runs:
@@ -130,7 +130,7 @@ def _write(
     chunk_size: int,
 ) -> None:
     m = source.manifest
-    image_at = HEADER_SIZE + m.data_bytes  # after the page area, where the source's manifest was
+    image_at = page_area_end(m)  # the cold image is the tail: after the page area
     chunks, at = [], image_at
     for (off, length), data in zip(extents, packed, strict=True):
         chunks.append((off, at, length, len(data)))
@@ -145,27 +145,20 @@ def _write(
         chunks=tuple(chunks),
         dictionary=(dict_at, len(dictionary)) if dictionary else (0, 0),
         source=source.name,
-        hot_pages=sum(r.length for v in m.vmas for r in v.runs) // PAGE - cold_pages,
+        hot_pages=sum(r.length for v in m.memory.vmas for r in v.runs) // PAGE - cold_pages,
         cold_pages=cold_pages,
         compressed_bytes=at - image_at,
     )
-    manifest = _with_cold(m, cold)
-    raw = manifest.to_json()
-    manifest_at = round_up(dict_at + len(dictionary), 8)
-    size = round_up(manifest_at + len(raw), PAGE)
-    with pool.create_segment(target, size, kind="template") as writer:
-        writer.write(0, pack_header(manifest_at, raw))
+    with ImageWriter(pool, target, _with_cold(m, cold), tail_size=dict_at + len(dictionary) - image_at) as image:
         for off, length in hot_extents:
             for done in range(0, length, WRITE_BATCH):
-                writer.write(off + done, view[off + done : off + min(length, done + WRITE_BATCH)])
+                image.page(off + done, view[off + done : off + min(length, done + WRITE_BATCH)])
         for (_, comp_off, _, _), data in zip(chunks, packed, strict=True):
-            writer.write(comp_off, data)
+            image.tail(comp_off, data)
         if dictionary:
-            writer.write(dict_at, dictionary)
-        writer.write(manifest_at, raw)
-        writer.publish(
-            meta={
-                "comm": m.comm,
+            image.tail(dict_at, dictionary)
+        image.publish(
+            {
                 "data_bytes": m.data_bytes,
                 "compressed_from": source.name,
                 "codec": codec.name,
@@ -186,17 +179,13 @@ def expand(pool: Pool, name: str, target: str) -> Template:
         if cold is None:
             raise CompressError(f"template {name!r} is not compressed")
         m = dataclasses.replace(z.manifest, cold=None)
-        raw = m.to_json()
-        manifest_at = HEADER_SIZE + m.data_bytes
-        image = z.cold_image()
+        cold_image = z.cold_image()
         cold_pages = {off // PAGE + i for off, length in z.cold_spans() for i in range(length // PAGE)}
-        with pool.create_segment(target, round_up(manifest_at + len(raw), PAGE), kind="template") as writer:
-            writer.write(0, pack_header(manifest_at, raw))
+        with ImageWriter(pool, target, m) as image:
             for off, length in _stretches(m, lambda page: page not in cold_pages, with_stacks=True):
-                writer.write(off, os.pread(z.segment.fd, length, z.segment.base + off))
+                image.page(off, os.pread(z.segment.fd, length, z.segment.base + off))
             for index, (seg_off, _, _, _) in enumerate(cold.chunks):
-                writer.write(seg_off, image.decompress(index))
-            writer.write(manifest_at, raw)
-            writer.publish(meta={"comm": m.comm, "data_bytes": m.data_bytes, "expanded_from": name})
+                image.page(seg_off, cold_image.decompress(index))
+            image.publish({"data_bytes": m.data_bytes, "expanded_from": name})
         mounts = z.mounts
     return Template.open(pool, target, verify=False, mounts=mounts)

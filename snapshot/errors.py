@@ -11,6 +11,10 @@ class NotCapturable(SnapshotError):
     """The process cannot be captured as it is (running, inside vfork, shared-writable memory, fds)."""
 
 
+class CaptureError(SnapshotError):
+    """A capture failed on the way (a syscall it needs, an injected one); the guest is left parked."""
+
+
 class TemplateCorrupt(SnapshotError):
     """A template's header or manifest does not check out: it is never used."""
 

@@ -37,62 +37,46 @@ All calls for one stub must come from one thread (see `Tracer`). A failed restor
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import itertools
 import os
-import signal
-import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from native import memory, pidfd, ptrace, seccomp, tracer
-from native.constants import (
-    PR_SET_MM_MAP,
-    UFFDIO_API,
-    UFFDIO_REGISTER,
-    MapFlag,
-    Prctl,
-    Prot,
-    Syscall,
-    UffdFeature,
-    UffdRegisterMode,
-)
-from native.pager import RANGE_COLD, RANGE_PLAIN, Pager, PagerRange, PagerStats
+from native import memory, pidfd, ptrace, tracer
+from native.constants import MapFlag, Prot, Syscall
+from native.pager import Pager, PagerRange, PagerStats
 from native.ptrace import Registers
 from native.restorer import (
-    ARG0_SAVED,
     ARGS,
     FIRST_RESTORE_FD,
-    SAVE,
     SPECIALS_DIFFER,
-    STORE32,
     STUB_SCRATCH,
     STUB_SCRATCH_SIZE,
     Outcome,
     Program,
 )
+from native.seccomp import check_program
 from native.tracer import BlobRun, RestoreEnd, TraceError
 from shmpool import SegmentExists
 from shmpool.backends import round_up
 from snapshot import procfs
+from snapshot.credentials import Confinement
 from snapshot.errors import FileChanged, RestoreError
+from snapshot.files import restore_fds
 from snapshot.inject import InjectionError, SyscallInjector, restart_fixup, seize_stopped
-from snapshot.manifest import Manifest, VmaRecord
+from snapshot.memory import MemoryRestore, PageSources
+from snapshot.signals import queue_shared, restore_signals
 from snapshot.template import MODES, Template
-from snapshot.threads import ThreadPlan, ThreadRecord, queue_pending
+from snapshot.threads import ThreadPlan, restore_main
+from snapshot.vocabulary import RestoreMode
 
 PAGE = procfs.PAGE
 STACK_SIZE = 64 << 10
 SCRATCH_HINTS = (STUB_SCRATCH, 0x1000_0000_0000, 0x3000_0000_0000, 0x0800_0000_0000)
-UFFD_API = 0xAA
-SS_DISABLE = 2
-SS_ONSTACK = 1
-CAPABILITY_VERSION_3 = 0x20080522
-_PRCTL_MM_MAP = struct.Struct("<11QQII")
 
 
 @dataclass
@@ -159,7 +143,7 @@ class Instance:
             return []
         pages: list[int] = []
         try:
-            for vma in self.template.manifest.vmas:
+            for vma in self.template.manifest.memory.vmas:
                 for run in vma.runs if not vma.stack else ():
                     for start, length in procfs.present_ranges(self.pid, run.start, run.start + run.length):
                         first = (run.offset + start - run.start) // PAGE
@@ -192,11 +176,6 @@ class _Plan:
         return BlobRun(self.image, self.scratch, self.args, self.stack_top, self.stub_at)
 
 
-def _intervals(manifest: Manifest) -> list[tuple[int, int]]:
-    spans = [(v.start, v.end) for v in manifest.vmas] + list(manifest.specials.values())
-    return sorted(spans)
-
-
 def _free(spans: list[tuple[int, int]], start: int, size: int) -> bool:
     return all(end <= start or begin >= start + size for begin, end in spans)
 
@@ -213,29 +192,34 @@ def _scratch_address(spans: list[tuple[int, int]], size: int, avoid: int = 0) ->
 
 
 class _Builder:
-    """Writes the template-specific body of the restore program."""
+    """Writes the template-specific body of the restore program by walking the resources, each
+    of which writes its own ops (snapshot/memory.py, signals.py, files.py, threads.py,
+    credentials.py). The order is the kernel's: memory first (nothing else has a place to live
+    before), the pager started before anything touches registered pages, the threads before the
+    credentials (clone3's set_tid needs CAP_CHECKPOINT_RESTORE), the filter last."""
 
     def __init__(
-        self, template: Template, mode: str, scratch: int, fd_base: int, bpf: bytes | None, handoff: _Handoff
+        self, template: Template, mode: RestoreMode, scratch: int, fd_base: int, bpf: bytes | None, handoff: _Handoff
     ) -> None:
         self.t, self.m, self.mode = template, template.manifest, mode
-        self.handoff = handoff
-        self.threads = ThreadPlan(template.manifest.threads)
-        self.fprog = 0
-        self.bpf = bpf
         self.p = Program(scratch)
         self.fd_base = fd_base
-        self.segment_fd = fd_base
-        self.base = template.segment.base
+        self.handoff = handoff
         fds = template.restore_fds(mode)
         self.nfds = len(fds)
-        self.paged = template.paged(mode)
-        self.via_cache = template.uses_cache(mode)
-        self.cache_fd = fd_base + len(fds) - 1 if self.via_cache else -1
-        self.cache_base = template.cache().base if self.via_cache else 0
-        self.uffd_fd = fd_base + len(fds) if self.paged else -1
-        self.cold = template.cold_spans()
-        self.ranges: list[PagerRange] = []
+        paged, via_cache = template.paged(mode), template.uses_cache(mode)
+        self.sources = PageSources(
+            mode=mode,
+            segment_fd=fd_base,
+            segment_base=template.segment.base,
+            cache_fd=fd_base + len(fds) - 1 if via_cache else -1,
+            cache_base=template.cache().base if via_cache else 0,
+            uffd_fd=fd_base + len(fds) if paged else -1,
+            cold=template.cold_spans(),
+        )
+        self.memory = MemoryRestore(self.p, self.m.memory, self.sources, self.file_fd)
+        self.threads = ThreadPlan(self.m.threads.others)
+        self.confinement = Confinement(self.p, self.m.credentials, bpf)
 
     def file_fd(self, index: int) -> int:
         return self.fd_base + 1 + index
@@ -251,215 +235,40 @@ class _Builder:
         self.p.receive_fds(sock, len(places) + self.nfds, moves, what=what)
 
     def build(self, size: int, park: int, thread_stacks: int) -> _Plan:
-        specials = ", ".join(self.m.specials)
-        stub_at = self.p.clean_stub(
-            (self.p.base, self.p.base + size),
+        p, m = self.p, self.m
+        specials = ", ".join(m.memory.specials)
+        stub_at = p.clean_stub(
+            (p.base, p.base + size),
             park,
-            self.m.specials,
+            m.memory.specials,
             what=f"unmapping the stub and moving its special mappings ({specials}) to the template's addresses",
         )
         self.receive_fds()
-        if self.paged:
-            self.userfaultfd()
-        for vma in self.m.vmas:
-            self.vma(vma)
-        if self.paged:  # from here on the kernel and the blob touch registered pages
-            self.p.pause("waiting for the pager")
-        self.mm_and_signals()
-        self.fds()
-        self.thread_state()
-        if self.m.threads:  # before the credentials: clone3's set_tid needs CAP_CHECKPOINT_RESTORE
-            vmas = [(v.start, v.end) for v in self.m.vmas]
-            scratch = (self.p.base, self.p.base + size)
-            self.threads.add(self.p, thread_stacks, self.m.syscall_insn, scratch, vmas, self.thread_credentials)
-        self.credentials(self.p)
+        if self.sources.paged:
+            self.memory.userfaultfd()
+        self.memory.vmas([f.path for f in m.files.identities])
+        if self.sources.paged:  # from here on the kernel and the blob touch registered pages
+            p.pause("waiting for the pager")
+        self.memory.mm(exe_fd=self.file_fd(m.files.exe))
+        restore_signals(p, m.signals)
+        restore_fds(p, m.fds, (self.fd_base, self.fd_base + self.nfds - 1))
+        restore_main(p, m.threads.main)
+        queue_shared(p, m.signals)
+        if self.threads.threads:
+            vmas = [(v.start, v.end) for v in m.memory.vmas]
+            scratch = (p.base, p.base + size)
+            self.threads.add(p, thread_stacks, m.memory.syscall_insn, scratch, vmas, self.confinement.thread)
+        self.confinement.drop(p)
         # THREADS_GO reads /proc/self/task/*, which a non-dumpable process's new uid may not open
-        dumpable = 1 if self.m.threads else self.m.dumpable
-        self.p.syscall(Syscall.PRCTL, Prctl.SET_DUMPABLE, dumpable, what="PR_SET_DUMPABLE")
-        self.seccomp(self.p)
-        if self.m.threads:  # only now may code of the function's run in another thread
-            self.threads.go(self.p)
-            if self.m.dumpable != dumpable:
-                self.p.syscall(Syscall.PRCTL, Prctl.SET_DUMPABLE, self.m.dumpable, what="PR_SET_DUMPABLE")
-        plan = _Plan(self.p.base, size, self.p, stub_at, self.uffd_fd, self.ranges, self.via_cache)
+        self.confinement.dumpable(p, 1 if self.threads.threads else None)
+        self.confinement.filter(p)
+        if self.threads.threads:  # only now may code of the function's run in another thread
+            self.threads.go(p)
+            if m.credentials.dumpable != 1:
+                self.confinement.dumpable(p)
+        plan = _Plan(p.base, size, p, stub_at, self.sources.uffd_fd, self.memory.ranges, self.sources.via_cache)
         plan.threads = self.threads
         return plan
-
-    # each step ---------------------------------------------------------------------------------
-    def userfaultfd(self) -> None:
-        p = self.p
-        api = p.put(struct.pack("<QQQ", UFFD_API, UffdFeature.EVENT_FORK | UffdFeature.EVENT_REMAP, 0))
-        p.syscall(Syscall.USERFAULTFD, os.O_CLOEXEC | os.O_NONBLOCK, what="userfaultfd()", flags=SAVE)
-        p.syscall(Syscall.IOCTL, 0, UFFDIO_API, api, what="UFFDIO_API", flags=ARG0_SAVED)
-        p.syscall(Syscall.DUP3, 0, self.uffd_fd, os.O_CLOEXEC, what="moving the userfaultfd", flags=ARG0_SAVED)
-        p.syscall(Syscall.CLOSE, 0, what="closing the first userfaultfd", flags=ARG0_SAVED)
-
-    def vma(self, v: VmaRecord) -> None:
-        p, where = self.p, f"{v.start:#x}-{v.end:#x} {v.name}".rstrip()
-        private_fixed = MapFlag.PRIVATE | MapFlag.FIXED
-        anon = private_fixed | MapFlag.ANONYMOUS
-        if v.kind in ("file", "shared"):
-            flags = (MapFlag.SHARED | MapFlag.FIXED) if v.kind == "shared" else private_fixed
-            p.syscall(
-                Syscall.MMAP,
-                v.start,
-                v.size,
-                v.prot,
-                flags,
-                self.file_fd(v.file),
-                v.file_offset,
-                what=f"mmap of {self.m.files[v.file].path} at {where}",
-            )
-            return
-        by_copy = v.stack or self.mode == "copy" or (self.mode == "lazy" and not self.via_cache)
-        covered = sum(r.length for r in v.runs) == v.size
-        # a pager without the cache fills cold pages into anonymous memory (cow maps hot ones over it)
-        if by_copy or not covered or (self.paged and not self.via_cache):
-            prot = v.prot | Prot.WRITE if by_copy else v.prot
-            flags = anon | (MapFlag.GROWSDOWN if v.stack else 0)
-            p.syscall(Syscall.MMAP, v.start, v.size, prot, flags, -1, 0, what=f"anonymous mmap at {where}")
-        for run in v.runs:
-            for start, length, offset, cold in self.pieces(run.start, run.length, run.offset, v.stack):
-                self.run(v, start, length, offset, cold, by_copy, where)
-        if by_copy and not v.prot & Prot.WRITE:
-            p.syscall(Syscall.MPROTECT, v.start, v.size, v.prot, what=f"mprotect of {where}")
-
-    def pieces(self, start: int, length: int, offset: int, stack: bool) -> Iterator[tuple[int, int, int, bool]]:
-        """The run cut where its pages turn from hot to cold (compressed) and back."""
-        if not self.cold or stack:  # stacks are never compressed
-            yield start, length, offset, False
-            return
-        end = offset + length
-        i = max(bisect.bisect_right(self.cold, (offset, 1 << 63)) - 1, 0)
-        at = offset
-        for cold_off, cold_len in itertools.islice(self.cold, i, None):
-            lo, hi = max(cold_off, at), min(cold_off + cold_len, end)
-            if cold_off >= end:
-                break
-            if hi <= lo:
-                continue
-            if lo > at:
-                yield start + (at - offset), lo - at, at, False
-            yield start + (lo - offset), hi - lo, lo, True
-            at = hi
-        if at < end:
-            yield start + (at - offset), end - at, at, False
-
-    def run(self, v: VmaRecord, start: int, length: int, offset: int, cold: bool, by_copy: bool, where: str) -> None:
-        p = self.p
-        if cold or (self.mode == "lazy" and not v.stack):
-            self.ranges.append(PagerRange(start, length, offset, RANGE_COLD if cold else RANGE_PLAIN))
-            if self.via_cache:
-                self.map_private(v, start, length, self.cache_fd, self.cache_base + offset, "the cache segment", where)
-            reg = p.put(struct.pack("<QQQQ", start, length, UffdRegisterMode.MISSING, 0))
-            p.syscall(Syscall.IOCTL, self.uffd_fd, UFFDIO_REGISTER, reg, what=f"UFFDIO_REGISTER of {where}")
-        elif by_copy:
-            p.pread(self.segment_fd, start, length, self.base + offset, what=f"reading pages of {where}")
-        else:
-            self.map_private(v, start, length, self.segment_fd, self.base + offset, "the template segment", where)
-
-    def map_private(self, v: VmaRecord, start: int, length: int, fd: int, offset: int, source: str, where: str) -> None:
-        flags = MapFlag.PRIVATE | MapFlag.FIXED
-        self.p.syscall(Syscall.MMAP, start, length, v.prot, flags, fd, offset, what=f"mmap of {source} at {where}")
-
-    def mm_and_signals(self) -> None:
-        p, m = self.p, self.m
-        auxv = p.put(m.auxv)
-        mm = m.mm
-        raw = _PRCTL_MM_MAP.pack(
-            mm.start_code,
-            mm.end_code,
-            mm.start_data,
-            mm.end_data,
-            mm.start_brk,
-            mm.brk,
-            mm.start_stack,
-            mm.arg_start,
-            mm.arg_end,
-            mm.env_start,
-            mm.env_end,
-            auxv,
-            len(m.auxv),
-            self.file_fd(m.exe),
-        )
-        p.syscall(Syscall.PRCTL, Prctl.SET_MM, PR_SET_MM_MAP, p.put(raw), len(raw), 0, what="PR_SET_MM_MAP")
-        p.syscall(Syscall.PERSONALITY, m.personality, what="personality")
-        for sig, act in sorted(m.sigactions.items()):
-            p.syscall(
-                Syscall.RT_SIGACTION,
-                sig,
-                p.put(act),
-                0,
-                8,
-                what=f"rt_sigaction({signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else sig})",
-            )
-        sp, flags, size = m.altstack
-        if not flags & SS_DISABLE:
-            p.syscall(
-                Syscall.SIGALTSTACK,
-                p.put(struct.pack("<QiiQ", sp, flags & ~SS_ONSTACK, 0, size)),
-                0,
-                what="sigaltstack",
-            )
-
-    def fds(self) -> None:
-        p = self.p
-        taken = [r.fd for r in self.m.fds] + [fd for pipe in self.m.pipes for fd, _ in pipe.read + pipe.write]
-        spare = max(taken, default=3) + 1  # above every fd the instance will hold: free for moves
-        for pipe in self.m.pipes:
-            fds = ", ".join(str(fd) for fd, _ in pipe.read + pipe.write)
-            p.pipe(pipe.read[0], pipe.write[0], spare, what=f"making a pipe anew as fds {fds}")
-            for (first, _), others in ((pipe.read[0], pipe.read[1:]), (pipe.write[0], pipe.write[1:])):
-                for fd, flags in others:
-                    p.syscall(Syscall.DUP3, first, fd, flags & os.O_CLOEXEC, what=f"duplicating fd {first} as {fd}")
-        for rec in self.m.fds:
-            p.open_fd(rec.path, rec.flags, rec.fd, rec.pos, what=f"reopening fd {rec.fd} ({rec.path})")
-        self.p.syscall(
-            Syscall.CLOSE_RANGE, self.fd_base, self.fd_base + self.nfds - 1, 0, what="closing the restore fds"
-        )
-
-    def thread_state(self) -> None:
-        p, m = self.p, self.m
-        if m.tid_address:  # glibc caches the tid where set_tid_address points: give it the new one
-            p.syscall(
-                Syscall.SET_TID_ADDRESS, m.tid_address, what="set_tid_address", flags=STORE32, store=m.tid_address
-            )
-        head, length = m.robust_list
-        if head:
-            p.syscall(Syscall.SET_ROBUST_LIST, head, length, what="set_robust_list")
-        pointer, size, signature = m.rseq
-        if pointer:
-            p.syscall(Syscall.RSEQ, pointer, size, 0, signature, what="registering rseq")
-        p.syscall(Syscall.PRCTL, Prctl.SET_NAME, p.cstr(m.comm[:15]), what="PR_SET_NAME")
-        queue_pending(p, m.pending, m.shared_pending)
-
-    def thread_credentials(self, p: Program, _thread: ThreadRecord) -> None:
-        """Credentials and the seccomp filter are per thread: each drops its own."""
-        self.credentials(p)
-        self.seccomp(p)
-
-    def credentials(self, p: Program) -> None:
-        c = self.m.credentials
-        p.drop_bounding_set(_cap_last_cap(), what="dropping the capability bounding set")
-        groups = p.put(struct.pack(f"<{len(c.groups)}I", *c.groups)) if c.groups else 0
-        p.syscall(Syscall.SETGROUPS, len(c.groups), groups, what="setgroups")
-        p.syscall(Syscall.SETRESGID, *c.gid, what=f"setresgid{c.gid}")
-        p.syscall(Syscall.SETRESUID, *c.uid, what=f"setresuid{c.uid}")
-        header = p.put(struct.pack("<Ii", CAPABILITY_VERSION_3, 0))
-        p.syscall(Syscall.CAPSET, header, p.put(bytes(24)), what="clearing capabilities")
-        p.syscall(Syscall.PRCTL, Prctl.SET_NO_NEW_PRIVS, 1, 0, 0, 0, what="PR_SET_NO_NEW_PRIVS")
-
-    def seccomp(self, p: Program) -> None:
-        if self.bpf is None:
-            return
-        if not self.fprog:  # one copy of the filter serves every thread
-            self.fprog = p.put(seccomp.sock_fprog(p.put(self.bpf), self.bpf))
-        # last: it judges every later syscall, injected ones too
-        p.syscall(Syscall.SECCOMP, seccomp.SET_MODE_FILTER, 0, self.fprog, what="installing the seccomp filter")
-
-
-def _cap_last_cap() -> int:
-    return int(Path("/proc/sys/kernel/cap_last_cap").read_text())
 
 
 _Handoff = tuple[int, tuple[tuple[int, ...], ...]]  # Stub.handoff, Stub.handoff_places
@@ -468,7 +277,7 @@ _NO_HANDOFF: _Handoff = (-1, ())
 
 def _plan(
     template: Template,
-    mode: str,
+    mode: RestoreMode,
     fd_base: int,
     bpf: bytes | None,
     avoid: int = 0,
@@ -479,8 +288,8 @@ def _plan(
     plan: _Plan | None = plans.get(key)
     if plan is not None and plan.scratch != avoid:
         return plan
-    spans = _intervals(template.manifest)
-    specials = sum(end - start for start, end in template.manifest.specials.values())
+    spans = template.manifest.memory.spans()
+    specials = sum(end - start for start, end in template.manifest.memory.specials.values())
     estimate = _Builder(template, mode, 0, fd_base, bpf, handoff).build(0, 0, 0)  # sizes do not depend on addresses
     image_size = round_up(len(estimate.program.finish()[0]), PAGE)
     park_size = round_up(specials, PAGE)
@@ -492,27 +301,30 @@ def _plan(
     plan.stack_top = stack_top
     m = template.manifest
     plan.end = RestoreEnd(
-        syscall_insn=m.syscall_insn,
+        syscall_insn=m.memory.syscall_insn,
         close_fd=plan.uffd_fd,  # the pager holds its own copy
         scratch=scratch,
         scratch_size=size,
-        sigmask=m.sigmask,
-        registers=tracer.final_registers(restart_fixup(Registers(**m.registers))),
-        xstate=m.xstate,
+        sigmask=m.threads.main.sigmask,
+        registers=tracer.final_registers(restart_fixup(Registers(**m.threads.main.registers))),
+        xstate=m.threads.main.xstate,
     )
     plans[key] = plan
     return plan
 
 
 # -- restore ------------------------------------------------------------------------------------
-def restore(template: Template, stub: Stub, mode: str = "cow", seccomp_filter: bytes | None = None) -> Instance:
+def restore(
+    template: Template, stub: Stub, mode: str = RestoreMode.COW, seccomp_filter: bytes | None = None
+) -> Instance:
     """Turn `stub` into an instance of `template`, confined by `seccomp_filter` (a BPF program,
     native.seccomp.program(); None installs none: thawd always passes one). On any failure the
     stub is killed and RestoreError (or FileChanged) says what failed."""
     if mode not in MODES:
         raise ValueError(f"restore mode must be one of {', '.join(MODES)}, not {mode!r}")
+    mode = RestoreMode(mode)
     if seccomp_filter is not None:
-        seccomp.check_program(seccomp_filter)
+        check_program(seccomp_filter)
     if mode == "cow" and not template.pool.caps.private_cow:
         _kill(stub)
         raise RestoreError(
@@ -565,7 +377,7 @@ def _reap_traced(pid: int, timeout: float) -> None:
         time.sleep(0.001)
 
 
-def _restore(template: Template, stub: Stub, mode: str, bpf: bytes | None, pagers: list[Pager]) -> Instance:
+def _restore(template: Template, stub: Stub, mode: RestoreMode, bpf: bytes | None, pagers: list[Pager]) -> Instance:
     """Seize the stub, run the restorer in it to its end (pausing once to start a pager for a
     paged restore), finish the thread's state and let it go. The files the template maps are
     checked while the restorer runs, before the instance runs any code of its own."""
@@ -574,14 +386,15 @@ def _restore(template: Template, stub: Stub, mode: str, bpf: bytes | None, pager
 
 
 def _restore_pinned(
-    template: Template, stub: Stub, mode: str, bpf: bytes | None, pagers: list[Pager], pin: Any
+    template: Template, stub: Stub, mode: RestoreMode, bpf: bytes | None, pagers: list[Pager], pin: Any
 ) -> Instance:
     pid = stub.pid
     seize_stopped(pid)
     plan, outcome, changed = _run_restorer(template, mode, stub, bpf)
     if changed >= 0:
         template.check_files()  # raises FileChanged, naming the change
-        raise FileChanged(f"{template.manifest.files[changed].path} changed while {template.name!r} was restored")
+        path = template.manifest.files.identities[changed].path
+        raise FileChanged(f"{path} changed while {template.name!r} was restored")
     _check_outcome(pid, template, plan, outcome, paused=plan.uffd_fd >= 0)
     if plan.uffd_fd >= 0:
         with tracer.unpinned(pin):  # the pager's thread must not inherit the pin
@@ -601,7 +414,7 @@ def _restore_pinned(
     return Instance(pid, template, mode, stub, pagers[0] if pagers else None)
 
 
-def _run_restorer(template: Template, mode: str, stub: Stub, bpf: bytes | None) -> tuple[_Plan, Outcome, int]:
+def _run_restorer(template: Template, mode: RestoreMode, stub: Stub, bpf: bytes | None) -> tuple[_Plan, Outcome, int]:
     """Copy the restorer into the stub's scratch area and run it to its first int3. Stubs map
     the area where restorer.h says before they stop; for a stub that did not, or a plan that
     needs it elsewhere, the stub's maps decide where it goes and an injected mmap makes it."""
@@ -631,7 +444,7 @@ def _check_outcome(pid: int, template: Template, plan: _Plan, outcome: Outcome, 
     """The restorer stopped at its int3: did every op so far succeed, and is it where it should be?"""
     what = plan.program.what
     if outcome.failed_op == 0 and outcome.result == -SPECIALS_DIFFER:
-        specials = ", ".join(template.manifest.specials)
+        specials = ", ".join(template.manifest.memory.specials)
         raise RestoreError(
             f"the kernel's special mappings in pid {pid} differ from the template's ({specials} and their sizes): "
             "it was captured under another kernel"

@@ -28,8 +28,10 @@ from native import memory
 from native.pager import ColdChunk, ColdImage
 from native.tracer import FileChecks
 from shmpool import Pool, Segment, SegmentNotFound
-from snapshot.errors import FileChanged, TemplateCorrupt
-from snapshot.manifest import HEADER_SIZE, FileIdentity, Manifest, check_manifest, unpack_header
+from snapshot.errors import FileChanged
+from snapshot.files import FileIdentity
+from snapshot.image import read_manifest
+from snapshot.manifest import Manifest
 from snapshot.vocabulary import RestoreMode
 
 MODES = tuple(RestoreMode)
@@ -81,14 +83,10 @@ class Template:
         segment = pool.open_segment(name, verify=verify)
         fds: list[int] = []
         try:
-            if segment.record.kind != "template":
-                raise TemplateCorrupt(f"segment {name!r} is a {segment.record.kind}, not a template")
-            header = os.pread(segment.fd, HEADER_SIZE, segment.base)
-            offset, length, digest = unpack_header(header, segment.size)
-            manifest = check_manifest(os.pread(segment.fd, length, segment.base + offset), digest)
+            manifest, offset = read_manifest(segment)
             if manifest.cold is not None:
                 manifest.cold.check(image_end=offset)
-            for ident in manifest.files:
+            for ident in manifest.files.identities:
                 fds.append(_open_identical(host_path(ident.path, mounts or {}), ident))
             return cls(pool, segment, manifest, fds, mounts)
         except BaseException:
@@ -100,7 +98,7 @@ class Template:
     def host_paths(self) -> list[str]:
         """Where the files this template maps are, seen from here (its mounts resolved)."""
         if self._host_paths is None:
-            self._host_paths = [host_path(ident.path, self.mounts) for ident in self.manifest.files]
+            self._host_paths = [host_path(ident.path, self.mounts) for ident in self.manifest.files.identities]
         return self._host_paths
 
     def file_checks(self) -> FileChecks:
@@ -108,7 +106,7 @@ class Template:
         tracer's check at every restore: one fstat each (a file changed in place, or deleted or
         replaced under its name). `check_files` then names the change, by path."""
         if self._file_checks is None:
-            files = self.manifest.files
+            files = self.manifest.files.identities
             self._file_checks = FileChecks(
                 [(fd, f.dev, f.ino, f.size, f.mtime_ns) for f, fd in zip(files, self.file_fds, strict=True)]
             )
@@ -119,7 +117,7 @@ class Template:
 
         One stat of each path: a file modified in place shows a new size/mtime there as well as
         on the fd we hold, and a file replaced under its name shows another device/inode."""
-        for ident, path in zip(self.manifest.files, self.host_paths(), strict=True):
+        for ident, path in zip(self.manifest.files.identities, self.host_paths(), strict=True):
             st = _stat_or_none(path)
             if st is None:
                 raise FileChanged(f"{ident.path}, which template {self.name!r} maps, no longer exists")

@@ -1,8 +1,10 @@
 """Threads: every thread of a guest but the main one, captured and recreated (DESIGN.md, "Threads").
 
-Both sides of the resource live here: `capture_threads` reads them from a seized guest,
-`ThreadPlan` writes the restorer's part that recreates them (native/src/restorer.h,
-THAW_OP_THREADS). The main thread is captured and restored by capture.py and restore.py as before.
+Both sides of the resource live here: `read_threads` reads every thread of a seized guest,
+`restore_main` writes the ops by which the main thread (the stub, which keeps its own TID) sets
+its own state, and `ThreadPlan` the restorer's part that recreates the others
+(native/src/restorer.h, THAW_OP_THREADS). The main thread's registers, xstate and signal mask are
+set by the tracer as it lets the instance go (native/tracer.py, end_restore).
 
 Some facts about Linux threads this rests on:
 
@@ -40,6 +42,7 @@ import dataclasses
 import signal
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +50,16 @@ from typing import Any
 from native import ptrace
 from native.constants import Prctl, Syscall
 from native.ptrace import Registers
-from native.restorer import ARG0_SAVED, ARG1_SAVED, SAVE, THREAD_FAILED_OP, THREADS_FAILED, Program, ThreadStart
+from native.restorer import (
+    ARG0_SAVED,
+    ARG1_SAVED,
+    SAVE,
+    STORE32,
+    THREAD_FAILED_OP,
+    THREADS_FAILED,
+    Program,
+    ThreadStart,
+)
 from snapshot import procfs
 from snapshot.errors import NotCapturable, RestoreError
 from snapshot.inject import RED_ZONE, SyscallInjector, restart_fixup
@@ -113,6 +125,19 @@ class ThreadRecord:
         )
 
 
+@dataclass(frozen=True)
+class Threads:
+    main: ThreadRecord  # its tid is the guest's pid; its name the process's comm
+    others: tuple[ThreadRecord, ...] = ()
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"main": self.main.to_doc(), "others": [t.to_doc() for t in self.others]}
+
+    @classmethod
+    def from_doc(cls, d: dict[str, Any]) -> Threads:
+        return cls(main=ThreadRecord.from_doc(d["main"]), others=tuple(ThreadRecord.from_doc(t) for t in d["others"]))
+
+
 # -- capture ------------------------------------------------------------------------------------
 def other_threads(pid: int) -> list[int]:
     return [tid for tid, _ in procfs.threads(pid) if tid != pid]
@@ -154,25 +179,32 @@ def release_threads(tids: list[int]) -> None:
             ptrace.detach(tid)
 
 
-def capture_threads(pid: int, tids: list[int], main: SyscallInjector) -> tuple[ThreadRecord, ...]:
-    """Read every seized thread's own state. `main` injects into the main thread (for what one
-    thread may read of another: its robust list)."""
-    return tuple(_read_thread(pid, tid, main) for tid in tids)
+def read_threads(pid: int, tids: list[int], main: SyscallInjector) -> Threads:
+    """Every seized thread's own state. `main` injects into the main thread (which also reads
+    each other thread's robust list: get_robust_list takes a TID)."""
+    regs = ptrace.getregs(pid)
+    main_thread = _read_thread(pid, pid, regs, main, main)
+    others = []
+    for tid in tids:
+        with SyscallInjector(tid) as own:
+            others.append(_read_thread(pid, tid, ptrace.getregs(tid), own, main))
+    return Threads(main=main_thread, others=tuple(others))
 
 
-def _read_thread(pid: int, tid: int, main: SyscallInjector) -> ThreadRecord:
-    regs = ptrace.getregs(tid)
+def _read_thread(pid: int, tid: int, regs: Registers, own: SyscallInjector, main: SyscallInjector) -> ThreadRecord:
+    """Registers are read before any injection (`own` puts them back as they were)."""
     refuse_forking(pid, tid, regs)
     rseq = ptrace.get_rseq_configuration(tid)
-    with SyscallInjector(tid) as inj:
-        inj.call_ok(Syscall.SIGALTSTACK, 0, inj.scratch, what=f"sigaltstack of thread {tid}")
-        sp, flags, _pad, size = struct.unpack("<QiiQ", inj.read_scratch(24))
-        inj.call_ok(Syscall.PRCTL, Prctl.GET_TID_ADDRESS, inj.scratch, what=f"PR_GET_TID_ADDRESS of thread {tid}")
-        (tid_address,) = struct.unpack("<Q", inj.read_scratch(8))
-    main.call_ok(Syscall.GET_ROBUST_LIST, tid, main.scratch, main.scratch + 8, what=f"get_robust_list of thread {tid}")
+    own.call_ok(Syscall.SIGALTSTACK, 0, own.scratch, what=f"sigaltstack of thread {tid}")
+    sp, flags, _pad, size = struct.unpack("<QiiQ", own.read_scratch(24))
+    own.call_ok(Syscall.PRCTL, Prctl.GET_TID_ADDRESS, own.scratch, what=f"PR_GET_TID_ADDRESS of thread {tid}")
+    (tid_address,) = struct.unpack("<Q", own.read_scratch(8))
+    inner = namespace_tid(pid, tid)
+    target = 0 if tid == pid else inner  # get_robust_list reads a TID in the guest's pid namespace
+    main.call_ok(Syscall.GET_ROBUST_LIST, target, main.scratch, main.scratch + 8, what=f"get_robust_list of {inner}")
     head, length = struct.unpack("<QQ", main.read_scratch(16))
     return ThreadRecord(
-        tid=tid,
+        tid=inner,
         name=Path(f"/proc/{pid}/task/{tid}/comm").read_text().rstrip("\n"),
         registers=vars(regs).copy(),
         xstate=ptrace.get_xstate(tid),
@@ -183,6 +215,15 @@ def _read_thread(pid: int, tid: int, main: SyscallInjector) -> ThreadRecord:
         robust_list=(head, length),
         rseq=(rseq.abi_pointer, rseq.abi_size, rseq.signature),
     )
+
+
+def namespace_tid(pid: int, tid: int) -> int:
+    """Thread `tid`'s TID in the guest's own pid namespace (the last of NSpid): what glibc cached,
+    and what the restore gives the thread back in the instance's namespace."""
+    for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
+        if line.startswith("NSpid:"):
+            return int(line.split()[-1])
+    return tid
 
 
 def refuse_forking(pid: int, tid: int, regs: Registers) -> None:
@@ -218,15 +259,15 @@ class ThreadPlan:
         syscall_insn: int,
         scratch: tuple[int, int],
         vmas: list[tuple[int, int]],
-        own_state: Any,
+        own_state: Callable[[Program], None],
     ) -> None:
-        """Add THAW_OP_THREADS to `p`. `own_state(sub, record)` writes what every thread sets the
-        same way as the main one (credentials, seccomp) into the thread's program `sub`."""
+        """Add THAW_OP_THREADS to `p`. `own_state(sub)` writes what every thread sets the same way
+        as the main one (credentials, seccomp) into the thread's program `sub`."""
         starts, whats = [], []
         for i, t in enumerate(self.threads):
             sub = p.subprogram()
             _thread_program(sub, t)
-            own_state(sub, t)
+            own_state(sub)
             frame_at, frame, sigreturn_sp = _frame(t, vmas)
             regs = Registers(**t.registers)
             stack = stacks_at + i * THREAD_STACK
@@ -282,32 +323,30 @@ def _thread_program(p: Program, t: ThreadRecord) -> None:
         )
 
 
-def queue_pending(p: Program, pending: tuple[bytes, ...], shared: tuple[bytes, ...]) -> None:
-    """The main thread's own pending signals and the process's shared ones, queued again."""
-    if not pending and not shared:
-        return
-    p.syscall(Syscall.GETPID, what="getpid", flags=SAVE)
-    for info in pending:
+def restore_main(p: Program, t: ThreadRecord) -> None:
+    """What the main thread (the stub, with a TID of its own) sets of its own state in the
+    restorer: tid address (and glibc's cached TID, the new one), robust list, rseq, name, the
+    alternate stack, and the signals that were queued to it (queued while every signal is still
+    blocked: the tracer sets the captured mask last)."""
+    if t.tid_address:  # glibc caches the tid where set_tid_address points: give it the new one
+        p.syscall(Syscall.SET_TID_ADDRESS, t.tid_address, what="set_tid_address", flags=STORE32, store=t.tid_address)
+    head, length = t.robust_list
+    if head:
+        p.syscall(Syscall.SET_ROBUST_LIST, head, length, what="set_robust_list")
+    pointer, size, signature = t.rseq
+    if pointer:
+        p.syscall(Syscall.RSEQ, pointer, size, 0, signature, what="registering rseq")
+    p.syscall(Syscall.PRCTL, Prctl.SET_NAME, p.cstr(t.name[:15]), what="PR_SET_NAME")
+    sp, flags, stack_size = t.altstack
+    if not flags & SS_DISABLE:
+        stack = p.put(struct.pack("<QiiQ", sp, flags & ~SS_ONSTACK, 0, stack_size))
+        p.syscall(Syscall.SIGALTSTACK, stack, 0, what="sigaltstack")
+    if t.pending:
+        p.syscall(Syscall.GETPID, what="getpid (the main thread's TID too)", flags=SAVE)
+    for info in t.pending:
         signo = struct.unpack_from("<i", info)[0]
-        p.syscall(
-            Syscall.RT_TGSIGQUEUEINFO,
-            0,
-            0,
-            signo,
-            p.put(info),
-            what=f"queueing the main thread's pending {_signal_name(signo)}",
-            flags=ARG0_SAVED | ARG1_SAVED,
-        )
-    for info in shared:
-        signo = struct.unpack_from("<i", info)[0]
-        p.syscall(
-            Syscall.RT_SIGQUEUEINFO,
-            0,
-            signo,
-            p.put(info),
-            what=f"queueing the process's pending {_signal_name(signo)}",
-            flags=ARG0_SAVED,
-        )
+        what = f"queueing the main thread's pending {_signal_name(signo)}"
+        p.syscall(Syscall.RT_TGSIGQUEUEINFO, 0, 0, signo, p.put(info), what=what, flags=ARG0_SAVED | ARG1_SAVED)
 
 
 def _signal_name(signo: int) -> str:

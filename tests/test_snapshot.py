@@ -329,7 +329,9 @@ def test_a_cow_instance_leaves_its_mapped_pages_as_the_working_set(pool: Pool, w
         with thawed(template, "cow") as (_, stub):
             assert request_json(stub, "/time")["now"] > 0
         recorded = template.working_set()
-        dumped = {r.offset // 4096 + i for v in template.manifest.vmas for r in v.runs for i in range(r.length // 4096)}
+        dumped = {
+            r.offset // 4096 + i for v in template.manifest.memory.vmas for r in v.runs for i in range(r.length // 4096)
+        }
         assert recorded and set(recorded) <= dumped and len(recorded) < len(dumped) // 4
         with compress(pool, "cow-ws", get_codec("lz4")) as z:
             assert z.manifest.cold is not None and z.manifest.cold.hot_pages >= len(recorded)
@@ -349,7 +351,7 @@ def test_restore_round_trips_do_not_grow_with_vmas(pool: Pool, workload_dir: Pat
             with thawed(template, "cow") as (instance, stub):
                 assert stub.control is not None
                 assert request(stub.control, "/verify")["big"]
-                trips[extra] = (instance.round_trips, len(template.manifest.vmas))
+                trips[extra] = (instance.round_trips, len(template.manifest.memory.vmas))
             Template.delete(pool, f"vmas-{extra}")
     assert trips[1000][1] >= trips[0][1] + 1000
     assert trips[1000][0] == trips[0][0]
@@ -363,7 +365,7 @@ def test_a_stub_reports_its_special_mappings_and_empties_its_bounding_set(worklo
     stub = launch_stub(workload.restore_fds("cow"))
     try:
         reported, mapped, bounding = prepared_stub_facts(stub.pid)
-        assert reported == mapped and set(mapped) == set(workload.manifest.specials)
+        assert reported == mapped and set(mapped) == set(workload.manifest.memory.specials)
         assert bounding == "0000000000000000"
     finally:
         stub.kill()
@@ -401,9 +403,10 @@ def test_a_bare_stub_is_restored_like_a_prepared_one(workload: Template) -> None
 def test_special_mappings_of_another_kernel_are_refused(pool: Pool, workload: Template, bare: bool) -> None:
     other = Template.open(pool, workload.name)  # its own restore plans: the altered manifest's
     try:
-        start, end = other.manifest.specials["[vdso]"]
-        specials = {**other.manifest.specials, "[vdso]": (start, end + 4096)}
-        other.manifest = dataclasses.replace(other.manifest, specials=specials)
+        start, end = other.manifest.memory.specials["[vdso]"]
+        specials = {**other.manifest.memory.specials, "[vdso]": (start, end + 4096)}
+        memory = dataclasses.replace(other.manifest.memory, specials=specials)
+        other.manifest = dataclasses.replace(other.manifest, memory=memory)
         stub = launch_stub(other.restore_fds("cow"), bare=bare)
         assert stub.control is not None
         before = _children()
@@ -418,8 +421,8 @@ def test_special_mappings_of_another_kernel_are_refused(pool: Pool, workload: Te
 
 def test_the_stack_below_the_red_zone_is_not_stored(workload: Template) -> None:
     """Init ran deeper than the guest's stack is when it parks: those pages are dead."""
-    stack = next(v for v in workload.manifest.vmas if v.stack)
-    floor = (workload.manifest.registers["rsp"] - 128) & ~(procfs.PAGE - 1)
+    stack = next(v for v in workload.manifest.memory.vmas if v.stack)
+    floor = (workload.manifest.threads.main.registers["rsp"] - 128) & ~(procfs.PAGE - 1)
     assert stack.runs and stack.runs[0].start == floor
     assert sum(run.length for run in stack.runs) <= stack.end - floor
 
@@ -507,7 +510,7 @@ def test_punched_pages_refault_and_are_refilled(pool: Pool, workload: Template) 
 
 
 def _pages(template: Template) -> bytes:
-    runs = sorted((r.offset, r.length) for v in template.manifest.vmas for r in v.runs)
+    runs = sorted((r.offset, r.length) for v in template.manifest.memory.vmas for r in v.runs)
     return b"".join(os.pread(template.segment.fd, n, template.segment.base + off) for off, n in runs)
 
 

