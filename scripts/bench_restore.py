@@ -24,7 +24,9 @@ template holds in the pool at rest (its stored pages, compressed image included)
 Restores start from a stub that is already stopped (a sandbox keeps them ready), so the time is
 restore() + RESTORED + one request and its reply. Rss/Pss are per instance after the first reply;
 cow at 256 MiB (or the size nearest it) is also measured with 1, 2, 4 and 8 instances alive
-(--instances), each having read all its state (`state_read`). Each figure is the median (and p90)
+(--instances), each having read all its state (`state_read`). `--threads 1,4,16` adds cow rows at
+that size for guests with that many threads (the others parked in a futex wait; `threads` field;
+`ratio_vs_cow` there is against the one-thread row). Each figure is the median (and p90)
 of --reps runs. Prints a table with the ratios cold/cow and copy/cow; `--json PATH` writes the rows
 (daemon/bench.py's RestoreRow, CompressedRow with --compressed) to bench-results/bench_restore.json
 (bench_restore_compressed.json with --compressed) by default. `--quick`: 16 and 64 MiB, 3 runs,
@@ -45,6 +47,7 @@ from pathlib import Path
 
 from daemon import bench
 from daemon.bench import CompressedRow, RestoreRow
+from native.constants import CloneFlag
 from sandbox.guest import protocol
 from sandbox.guest.launch import ParkedGuest, recv, start_parked
 from shmpool import Pool
@@ -59,7 +62,11 @@ from snapshot.vocabulary import RestoreMode
 
 REPO = Path(__file__).resolve().parents[1]
 GUEST = """
-import os, random
+import os, random, threading
+def _idle(gate=threading.Event()):
+    gate.wait()
+for _ in range(int(os.environ.get("BENCH_THREADS", "1")) - 1):   # parked in a futex wait
+    threading.Thread(target=_idle, daemon=True).start()
 RNG = random.Random(int(os.environ["BENCH_SEED"]))
 STATE = bytearray(b"".join(RNG.randbytes(1 << 20) for _ in range(int(os.environ["BENCH_MIB"]))))
 def handle(event, context):
@@ -76,8 +83,9 @@ def _first_reply(sock: socket.socket) -> None:
         raise RuntimeError(f"the guest answered {restored} and {reply}")
 
 
-def _start(function_dir: Path, mib: int) -> ParkedGuest:
-    return start_parked(function_dir, {"BENCH_MIB": str(mib), "BENCH_SEED": "1"}, cwd=REPO, timeout=600)
+def _start(function_dir: Path, mib: int, threads: int = 1) -> ParkedGuest:
+    env = {"BENCH_MIB": str(mib), "BENCH_SEED": "1", "BENCH_THREADS": str(threads)}
+    return start_parked(function_dir, env, cwd=REPO, timeout=600)
 
 
 def cold_start(function_dir: Path, mib: int) -> float:
@@ -99,8 +107,8 @@ def _memory(pid: int) -> tuple[float, float]:
     return fields["Rss"], fields["Pss"]
 
 
-def thaw(template: Template, mode: str) -> tuple[float, Instance, LaunchedStub]:
-    stub = launch_stub(template.restore_fds(mode))
+def thaw(template: Template, mode: str, namespaces: int = 0) -> tuple[float, Instance, LaunchedStub]:
+    stub = launch_stub(template.restore_fds(mode), namespaces=namespaces)
     assert stub.control is not None
     t0 = time.perf_counter()
     instance = restore(template, stub, mode)
@@ -115,13 +123,19 @@ def _close(instance: Instance, stub: LaunchedStub) -> None:
 
 
 def _row(
-    mib: int, mode: str, times: list[float], mem: tuple[float, float], instances: int = 1, state_read: bool = False
+    mib: int,
+    mode: str,
+    times: list[float],
+    mem: tuple[float, float],
+    instances: int = 1,
+    state_read: bool = False,
+    threads: int = 1,
 ) -> RestoreRow:
     stats = bench.summarize(times)
     return RestoreRow(
         size_mib=mib,
         mode=mode,
-        threads=1,  # the guest below is single-threaded
+        threads=threads,
         instances=instances,
         state_read=state_read,
         median_ms=round(stats.median, 3),
@@ -187,17 +201,43 @@ def bench_size(pool: Pool, function_dir: Path, mib: int, reps: int, shared: list
     return rows
 
 
+def bench_threads(pool: Pool, function_dir: Path, mib: int, counts: list[int], reps: int) -> list[RestoreRow]:
+    """cow restore to first reply of the guest with `n` threads (n - 1 parked in a futex wait),
+    each instance in a pid namespace of its own (where the threads get their TIDs back)."""
+    rows = []
+    for n in counts:
+        guest = _start(function_dir, mib, n)
+        try:
+            template = capture(guest.pid, pool, f"bench-threads-{n}")
+        finally:
+            guest.kill()
+        try:
+            times = []
+            for _ in range(reps):
+                elapsed, instance, stub = thaw(template, "cow", namespaces=CloneFlag.NEWPID)
+                times.append(elapsed)
+                mem = _memory(instance.pid)
+                _close(instance, stub)
+            rows.append(_row(mib, "cow", times, mem, threads=n))
+            print(f"  {mib} MiB cow, {n} threads: {rows[-1].median_ms} ms", file=sys.stderr)
+        finally:
+            template.close()
+            Template.delete(pool, f"bench-threads-{n}")
+    one = next((r.median_ms for r in rows if r.threads == 1), rows[0].median_ms)
+    return [dataclasses.replace(r, ratio_vs_cow=round(r.median_ms / one, 2)) for r in rows]
+
+
 def _rounded(mem: tuple[float, float]) -> tuple[float, float]:
     return round(mem[0], 1), round(mem[1], 1)
 
 
 def table(rows: list[RestoreRow]) -> str:
-    headers = ("size MiB", "mode", "instances", "median ms", "p90 ms", "x cow", "Rss MiB", "Pss MiB")
+    headers = ("size MiB", "mode", "threads", "instances", "median ms", "p90 ms", "x cow", "Rss MiB", "Pss MiB")
     return bench.table(
         headers,
         (
-            (r.size_mib, r.mode, r.instances, r.median_ms, r.p90_ms, r.ratio_vs_cow if r.mode != "lazy" else None,
-             r.rss_mib, r.pss_mib)
+            (r.size_mib, r.mode, r.threads, r.instances, r.median_ms, r.p90_ms,
+             r.ratio_vs_cow if r.mode != "lazy" else None, r.rss_mib, r.pss_mib)
             for r in rows
         ),
     )  # fmt: skip
@@ -283,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, help="runs per figure (default 10)")
     parser.add_argument("--instances", type=_ints, help="cow instances alive at once at 256 MiB (default 1,2,4,8)")
     parser.add_argument("--large", action="store_true", help="also 4 GiB, one run per mode")
+    parser.add_argument(
+        "--threads", type=_ints, help="also cow rows for guests of these thread counts at 256 MiB (e.g. 1,4,16)"
+    )
     parser.add_argument("--compressed", action="store_true", help="compressed templates vs uncompressed instead")
     parser.add_argument("--records", type=int, help="records in the --compressed guest (default 150000)")
     bench.arguments(parser, "bench_restore", "16 and 64 MiB, 3 runs, 1, 2, 4 instances (--compressed: 20,000 "
@@ -312,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for mib, n in sizes:
                 rows.extend(bench_size(pool, function_dir, mib, n, shared if mib == shared_at else []))
+            if args.threads:  # x cow of these rows: against the same guest with one thread
+                rows.extend(bench_threads(pool, function_dir, shared_at, args.threads, reps))
         finally:
             pool.destroy()
     print(table(rows))

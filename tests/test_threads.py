@@ -365,3 +365,18 @@ def test_thawd_thaws_threaded_functions_in_their_sandboxes(tmp_path: Path) -> No
             reply = json.loads(body)
             assert reply["tids"] == reply["captured"] and all(reply["alive"]) and reply["threads"] == 4, reply
         assert len({i["pid"] for i in daemon.api("GET", "/instances")[1]["instances"]}) > 1
+
+
+def test_the_model_example_thaws_with_its_thread_pool(tmp_path: Path) -> None:
+    """daemon/examples/model, deployed through thawd: captured with torch's pool, thawed with it."""
+    pytest.importorskip("torch", reason="torch is installed by scripts/test (extra 'lora')")
+    from tests.guests import REPO
+    from tests.thawd import Thawd
+
+    daemon = Thawd(tmp_path, "thawm0", "10.244.0.0/24", sandboxes_prewarm=1)
+    with daemon.serving():
+        daemon.deploy("model", REPO / "daemon" / "examples" / "model")
+        status, reply = daemon.invoke("model", [[1.0] * 512, [-1.0] * 512])
+        assert status == 200, reply
+        assert reply["intra_op_threads"] == 2 and reply["os_threads"] >= 2, reply
+        assert len(reply["argmax"]) == 2
