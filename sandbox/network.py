@@ -143,6 +143,9 @@ class Network:
         if not bridge:
             raise SandboxError(f"bridge {self.config.bridge} is gone (was Network.setup() called?)")
         ipr.link("set", index=index, master=bridge[0], state="up")
+        # An isolated port forwards only to non-isolated ones (the bridge itself): sandboxes never
+        # reach each other, whatever egress and br_netfilter say.
+        ipr.brport("set", index=index, isolated=1)
 
     @staticmethod
     def _configure_inside(lease: Lease, inside: IPRoute) -> None:

@@ -3,6 +3,7 @@ thaw's nftables table, with egress off and on, and the host-port allow-list."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -295,3 +296,40 @@ def _echo_once(sock: socket.socket) -> threading.Thread:
     thread = threading.Thread(target=echo)
     thread.start()
     return thread
+
+
+def test_sandboxes_do_not_reach_each_other(runtime: Path, fn_a: Path) -> None:
+    """Two sandboxes on one bridge, egress on: one listens on every address, the other cannot
+    connect (their bridge ports are isolated), while the listener answers itself."""
+    pool = SandboxPool(
+        PoolSettings(prewarm=0, max_size=2, cgroup_tree=TREE),
+        SandboxConfig(runtime_dir=runtime),
+        NetworkConfig(bridge="thawt9", subnet="10.245.0.0/24", egress=True),
+    )
+    try:
+        listening, other = pool.acquire(SandboxSpec(fn_a)), pool.acquire(SandboxSpec(fn_a))
+        try:
+            assert listening.lease is not None
+            address = str(listening.lease.address)
+            read, write = os.pipe()
+            server = listening.spawn(
+                [
+                    sys.executable,
+                    "-c",
+                    "import socket, time\ns = socket.create_server(('0.0.0.0', 9000))\n"
+                    "print('up', flush=True)\ntime.sleep(60)",
+                ],
+                log_fd=write,
+            )
+            os.close(write)
+            assert os.read(read, 16).startswith(b"up")
+            os.close(read)
+            assert _reach(listening, {"itself": (address, 9000)}) == {"itself": "ok"}
+            seen = _reach(other, {"the other sandbox": (address, 9000)})
+            assert seen["the other sandbox"] != "ok", seen
+            server.kill()
+        finally:
+            pool.release(listening)
+            pool.release(other)
+    finally:
+        pool.destroy()
