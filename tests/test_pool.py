@@ -524,13 +524,14 @@ def test_bench_numa_writes_rows_for_every_backend(tmp_path: Path) -> None:
         timeout=300,
     )
     assert run.returncode == 0, run.stderr
-    result = json.loads(out_file.read_text())
-    got = {(r["node"], r["backend"], r["metric"]) for r in result["rows"]}
+    result = json.loads(out_file.read_text())  # a bench document (daemon/bench.py): rows in its `pool` table
+    rows = result["tables"]["pool"]
+    got = {(r["node"], r["backend"], r["metric"]) for r in rows}
     skipped = " ".join(result["notes"])
     for backend in ("tmpfs", "hugetlbfs", "memfd"):
         if f"{backend}: skipped" in skipped:
             continue
         for metric in ("seq_read", "copy", "latency", "map_read", "map_cow"):
             assert (0, backend, metric) in got
-    assert all(r["value"] > 0 and r["unit"] for r in result["rows"])
+    assert all(r["value"] > 0 and r["unit"] for r in rows)
     assert "seq_read" in run.stdout
