@@ -262,7 +262,7 @@ class ThreadPlan:
         own_state: Callable[[Program], None],
     ) -> None:
         """Add THAW_OP_THREADS to `p`. `own_state(sub)` writes what every thread sets the same way
-        as the main one (credentials, seccomp) into the thread's program `sub`."""
+        as the main one (its credential drop) into the thread's program `sub`."""
         starts, whats = [], []
         for i, t in enumerate(self.threads):
             sub = p.subprogram()

@@ -330,7 +330,7 @@ def test_manifest_keeps_every_thread(parked: Template) -> None:
 
 
 THREADED_FUNCTION = """
-import threading, time
+import os, threading, time
 gate = threading.Event()
 def worker():
     gate.wait()
@@ -340,7 +340,11 @@ for w in workers:
 TIDS = [w.native_id for w in workers]
 def handle(event, context):
     time.sleep(0.5)   # held, so concurrent requests thaw instances of their own
-    return {"tids": [w.native_id for w in workers], "captured": TIDS,
+    seccomp = []
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/status") as f:
+            seccomp += [line.split()[1] for line in f if line.startswith("Seccomp:")]
+    return {"tids": [w.native_id for w in workers], "captured": TIDS, "seccomp": seccomp,
             "alive": [w.is_alive() for w in workers], "threads": threading.active_count()}
 """
 
@@ -364,6 +368,7 @@ def test_thawd_thaws_threaded_functions_in_their_sandboxes(tmp_path: Path) -> No
         for _, _, body in replies:
             reply = json.loads(body)
             assert reply["tids"] == reply["captured"] and all(reply["alive"]) and reply["threads"] == 4, reply
+            assert reply["seccomp"] == ["2"] * 4, reply  # every thread filtered, not only the main one
         assert len({i["pid"] for i in daemon.api("GET", "/instances")[1]["instances"]}) > 1
 
 

@@ -61,9 +61,9 @@ struct thaw_receive_fds {
  * same), so a restore costs the same ptrace round trips with 1 thread or 64. For each thread in
  * turn, clone3 with set_tid gives it its captured TID (glibc caches TIDs in struct pthread) and
  * its fs_base (CLONE_SETTLS) and tid address (CLONE_CHILD_CLEARTID); the new thread runs its own
- * program on a stack in the scratch area (robust list, rseq, name, affinity, pending signals,
- * credentials, seccomp: all per-thread state), copies its signal frame below its captured stack
- * pointer, says READY through `state`, and waits for `go`. The main thread waits for each READY;
+ * program on a stack in the scratch area (robust list, rseq, name, pending signals, credentials:
+ * per-thread state; the main thread's seccomp filter reaches it by TSYNC), copies its signal
+ * frame below its captured stack pointer, says READY through `state`, and waits for `go`. The main thread waits for each READY;
  * a thread that fails says FAILED and exits, and the op fails with its result (-EEXIST from
  * clone3: its TID is taken).
  *
