@@ -64,10 +64,15 @@ class Confinement:
         self.p, self.c, self.bpf = p, credentials, bpf
         self._fprog = 0
 
-    def drop(self, p: Program) -> None:
-        """The calling thread's credentials: no capabilities, the template's ids, no_new_privs."""
-        c = self.c
+    def drop_bounding_set(self, p: Program) -> None:
+        """Empty the capability bounding set. Threads made after it inherit the empty set: the
+        main thread does it before it makes them (its capabilities stay until `drop`)."""
         p.drop_bounding_set(_cap_last_cap(), what="dropping the capability bounding set")
+
+    def drop(self, p: Program) -> None:
+        """The calling thread's credentials: no capabilities, the template's ids, no_new_privs
+        (its bounding set is empty already: `drop_bounding_set`)."""
+        c = self.c
         groups = p.put(struct.pack(f"<{len(c.groups)}I", *c.groups)) if c.groups else 0
         p.syscall(Syscall.SETGROUPS, len(c.groups), groups, what="setgroups")
         p.syscall(Syscall.SETRESGID, *c.gid, what=f"setresgid{c.gid}")

@@ -254,6 +254,7 @@ class _Builder:
         restore_fds(p, m.fds, (self.fd_base, self.fd_base + self.nfds - 1))
         restore_main(p, m.threads.main)
         queue_shared(p, m.signals)
+        self.confinement.drop_bounding_set(p)  # before the threads: they inherit the empty set
         if self.threads.threads:
             vmas = [(v.start, v.end) for v in m.memory.vmas]
             scratch = (p.base, p.base + size)
