@@ -8,7 +8,7 @@ Some facts about the flag this module relies on:
   CAP_LINUX_IMMUTABLE can clear it again. A *private* mapping still works (its writes go to
   anonymous copies), which is all a restore needs.
 - tmpfs has the flag since Linux 6.0; hugetlbfs has no inode flags at all (ENOTTY or
-  EOPNOTSUPP): there `supported` answers False and the caller falls back to file modes.
+  EOPNOTSUPP): there `set_immutable` answers False and the caller relies on file modes.
 - The ioctl's argument is declared `long` but the kernel reads and writes an `int`.
 """
 
@@ -49,28 +49,21 @@ def _open(path: str | os.PathLike[str]) -> int:
     return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
 
-def supported(path: str | os.PathLike[str]) -> bool:
-    """Whether the filesystem holding `path` has inode flags."""
-    fd = _open(path)
+def _flags_of(fd: int) -> int | None:
+    """The inode flags, or None where the filesystem has none."""
     try:
-        _flags(fd)
-        return True
+        return _flags(fd)
     except OSError as e:
         if e.errno in _UNSUPPORTED:
-            return False
+            return None
         raise
-    finally:
-        os.close(fd)
 
 
 def is_immutable(path: str | os.PathLike[str]) -> bool:
     fd = _open(path)
     try:
-        return bool(_flags(fd) & FS_IMMUTABLE_FL)
-    except OSError as e:
-        if e.errno in _UNSUPPORTED:
-            return False
-        raise
+        flags = _flags_of(fd)
+        return flags is not None and bool(flags & FS_IMMUTABLE_FL)
     finally:
         os.close(fd)
 
@@ -79,14 +72,12 @@ def set_immutable(path: str | os.PathLike[str], on: bool) -> bool:
     """Set or clear the immutable flag of `path`; False where the filesystem has no inode flags."""
     fd = _open(path)
     try:
-        flags = _flags(fd)
+        flags = _flags_of(fd)
+        if flags is None:
+            return False
         wanted = flags | FS_IMMUTABLE_FL if on else flags & ~FS_IMMUTABLE_FL
         if wanted != flags:
             _set_flags(fd, wanted)
         return True
-    except OSError as e:
-        if e.errno in _UNSUPPORTED:
-            return False
-        raise
     finally:
         os.close(fd)

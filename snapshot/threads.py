@@ -298,9 +298,8 @@ class ThreadPlan:
         return f"thread {t.tid} ({t.name}): {step}"
 
 
-def _thread_program(p: Program, t: ThreadRecord) -> None:
-    """What the new thread sets of its own before the credentials: robust list, rseq, name,
-    signals queued to it (it may queue to itself only: rt_tgsigqueueinfo refuses others)."""
+def _own_state(p: Program, t: ThreadRecord) -> None:
+    """Robust list, rseq and name: what every thread registers for itself."""
     head, length = t.robust_list
     if head:
         p.syscall(Syscall.SET_ROBUST_LIST, head, length, what="set_robust_list")
@@ -308,19 +307,26 @@ def _thread_program(p: Program, t: ThreadRecord) -> None:
     if pointer:
         p.syscall(Syscall.RSEQ, pointer, size, 0, signature, what="registering rseq")
     p.syscall(Syscall.PRCTL, Prctl.SET_NAME, p.cstr(t.name[:15]), what="PR_SET_NAME")
-    if t.pending:
-        p.syscall(Syscall.GETPID, what="getpid", flags=SAVE)
+
+
+def _queue_own_pending(p: Program, t: ThreadRecord, main: bool) -> None:
+    """The signals that were queued to thread `t`, queued again by the thread itself (a thread
+    may queue a siginfo of any si_code only to itself: rt_tgsigqueueinfo refuses others). The
+    main thread's TID is its pid; another keeps its captured TID."""
+    if not t.pending:
+        return
+    p.syscall(Syscall.GETPID, what="getpid", flags=SAVE)
+    tid, flags = (0, ARG0_SAVED | ARG1_SAVED) if main else (t.tid, ARG0_SAVED)
     for info in t.pending:
         signo = struct.unpack_from("<i", info)[0]
-        p.syscall(
-            Syscall.RT_TGSIGQUEUEINFO,
-            0,
-            t.tid,
-            signo,
-            p.put(info),
-            what=f"queueing its pending {_signal_name(signo)}",
-            flags=ARG0_SAVED,
-        )
+        what = f"queueing {'the main thread' if main else 'its'} pending {_signal_name(signo)}"
+        p.syscall(Syscall.RT_TGSIGQUEUEINFO, 0, tid, signo, p.put(info), what=what, flags=flags)
+
+
+def _thread_program(p: Program, t: ThreadRecord) -> None:
+    """What a new thread sets of its own before the credentials."""
+    _own_state(p, t)
+    _queue_own_pending(p, t, main=False)
 
 
 def restore_main(p: Program, t: ThreadRecord) -> None:
@@ -330,23 +336,12 @@ def restore_main(p: Program, t: ThreadRecord) -> None:
     blocked: the tracer sets the captured mask last)."""
     if t.tid_address:  # glibc caches the tid where set_tid_address points: give it the new one
         p.syscall(Syscall.SET_TID_ADDRESS, t.tid_address, what="set_tid_address", flags=STORE32, store=t.tid_address)
-    head, length = t.robust_list
-    if head:
-        p.syscall(Syscall.SET_ROBUST_LIST, head, length, what="set_robust_list")
-    pointer, size, signature = t.rseq
-    if pointer:
-        p.syscall(Syscall.RSEQ, pointer, size, 0, signature, what="registering rseq")
-    p.syscall(Syscall.PRCTL, Prctl.SET_NAME, p.cstr(t.name[:15]), what="PR_SET_NAME")
+    _own_state(p, t)
     sp, flags, stack_size = t.altstack
     if not flags & SS_DISABLE:
         stack = p.put(struct.pack("<QiiQ", sp, flags & ~SS_ONSTACK, 0, stack_size))
         p.syscall(Syscall.SIGALTSTACK, stack, 0, what="sigaltstack")
-    if t.pending:
-        p.syscall(Syscall.GETPID, what="getpid (the main thread's TID too)", flags=SAVE)
-    for info in t.pending:
-        signo = struct.unpack_from("<i", info)[0]
-        what = f"queueing the main thread's pending {_signal_name(signo)}"
-        p.syscall(Syscall.RT_TGSIGQUEUEINFO, 0, 0, signo, p.put(info), what=what, flags=ARG0_SAVED | ARG1_SAVED)
+    _queue_own_pending(p, t, main=True)
 
 
 def _signal_name(signo: int) -> str:
