@@ -260,17 +260,8 @@ def handle(event, context):
 """
 
 
-LAZY_RACE = (
-    "open bug: a lazy instance whose threads fault on the same pages at once sometimes reads wrong values "
-    "during its first pass (memory checks out afterwards); seen with threads started after the thaw too"
-)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "mode",
-    [RestoreMode.COW, RestoreMode.COPY, pytest.param(RestoreMode.LAZY, marks=pytest.mark.xfail(reason=LAZY_RACE))],
-)
+@pytest.mark.parametrize("mode", list(RestoreMode))
 def test_a_torch_model_thaws_with_its_intra_op_pool(pool: Pool, tmp_path: Path, mode: str) -> None:
     pytest.importorskip("torch", reason="torch is installed by scripts/test (extra 'lora')")
     with captured(pool, _function(tmp_path, "torch", TORCH_GUEST), f"torch-{mode}") as template:

@@ -53,6 +53,7 @@ struct thaw_pager {
     struct thaw_cold *cold;
     struct thaw_cold_ctx *cold_ctx;
     uint8_t *bounce; /* private cold fills: the chunk decompressed last */
+    uint8_t *staging; /* shared plain fills: the block, copied out of the template first (see fill) */
     ssize_t bounce_chunk, last_prefetched_chunk;
     struct thaw_pager_range *ranges;
     size_t nranges, ranges_cap;
@@ -137,14 +138,27 @@ static int copy_in(int uffd, uint64_t start, const uint8_t *from, uint64_t len, 
     return do_wake ? wake(uffd, start, len) : 0;
 }
 
-/* Install [start, start+len) of plain range r into the instance behind `uffd`. */
+/* Install [start, start+len) of plain range r into the instance behind `uffd`.
+ *
+ * A shared fill goes through `staging`, never straight from the template's mapping: pwrite
+ * copies from the source without faulting it in, and when a source page is not mapped in this
+ * process yet the copy comes up short. shmem then zero-fills the rest of the new cache page,
+ * marks it up to date and unlocks it before pwrite faults the source in and writes the rest, and
+ * an instance thread faulting on that page in between maps it and reads zeros (seen as wrong
+ * results when two threads fault at once). staging is this process's own memory, touched when
+ * it was allocated: the copy into the cache page is whole the first time. */
 static int fill(struct thaw_pager *p, int uffd, const struct thaw_pager_range *r, uint64_t start, uint64_t len,
                 int do_wake)
 {
     uint64_t off = r->seg_off + (start - r->start);
     if (p->cache_fd >= 0) {
-        if (write_cache(p, p->src + off, off, len) < 0)
-            return -1;
+        for (uint64_t done = 0; done < len;) {
+            uint64_t n = len - done < p->block ? len - done : p->block;
+            memcpy(p->staging, p->src + off + done, n);
+            if (write_cache(p, p->staging, off + done, n) < 0)
+                return -1;
+            done += n;
+        }
         return do_wake ? wake(uffd, start, len) : 0;
     }
     return copy_in(uffd, start, p->src + off, len, do_wake);
@@ -388,6 +402,11 @@ struct thaw_pager *thaw_pager_start(int uffd, int pidfd, const struct thaw_pager
         goto fail;
     if (cold && (!(p->cold_ctx = thaw_cold_ctx_new(cold)) || !(p->bounce = malloc(THAW_COLD_MAX_CHUNK))))
         goto fail;
+    if (cache_fd >= 0) {
+        if (!(p->staging = malloc(block)))
+            goto fail;
+        memset(p->staging, 0, block); /* touched now: never short of a page while it is read */
+    }
     memcpy(p->ranges, ranges, nranges * sizeof *ranges);
     p->nranges = nranges;
     qsort(p->ranges, p->nranges, sizeof *p->ranges, by_start);
@@ -450,5 +469,6 @@ void thaw_pager_free(struct thaw_pager *p)
     free(p->ws);
     thaw_cold_ctx_free(p->cold_ctx);
     free(p->bounce);
+    free(p->staging);
     free(p);
 }
