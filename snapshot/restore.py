@@ -10,12 +10,15 @@ stub run it: unregister the stub's rseq, unmap the stub, move [vvar]/[vvar_vcloc
 template's addresses (where they are in the stub comes from the report the stub left, else from
 its /proc/self/maps), map every VMA (MAP_PRIVATE from the template segment for cow, filled by
 pread for copy, from the cache segment under userfaultfd for lazy), PR_SET_MM_MAP, sigactions,
-the alternate stack, path fds, tid address, robust list, rseq, name, and last the credentials
-(uid/gid from the template, no capabilities, no_new_privs) and the seccomp filter the caller
-passes (native.seccomp). The blob stops with int3; the tracer
-unmaps the scratch area with a syscall instruction of the restored image, sets the signal mask,
-registers and xstate, and detaches. The files the template maps are checked (one fstat each of
-the fds it holds them by) before the instance runs any code of its own.
+pipes and path fds, the main thread's own state (tid address, robust list, rseq, name, altstack,
+queued signals), the other threads (snapshot/threads.py), and last the credentials (uid/gid from
+the template, no capabilities, no_new_privs) and the seccomp filter the caller passes
+(native.seccomp), on every thread at once. Each resource writes its own ops (memory.py,
+signals.py, files.py, threads.py, credentials.py); `_Builder` walks them in the kernel's order.
+The blob stops with int3; the tracer unmaps the scratch area with a syscall instruction of the
+restored image, sets the signal mask, registers and xstate, and detaches. The files the template
+maps are checked (one fstat each of the fds it holds them by) before the instance runs any code of
+its own.
 
 The tracer's ptrace work runs in C (native/tracer.py), in three calls with no Python between
 requests, on the caller's CPU with the stub pinned to it: in a VM each round trip between two
@@ -32,7 +35,8 @@ before it need what it denies; installing it needs no_new_privs (set just before
 CAP_SYS_ADMIN. After it the tracer injects only `close` (the userfaultfd) and `munmap` (the
 scratch area), which the filter allows. A lazy restore's userfaultfd is made before it.
 
-All calls for one stub must come from one thread (see `Tracer`). A failed restore kills the stub.
+All calls for one stub must come from one thread (thawd's ptrace workers,
+daemon/ptrace_workers.py). A failed restore kills the stub.
 """
 
 from __future__ import annotations
