@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.errors import Conflict, InstanceCrashed, Invalid, NotFound, ThawError, Unavailable
+from daemon.guestio import not_restored
 from daemon.logs import follow_pipe
 from daemon.registry import FunctionSpec
 from native import pidfd
@@ -165,18 +166,19 @@ class Containers:
         log_read, log_write = os.pipe2(os.O_CLOEXEC)
         instance_name = f"{request['namespace']}/{request['id']}"
         logger = asyncio.ensure_future(follow_pipe(log_read, fs.log, instance_name))
-        sandbox: Sandbox | None = None
-        created: list[Path] = []
+        acquired: tuple[Sandbox, list[Path]] | None = None  # to take down if the thaw fails
         try:
             try:
                 sandbox, created, stub = await asyncio.to_thread(
                     self._sandbox_with_stub, request, fs, ref, theirs.fileno(), log_write
                 )
+                acquired = sandbox, created
             finally:
                 theirs.close()
                 os.close(log_write)
             seccomp = seccomp_program(frozenset(fs.spec.syscalls))
-            await asyncio.to_thread(restore, ref.template, Stub(stub.pid, stub.wait, stub.kill), fs.spec.mode, seccomp)
+            target = Stub(stub.pid, stub.wait, stub.kill)
+            await self.manager.ptrace.run(restore, ref.template, target, fs.spec.mode, seccomp)
             reader, writer = await asyncio.open_unix_connection(sock=ours)
             try:
                 hello = await asyncio.wait_for(_recv(reader, self.manager.config.max_frame), RESTORED_TIMEOUT)
@@ -185,17 +187,16 @@ class Containers:
                 raise
             if not hello or hello.get("type") != "restored":
                 writer.close()
-                raise InstanceCrashed(await self._not_restored(fs.name, stub, hello))
+                raise InstanceCrashed(await self._not_restored(fs, stub, hello))
         except BaseException as e:
             ours.close()
             logger.cancel()
             ref.users -= 1
-            if sandbox is not None:
-                await asyncio.to_thread(_take_down, sandbox, created)
+            if acquired is not None:
+                await asyncio.to_thread(_take_down, *acquired)
             if isinstance(e, SnapshotError | SandboxError | OSError | TimeoutError):
                 raise Unavailable(f"thawing container {instance_name} from {ref.name} failed") from e
             raise
-        assert sandbox is not None  # the stub's: set, or the thaw raised
         container = Container(
             request["namespace"], request["id"], fs.name, start, sandbox, stub, ref, reader, writer, logger,
             created, init_ms, (time.perf_counter() - t0) * 1e3,
@@ -233,13 +234,15 @@ class Containers:
             if netns_fd is not None:
                 os.close(netns_fd)
 
-    async def _not_restored(self, name: str, stub: SandboxProcess, hello: protocol.Message | None) -> str:
+    @staticmethod
+    async def _not_restored(fs: Any, stub: SandboxProcess, hello: protocol.Message | None) -> str:
+        """How the instance died, and why (an after-thaw hook's error: its traceback to the log)."""
         exit_ = await asyncio.to_thread(stub.wait_exit, 2.0)
         how = exit_.describe() if exit_ else "closed its channel"
-        said = ""
-        if hello and hello.get("type") == "error":
-            said = f": {hello.get('error', {}).get('message', '')}"
-        return f"the instance of {name} crashed during its thaw (it {how}){said}"
+        why, for_log = not_restored(hello)
+        if for_log:
+            fs.log.write("thawd", for_log)
+        return f"the instance of {fs.name} crashed during its thaw (it {how}): {why}"
 
     # -- exits ---------------------------------------------------------------------------------------
     def _watch(self, container: Container) -> None:
