@@ -20,7 +20,7 @@ from snapshot.stub import LaunchedStub, launch_stub
 from snapshot.template import Template
 
 REPO = Path(__file__).resolve().parents[1]
-__all__ = ["captured", "prepared_stub_facts", "recv", "request", "start_guest", "thawed"]
+__all__ = ["captured", "prepared_stub_facts", "recv", "request", "rss_pss", "start_guest", "thawed"]
 _REPORT = struct.Struct("<QQ")
 _SPECIAL = struct.Struct("<16sQQ")
 
@@ -72,3 +72,12 @@ def thawed(template: Template, mode: str, namespaces: int = 0) -> Iterator[tuple
     finally:
         instance.close()
         stub.control.close()
+
+
+def rss_pss(pid: int) -> tuple[int, int]:
+    """(Rss, Pss) of `pid` in bytes, from smaps_rollup."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, value = line.split(":", 1)
+        fields[key] = int(value.split()[0]) * 1024
+    return fields["Rss"], fields["Pss"]

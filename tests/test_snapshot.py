@@ -32,7 +32,7 @@ from snapshot.stub import LaunchedStub, launch_stub
 from snapshot.template import Template
 from snapshot.vocabulary import RestoreMode
 from tests.damage import flip_byte, segment_path, write_behind
-from tests.guests import captured, prepared_stub_facts, recv, request, start_guest, thawed
+from tests.guests import captured, prepared_stub_facts, recv, request, rss_pss, start_guest, thawed
 
 pytestmark = pytest.mark.privileged
 MODES = list(RestoreMode)
@@ -698,15 +698,6 @@ def handle(event, context):
 """
 
 
-def _memory(pid: int) -> tuple[int, int]:
-    """(Rss, Pss) in bytes from smaps_rollup."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
-        key, value = line.split(":", 1)
-        fields[key] = int(value.split()[0]) * 1024
-    return fields["Rss"], fields["Pss"]
-
-
 @pytest.mark.slow
 def test_eight_cow_instances_share_the_template(pool: Pool, tmp_path: Path) -> None:
     fn = tmp_path / "big"
@@ -724,7 +715,7 @@ def test_eight_cow_instances_share_the_template(pool: Pool, tmp_path: Path) -> N
                 sums.add(request(stub.control)["sum"])  # touches every page of the 256 MiB
                 pids.append(instance.pid)
             assert len(sums) == 1
-            rss, pss = zip(*(_memory(pid) for pid in pids), strict=True)
+            rss, pss = zip(*(rss_pss(pid) for pid in pids), strict=True)
             assert min(rss) > 256 << 20
             assert sum(pss) < 2 * rss[0], f"Pss {[p >> 20 for p in pss]} MiB vs Rss {rss[0] >> 20} MiB"
         finally:

@@ -27,7 +27,7 @@ from snapshot.restore import restore
 from snapshot.stub import launch_stub
 from snapshot.template import Template
 from snapshot.vocabulary import RestoreMode
-from tests.guests import captured, request, start_guest, thawed
+from tests.guests import captured, request, rss_pss, start_guest, thawed
 
 pytestmark = pytest.mark.privileged
 NEWPID = 0x20000000  # a pid namespace per instance: the captured TIDs are free there
@@ -286,14 +286,6 @@ def handle(event, context):
 """
 
 
-def _memory(pid: int) -> tuple[int, int]:
-    fields = {}
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
-        key, value = line.split(":")
-        fields[key] = int(value.split()[0]) << 10
-    return fields["Rss"], fields["Pss"]
-
-
 @pytest.mark.slow
 def test_eight_instances_of_a_threaded_guest_share_its_pages(pool: Pool, tmp_path: Path) -> None:
     with captured(pool, _function(tmp_path, "big", BIG_THREADED), "big-threaded") as template:
@@ -304,7 +296,7 @@ def test_eight_instances_of_a_threaded_guest_share_its_pages(pool: Pool, tmp_pat
                 instance, stub = stack.enter_context(thawed(template, "cow", namespaces=NEWPID))
                 assert isinstance(request(stub.control), int)
                 pids.append(instance.pid)
-            rss, pss = zip(*(_memory(pid) for pid in pids), strict=True)
+            rss, pss = zip(*(rss_pss(pid) for pid in pids), strict=True)
             assert rss[0] > 256 << 20
             assert sum(pss) < 2 * rss[0], f"Pss {[p >> 20 for p in pss]} MiB vs Rss {rss[0] >> 20} MiB"
     Template.delete(pool, "big-threaded")
