@@ -92,7 +92,7 @@ def capture_guest(pool: Pool, work: Path, name: str) -> Template:
 
 def template_pages(template: Template) -> bytes:
     """Every dumped page of the template, concatenated in segment order."""
-    runs = sorted((r.offset, r.length) for v in template.manifest.memory.vmas for r in v.runs)
+    runs = sorted((r.offset, r.length) for _, r in template.manifest.memory.own_runs())
     return b"".join(os.pread(template.segment.fd, length, template.segment.base + off) for off, length in runs)
 
 
@@ -124,7 +124,7 @@ def fault_read_us(template: Template, cold: bool) -> float:
     if cold:
         spans = template.cold_spans()
     else:
-        spans = sorted((r.offset, r.length) for v in template.manifest.memory.vmas for r in v.runs if not v.stack)
+        spans = sorted((r.offset, r.length) for _, r in template.manifest.memory.own_runs(with_stacks=False))
     kind = RANGE_COLD if cold else RANGE_PLAIN
     with registered(template, spans) as (fd, base, _):
         ranges = [PagerRange(base + off, size, off, kind) for off, size in spans]

@@ -9,6 +9,9 @@ serialise and a crash mid-change leaves the previous state.
   can be looked up by name, so a reader never sees a half-written segment.
 - A *holder* is a process using the pool (host, pid, start time) with a lease that it renews. A
   holder whose lease ran out, or whose process is gone on this host, is dead.
+- A *need* ties an object to another it cannot live without (a layered template to its parent,
+  whose pages it maps). A needed object cannot be deleted while a published object needs it,
+  and is not freed while any object that needs it still exists.
 - A *ref* ties an object to a holder. Pinned refs (a published template the registry keeps)
   outlive their holder; unpinned ones (an open reader, an instance mapping the segment) die
   with it. Garbage collection frees objects with no refs, storage no row points at, and what
@@ -17,6 +20,7 @@ serialise and a crash mid-change leaves the previous state.
 
 from __future__ import annotations
 
+import builtins
 import json
 import socket
 import sqlite3
@@ -31,7 +35,7 @@ from typing import Any
 
 import psutil
 
-from shmpool.errors import PoolError, SegmentExists, SegmentNotFound
+from shmpool.errors import PoolError, SegmentExists, SegmentInUse, SegmentNotFound
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (
@@ -55,6 +59,11 @@ CREATE TABLE IF NOT EXISTS holders (
     pid INTEGER NOT NULL,
     started REAL NOT NULL,
     lease_until REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS needs (
+    object INTEGER NOT NULL REFERENCES objects(id),
+    needed INTEGER NOT NULL REFERENCES objects(id),
+    PRIMARY KEY (object, needed)
 );
 CREATE TABLE IF NOT EXISTS refs (
     object INTEGER NOT NULL REFERENCES objects(id),
@@ -187,9 +196,16 @@ class Catalog:
         holder: Holder,
         pin: bool,
         rename: Callable[[], None],
+        needs: list[str] | None = None,
     ) -> None:
-        """Publish: record checksums, rename the storage and take the publisher's ref, atomically."""
+        """Publish: record checksums and what the object needs, rename the storage and take the
+        publisher's ref, atomically."""
         with self.tx() as db:
+            for name in needs or []:
+                row = db.execute("SELECT id FROM objects WHERE name = ? AND state = 'published'", (name,)).fetchone()
+                if row is None:
+                    raise SegmentNotFound(f"segment #{object_id} needs {name!r}, which is not published")
+                db.execute("INSERT OR IGNORE INTO needs VALUES (?, ?)", (object_id, row[0]))
             cur = db.execute(
                 "UPDATE objects SET state = 'published', storage_key = ?, sums = ?, meta = ?, published = ?"
                 " WHERE id = ? AND state = 'writing'",
@@ -274,10 +290,28 @@ class Catalog:
             row = db.execute("SELECT id FROM objects WHERE name = ? AND state = 'published'", (name,)).fetchone()
             if row is None:
                 raise SegmentNotFound(f"no published segment named {name!r} in {self.path.parent}")
+            users = self._needed_by(db, row[0])
+            if users:
+                raise SegmentInUse(f"segment {name!r} is needed by {', '.join(users)}: delete those first")
             db.execute("UPDATE objects SET state = 'deleted' WHERE id = ?", (row[0],))
             db.execute("DELETE FROM refs WHERE object = ? AND pinned = 1", (row[0],))
             got = db.execute(self._SELECT + " WHERE id = ?", (row[0],)).fetchone()
         return self._record(got)
+
+    @staticmethod
+    def _needed_by(db: sqlite3.Connection, object_id: int) -> builtins.list[str]:
+        rows = db.execute(
+            "SELECT o.name FROM needs n JOIN objects o ON o.id = n.object WHERE n.needed = ? AND o.state = 'published'"
+            " ORDER BY o.name",
+            (object_id,),
+        ).fetchall()
+        return [name for (name,) in rows]
+
+    def needed_by(self, name: str) -> builtins.list[str]:
+        """The published objects that need `name` (empty when none, or no such object)."""
+        with self._lock:
+            row = self.db.execute("SELECT id FROM objects WHERE name = ? AND state = 'published'", (name,)).fetchone()
+            return self._needed_by(self.db, row[0]) if row else []
 
     # -- garbage collection ---------------------------------------------------------------------
     def collect(self, storage_keys: Callable[[], set[str]], remove: Callable[[str], None]) -> GcReport:
@@ -321,13 +355,19 @@ class Catalog:
 
     @staticmethod
     def _free_unreferenced(db: sqlite3.Connection, remove: Callable[[str], None], present: set[str]) -> tuple[int, int]:
-        rows = db.execute(
-            "SELECT id, storage_key, size FROM objects WHERE state != 'writing' AND id NOT IN (SELECT object FROM refs)"
-        ).fetchall()
-        for oid, key, _size in rows:
-            remove(key)
-            db.execute("DELETE FROM objects WHERE id = ?", (oid,))
-        return len(rows), sum(size for _, key, size in rows if key in present)
+        freed: list[tuple[int, str, int]] = []
+        while True:  # a freed child may leave its parent unneeded: free that too
+            rows = db.execute(
+                "SELECT id, storage_key, size FROM objects WHERE state != 'writing'"
+                " AND id NOT IN (SELECT object FROM refs) AND id NOT IN (SELECT needed FROM needs)"
+            ).fetchall()
+            if not rows:
+                return len(freed), sum(size for _, key, size in freed if key in present)
+            for oid, key, _size in rows:
+                remove(key)
+                db.execute("DELETE FROM needs WHERE object = ?", (oid,))
+                db.execute("DELETE FROM objects WHERE id = ?", (oid,))
+            freed += rows
 
     @staticmethod
     def _remove_orphans(db: sqlite3.Connection, remove: Callable[[str], None], present: set[str]) -> int:
@@ -346,5 +386,6 @@ class Catalog:
         ).fetchall()
         for (oid,) in rows:
             db.execute("DELETE FROM refs WHERE object = ?", (oid,))
+            db.execute("DELETE FROM needs WHERE object = ? OR needed = ?", (oid, oid))
             db.execute("DELETE FROM objects WHERE id = ?", (oid,))
         return len(rows)

@@ -27,6 +27,10 @@ class SegmentExists(PoolError):
     pass
 
 
+class SegmentInUse(PoolError):
+    """The segment cannot be deleted: another published segment needs it (a layered template's parent)."""
+
+
 class SegmentCorrupt(PoolError):
     """Stored bytes do not match the checksums recorded when the segment was published."""
 

@@ -14,6 +14,7 @@ can open the segment by name; if the writer dies, garbage collection frees what 
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import mmap
 import os
@@ -246,9 +247,14 @@ class Pool:
         self.catalog.acquire(name, self.holder, pin=True)
 
     def delete(self, name: str) -> None:
-        """Remove `name`; its bytes are freed as soon as no open user refers to it."""
+        """Remove `name`; its bytes are freed as soon as no open user refers to it. SegmentInUse
+        while a published segment needs it."""
         self.catalog.delete(name)
         self.gc()
+
+    def needed_by(self, name: str) -> builtins.list[str]:
+        """The published segments that need `name` (layered templates on it)."""
+        return self.catalog.needed_by(name)
 
     def gc(self) -> GcReport:
         return self.catalog.collect(self.backend.keys, self.backend.remove)
@@ -296,9 +302,16 @@ class SegmentWriter:
         finally:
             reader.close()
 
-    def publish(self, meta: dict[str, Any] | None = None, pin: bool = True, checksums: bool = True) -> ObjectRecord:
+    def publish(
+        self,
+        meta: dict[str, Any] | None = None,
+        pin: bool = True,
+        checksums: bool = True,
+        needs: list[str] | None = None,
+    ) -> ObjectRecord:
         """Checksum, rename and record atomically. `pin=False` leaves only this holder's lease ref;
-        `checksums=False` is for mutable segments (caches), whose bytes change after publishing."""
+        `checksums=False` is for mutable segments (caches), whose bytes change after publishing;
+        `needs`: published segments this one cannot live without (Catalog: needs)."""
         if not self._open:
             raise PoolError(f"segment {self.name!r} was already published or aborted")
         sums = self._checksums() if checksums else []
@@ -314,6 +327,7 @@ class SegmentWriter:
                 self.pool.holder,
                 pin,
                 lambda: self.pool.backend.publish(self.tmp_key, final_key, immutable=checksums),
+                needs,
             )
         except BaseException:
             self.pool.backend.remove(self.tmp_key)

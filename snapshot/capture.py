@@ -27,6 +27,7 @@ nothing half-written stays in the pool.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 from collections.abc import Iterator, Mapping
@@ -44,16 +45,29 @@ from snapshot.files import FileTable, read_fds
 from snapshot.image import ImageWriter
 from snapshot.inject import InjectionError, SyscallInjector, seize_stopped
 from snapshot.manifest import HEADER_SIZE, Manifest
-from snapshot.memory import copy_pages, read_memory
+from snapshot.memory import Layer, MemoryMap, copy_pages, read_memory
 from snapshot.signals import read_signals
 from snapshot.template import Template
 
 PAGE = procfs.PAGE
 
 
-def capture(pid: int, pool: Pool, name: str, mounts: Mapping[str, str] | None = None) -> Template:
+def capture(
+    pid: int,
+    pool: Pool,
+    name: str,
+    mounts: Mapping[str, str] | None = None,
+    parent: Template | None = None,
+    dense: bool = False,
+) -> Template:
     """Capture the stopped process `pid` (every thread of it) into template `name` of `pool`.
-    `mounts`: where the guest's bind-mounted directories are on this host (see Template.open)."""
+    `mounts`: where the guest's bind-mounted directories are on this host (see Template.open).
+    `parent`: the template `pid` was thawed from (cow): the capture is a *child* of it, which
+    stores only the pages the guest wrote or added since (snapshot/pages.py) and needs its
+    parent (and the parent's own ancestors) in the pool for as long as it lives. `dense` (on a
+    pool with sparse segments): each writable anonymous VMA is one run, its untouched pages holes
+    (snapshot/pages.py): for a template others will be layered on. Zero pages are never written
+    into a sparse segment."""
     if pool.config.page_size != PAGE:
         raise UnsupportedMapping(
             f"templates need a pool with {PAGE >> 10} KiB pages; the {pool.config.backend} pool has "
@@ -62,8 +76,8 @@ def capture(pid: int, pool: Pool, name: str, mounts: Mapping[str, str] | None = 
     tids = check_capturable(pid)
     try:
         with _seized(pid, tids):
-            manifest = _read_process(pid, tids)
-            _write_image(pid, pool, name, manifest)
+            manifest = _read_process(pid, tids, parent, dense and pool.caps.sparse)
+            _write_image(pid, pool, name, manifest, parent)
         return Template.open(pool, name, verify=False, mounts=mounts)  # publish read it back and checksummed it
     except (NotCapturable, PoolError):
         raise
@@ -113,7 +127,7 @@ def _wait_parked(pid: int, tids: list[int]) -> None:
         threads.check_threads(pid, [pid, *tids])
 
 
-def _read_process(pid: int, tids: list[int]) -> Manifest:
+def _read_process(pid: int, tids: list[int], parent: Template | None, dense: bool) -> Manifest:
     """Every resource of the seized process; the main thread's injector serves them all."""
     rsp = ptrace.getregs(pid).rsp
     with SyscallInjector(pid) as inj:
@@ -124,7 +138,11 @@ def _read_process(pid: int, tids: list[int]) -> Manifest:
         fds = read_fds(pid, inj)
         syscall_insn = inj.insn
     table = FileTable()
-    memory = read_memory(pid, rsp, brk, syscall_insn, table.index, HEADER_SIZE)
+    ancestors = parent.ancestors() if parent else []
+    layers = (Layer(parent.name, parent.image), *parent.manifest.memory.layers) if parent else ()
+    memory = read_memory(pid, rsp, brk, syscall_insn, table.index, HEADER_SIZE, ancestors, layers, dense)
+    if parent is not None:
+        memory = _used_layers(memory)
     return Manifest(
         memory=memory,
         threads=thread_state,
@@ -136,7 +154,23 @@ def _read_process(pid: int, tids: list[int]) -> Manifest:
     )
 
 
-def _write_image(pid: int, pool: Pool, name: str, manifest: Manifest) -> None:
+def _write_image(pid: int, pool: Pool, name: str, manifest: Manifest, parent: Template | None) -> None:
     with ImageWriter(pool, name, manifest) as image:
-        copy_pages(pid, manifest.memory, image.page)
-        image.publish({"data_bytes": manifest.data_bytes, "source_pid": pid})
+        copy_pages(pid, manifest.memory, image.page, sparse=pool.caps.sparse)
+        meta: dict[str, object] = {"data_bytes": manifest.data_bytes, "source_pid": pid}
+        if parent is not None:
+            meta["parent"] = parent.name
+        image.publish(meta, needs=[layer.name for layer in manifest.memory.layers])
+
+
+def _used_layers(memory: MemoryMap) -> MemoryMap:
+    """The layers cut to those a run refers to, renumbered: a child needs only the ancestors
+    it has pages in (the parent always stays: it names the child's lineage)."""
+    used = {run.layer for vma in memory.vmas for run in vma.runs if run.layer} | {1}
+    keep = [i for i in range(1, len(memory.layers) + 1) if i in used]
+    renumber = {old: new for new, old in enumerate(keep, 1)}
+    vmas = tuple(
+        dataclasses.replace(vma, runs=tuple(dataclasses.replace(r, layer=renumber.get(r.layer, 0)) for r in vma.runs))
+        for vma in memory.vmas
+    )
+    return dataclasses.replace(memory, vmas=vmas, layers=tuple(memory.layers[i - 1] for i in keep))

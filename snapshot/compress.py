@@ -91,20 +91,17 @@ def compress(
 
 def _stretches(manifest: Manifest, keep: Callable[[int], bool], with_stacks: bool) -> Iterator[tuple[int, int]]:
     """(segment offset, length) of each stretch of pages inside one run whose index `keep` takes."""
-    for vma in manifest.memory.vmas:
-        if vma.stack and not with_stacks:
-            continue
-        for run in vma.runs:
-            start = None
-            for off in range(run.offset, run.offset + run.length, PAGE):
-                if not keep(off // PAGE):
-                    if start is not None:
-                        yield start, off - start
-                    start = None
-                elif start is None:
-                    start = off
-            if start is not None:
-                yield start, run.offset + run.length - start
+    for _, run in manifest.memory.own_runs(with_stacks):  # an ancestor's pages are its own business
+        start = None
+        for off in range(run.offset, run.offset + run.length, PAGE):
+            if not keep(off // PAGE):
+                if start is not None:
+                    yield start, off - start
+                start = None
+            elif start is None:
+                start = off
+        if start is not None:
+            yield start, run.offset + run.length - start
 
 
 def _chunk_extents(extents: Iterable[tuple[int, int]], chunk_size: int) -> Iterator[tuple[int, int]]:
@@ -145,7 +142,7 @@ def _write(
         chunks=tuple(chunks),
         dictionary=(dict_at, len(dictionary)) if dictionary else (0, 0),
         source=source.name,
-        hot_pages=sum(r.length for v in m.memory.vmas for r in v.runs) // PAGE - cold_pages,
+        hot_pages=sum(r.length for _, r in m.memory.own_runs()) // PAGE - cold_pages,
         cold_pages=cold_pages,
         compressed_bytes=at - image_at,
     )
@@ -163,7 +160,8 @@ def _write(
                 "compressed_from": source.name,
                 "codec": codec.name,
                 "cold_pages": cold_pages,
-            }
+            },
+            needs=[layer.name for layer in m.memory.layers],
         )
 
 
@@ -186,6 +184,7 @@ def expand(pool: Pool, name: str, target: str) -> Template:
                 image.page(off, os.pread(z.segment.fd, length, z.segment.base + off))
             for index, (seg_off, _, _, _) in enumerate(cold.chunks):
                 image.page(seg_off, cold_image.decompress(index))
-            image.publish({"data_bytes": m.data_bytes, "expanded_from": name})
+            needs = [layer.name for layer in m.memory.layers]
+            image.publish({"data_bytes": m.data_bytes, "expanded_from": name}, needs=needs)
         mounts = z.mounts
     return Template.open(pool, target, verify=False, mounts=mounts)

@@ -29,3 +29,8 @@ class RestoreError(SnapshotError):
 
 class TemplateTooOld(TemplateCorrupt):
     """A template an older thaw captured, in a format this one no longer reads: capture it again."""
+
+
+class ParentUnusable(TemplateCorrupt):
+    """A layered template's ancestor is gone, damaged, or not the image it was captured against:
+    the template is never used (capture the function again)."""

@@ -63,10 +63,11 @@ class ImageWriter:
             raise ValueError(f"{len(data)} bytes at {offset:#x} fall outside the image's tail")
         self.writer.write(offset, data)
 
-    def publish(self, meta: dict[str, Any]) -> None:
+    def publish(self, meta: dict[str, Any], needs: list[str] | None = None) -> None:
+        """`needs`: the ancestors whose pages the image refers to (the pool keeps them while it lives)."""
         self.writer.write(0, _pack_header(self.manifest_at, self.raw))
         self.writer.write(self.manifest_at, self.raw)
-        self.writer.publish(meta={"comm": self.manifest.threads.main.name, **meta})
+        self.writer.publish(meta={"comm": self.manifest.threads.main.name, **meta}, needs=needs)
 
     def __enter__(self) -> Self:
         return self
@@ -86,6 +87,13 @@ def read_manifest(segment: Segment) -> tuple[Manifest, int]:
     if hashlib.sha256(raw).digest() != digest:
         raise TemplateCorrupt("manifest does not match the SHA-256 in the template header")
     return Manifest.from_json(raw), offset
+
+
+def image_id(segment: Segment) -> str:
+    """The SHA-256 of the image's manifest, from its header: names this image exactly (a layered
+    template records its ancestors' so it is never restored over another image of the name)."""
+    header = os.pread(segment.fd, HEADER_SIZE, segment.base)
+    return _unpack_header(header, segment.size)[2].hex()
 
 
 def _pack_header(manifest_offset: int, manifest: bytes) -> bytes:

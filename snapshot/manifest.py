@@ -32,7 +32,7 @@ from snapshot.signals import Signals
 from snapshot.threads import Threads
 from snapshot.vocabulary import ColdCodec
 
-VERSION = 2  # 2: grouped by resource; threads, pending signals, pipes
+VERSION = 3  # 2: grouped by resource; threads, pending signals, pipes. 3: layers, zero pages left out
 HEADER_SIZE = 4096  # the image's header page (snapshot/image.py): compressed chunks lie after it
 
 

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import base64
 import bisect
+import dataclasses
 import itertools
 import os
 import stat
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,9 +53,11 @@ from native.restorer import ARG0_SAVED, SAVE, Program
 from snapshot import procfs
 from snapshot.errors import NotCapturable
 from snapshot.inject import RED_ZONE
+from snapshot.pages import ANCESTOR, ZERO_PAGE, Ancestor, Page, PagePlanner, VmaPages
 from snapshot.vocabulary import RestoreMode
 
 PAGE = procfs.PAGE
+DENSE_MAX = 256 << 20  # larger VMAs stay sparse: a reservation with a few pages in it
 MERGE_GAP_PAGES = 16  # store small holes between present runs: one mapping instead of two at restore
 COPY_CHUNK = 8 << 20
 UFFD_API = 0xAA
@@ -63,11 +66,22 @@ _PRCTL_MM_MAP = struct.Struct("<11QQII")
 
 @dataclass(frozen=True)
 class Run:
-    """Pages [start, start+length) of a VMA, stored at `offset` in the segment."""
+    """Pages [start, start+length) of a VMA, stored at `offset` in the segment of `layer`: 0 is
+    the template's own, k >= 1 the k-th of `MemoryMap.layers` (an ancestor's: snapshot/pages.py)."""
 
     start: int
     length: int
     offset: int
+    layer: int = 0
+
+
+@dataclass(frozen=True)
+class Layer:
+    """An ancestor template some pages are in: its name, and the SHA-256 of its manifest
+    (snapshot/image.py's header), which names exactly the image this one was captured against."""
+
+    name: str
+    image: str
 
 
 @dataclass(frozen=True)
@@ -78,6 +92,8 @@ class VmaRecord:
     # "anon": private memory, dumped sparsely (runs); "dump": a private file VMA dumped whole;
     # "file": mapped private from `file` again; "shared": read-only MAP_SHARED of `file`.
     kind: str
+    # in order, a later run laid over an earlier: a layered VMA's first run is its *base*, the
+    # whole VMA from an ancestor's segment, with the pages the guest wrote over it
     runs: tuple[Run, ...] = ()
     file: int = -1  # index into the manifest's files
     file_offset: int = 0
@@ -117,6 +133,7 @@ class MemoryMap:
     personality: int
     syscall_insn: int  # address of a `syscall` instruction in the image (the tracer's, the threads')
     data_bytes: int = 0  # the page area's size
+    layers: tuple[Layer, ...] = ()  # the ancestors, parent first (Run.layer 1, 2, ...)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_doc(self) -> dict[str, Any]:
@@ -134,8 +151,20 @@ class MemoryMap:
             personality=int(d["personality"]),
             syscall_insn=int(d["syscall_insn"]),
             data_bytes=int(d["data_bytes"]),
+            layers=tuple(Layer(**layer) for layer in d["layers"]),
             extra=dict(d.get("extra", {})),
         )
+
+    def own_runs(self, with_stacks: bool = True) -> Iterator[tuple[VmaRecord, Run]]:
+        """The runs stored in this template's page area, each offset once (a duplicate's run
+        points back at pages another run stored)."""
+        end = 0
+        for vma in self.vmas:
+            for run in vma.runs:
+                if run.layer == 0 and run.offset >= end:
+                    end = run.offset + run.length
+                    if with_stacks or not vma.stack:
+                        yield vma, run
 
     def spans(self) -> list[tuple[int, int]]:
         """Every range the restored image occupies, sorted."""
@@ -154,10 +183,23 @@ def _unb64(text: str) -> bytes:
 FileIndex = Callable[[str, str], int]  # (stat path, path as the guest saw it) -> index in the files
 
 
-def read_memory(pid: int, rsp: int, brk: int, syscall_insn: int, file_index: FileIndex, page_area: int) -> MemoryMap:
-    """Plan every VMA of stopped `pid` (dump where in the segment, from `page_area` on, or re-map
-    from which file) and read its mm fields. `brk` comes from an injected brk(0): /proc has none."""
-    vmas, specials, data_bytes = _plan_vmas(pid, rsp, file_index, page_area)
+def read_memory(
+    pid: int,
+    rsp: int,
+    brk: int,
+    syscall_insn: int,
+    file_index: FileIndex,
+    page_area: int,
+    ancestors: Sequence[Ancestor] = (),
+    layers: tuple[Layer, ...] = (),
+    dense: bool = False,
+) -> MemoryMap:
+    """Plan every VMA of stopped `pid` (dump where in the segment, from `page_area` on, refer to
+    an ancestor's pages, or re-map from which file) and read its mm fields. `brk` comes from an
+    injected brk(0): /proc has none. `ancestors` (with `layers`, their records): the templates
+    the guest was thawed from, parent first. `dense`: writable anonymous VMAs as one run each,
+    their untouched pages holes of a sparse segment (snapshot/pages.py)."""
+    vmas, specials, data_bytes = _plan_vmas(pid, rsp, file_index, page_area, ancestors, dense)
     return MemoryMap(
         vmas=tuple(vmas),
         specials=specials,
@@ -166,16 +208,36 @@ def read_memory(pid: int, rsp: int, brk: int, syscall_insn: int, file_index: Fil
         personality=int(Path(f"/proc/{pid}/personality").read_text(), 16),
         syscall_insn=syscall_insn,
         data_bytes=data_bytes,
+        layers=layers,
     )
 
 
-def copy_pages(pid: int, memory: MemoryMap, write: Callable[[int, bytes], None]) -> None:
-    """Copy every dumped run of `pid` to its segment offset (process_vm_readv, 8 MiB at a time)."""
-    for vma in memory.vmas:
-        for run in vma.runs:
-            for done in range(0, run.length, COPY_CHUNK):
-                length = min(COPY_CHUNK, run.length - done)
-                write(run.offset + done, native_memory.read_exact(pid, run.start + done, length))
+def copy_pages(
+    pid: int, memory: MemoryMap, write: Callable[[int, bytes | memoryview], None], sparse: bool = False
+) -> None:
+    """Copy every run `pid` stores to its segment offset (process_vm_readv, 8 MiB at a time).
+    `sparse`: the segment is a new sparse file, whose holes read zeros: zero pages are not written."""
+    for _, run in memory.own_runs():
+        for done in range(0, run.length, COPY_CHUNK):
+            length = min(COPY_CHUNK, run.length - done)
+            data = native_memory.read_exact(pid, run.start + done, length)
+            for at, piece in _nonzero_pieces(data) if sparse else [(0, memoryview(data))]:
+                write(run.offset + done + at, piece)
+
+
+def _nonzero_pieces(data: bytes) -> Iterator[tuple[int, memoryview]]:
+    """(offset, bytes) of each stretch of pages of `data` that are not all zeros."""
+    view = memoryview(data)
+    start = None
+    for at in range(0, len(data), PAGE):
+        zero = view[at : at + PAGE] == ZERO_PAGE
+        if zero and start is not None:
+            yield start, view[start:at]
+            start = None
+        elif not zero and start is None:
+            start = at
+    if start is not None:
+        yield start, view[start:]
 
 
 def _mm_fields(pid: int, brk: int) -> MmFields:
@@ -231,13 +293,15 @@ def _live_stack(ranges: list[tuple[int, int]], rsp: int) -> list[tuple[int, int]
 
 
 def _plan_vmas(
-    pid: int, rsp: int, file_index: FileIndex, page_area: int
+    pid: int, rsp: int, file_index: FileIndex, page_area: int, ancestors: Sequence[Ancestor], dense_pool: bool
 ) -> tuple[list[VmaRecord], dict[str, tuple[int, int]], int]:
-    """Decide per VMA: dump (where in the segment) or re-map (from which file)."""
+    """Decide per VMA: dump (which pages, and where each lies: snapshot/pages.py) or re-map (from
+    which file)."""
     anonymous = procfs.anonymous_bytes(pid)
-    vmas: list[VmaRecord] = []
+    planner = PagePlanner(pid, ancestors)
+    records: list[VmaRecord] = []
+    dumped: list[tuple[int, VmaPages]] = []  # (index in records, its pages)
     specials: dict[str, tuple[int, int]] = {}
-    offset = page_area
 
     def file_of(vma: procfs.Vma) -> int:
         return file_index(f"/proc/{pid}/map_files/{vma.start:x}-{vma.end:x}", vma.path)
@@ -248,32 +312,87 @@ def _plan_vmas(
         if vma.special:
             specials[vma.path] = (vma.start, vma.end)
             continue
-        regular = _regular_file(pid, vma)
         common: dict[str, Any] = {"start": vma.start, "end": vma.end, "prot": _prot(vma), "name": vma.path}
+        ancestor = _ancestor_of(pid, vma, ancestors) if not vma.shared else None
+        regular = ancestor is None and _regular_file(pid, vma)
         if vma.shared:
             if vma.writable:
                 raise NotCapturable(f"pid {pid} has a writable shared mapping {vma.start:#x}-{vma.end:#x} {vma.path}")
             if not regular:
                 raise NotCapturable(f"pid {pid} maps {vma.path or 'anonymous memory'} shared: only files can be")
-            vmas.append(VmaRecord(**common, kind="shared", file=file_of(vma), file_offset=vma.offset))
+            records.append(VmaRecord(**common, kind="shared", file=file_of(vma), file_offset=vma.offset))
             continue
         if regular and anonymous.get(vma.start, 0) == 0:
-            vmas.append(VmaRecord(**common, kind="file", file=file_of(vma), file_offset=vma.offset))
+            records.append(VmaRecord(**common, kind="file", file=file_of(vma), file_offset=vma.offset))
             continue
-        if regular or vma.file_backed:
-            ranges = [(vma.start, vma.size)]  # never-present pages of a file VMA read the file
-            kind = "dump"
+        stack = vma.path == "[stack]"
+        base, dense = None, False
+        if ancestor is not None:
+            pages, kind = _ancestor_pages(pid, vma, ancestor, planner), "anon"
+            base = (ancestor.layer, vma.offset - ancestor.base)
+            common["name"] = f"pages of {ancestor.name}"
+        elif regular or vma.file_backed:  # never-present pages of a file VMA read the file
+            pages, kind = [planner.own(a) for a in range(vma.start, vma.end, PAGE)], "dump"
         else:
-            ranges = _merged_runs(procfs.present_ranges(pid, vma.start, vma.end))
-            if vma.path == "[stack]":
-                ranges = _live_stack(ranges, rsp)
+            present = procfs.present_ranges(pid, vma.start, vma.end)
+            dense = dense_pool and bool(present) and not stack and vma.writable and vma.size <= DENSE_MAX
+            if dense:
+                pages = _dense_pages(vma, present, planner)
+            else:
+                ranges = _live_stack(_merged_runs(present), rsp) if stack else _merged_runs(present)
+                pages = [planner.own(a) for start, length in ranges for a in range(start, start + length, PAGE)]
             kind = "anon"
-        runs = []
-        for start, length in ranges:
-            runs.append(Run(start, length, offset))
-            offset += length
-        vmas.append(VmaRecord(**common, kind=kind, runs=tuple(runs), stack=vma.path == "[stack]"))
-    return vmas, specials, offset - page_area
+        dumped.append((len(records), VmaPages(vma.start, vma.end, stack, pages, base, dense)))
+        records.append(VmaRecord(**common, kind=kind, stack=stack))
+    planner.decide([pages for _, pages in dumped])
+    placed, data_bytes = planner.place([pages for _, pages in dumped], page_area)
+    for (index, _), runs in zip(dumped, placed, strict=True):
+        records[index] = dataclasses.replace(
+            records[index], runs=tuple(Run(r.start, r.length, r.offset, r.layer) for r in runs)
+        )
+    return records, specials, data_bytes
+
+
+def _dense_pages(vma: procfs.Vma, present: list[tuple[int, int]], planner: PagePlanner) -> list[Page]:
+    touched = {a for start, length in present for a in range(start, start + length, PAGE)}
+    return [planner.own(a, untouched=a not in touched) for a in range(vma.start, vma.end, PAGE)]
+
+
+def _ancestor_of(pid: int, vma: procfs.Vma, ancestors: Sequence[Ancestor]) -> Ancestor | None:
+    """The ancestor whose segment `vma` maps (privately: how a cow instance maps its template)."""
+    if not ancestors or not vma.file_backed or not vma.path.startswith("/"):
+        return None
+    try:
+        st = os.stat(f"/proc/{pid}/map_files/{vma.start:x}-{vma.end:x}")
+    except OSError:
+        return None
+    return next((a for a in ancestors if a.holds(st.st_dev, st.st_ino, vma.offset, vma.size)), None)
+
+
+def _ancestor_pages(pid: int, vma: procfs.Vma, ancestor: Ancestor, planner: PagePlanner) -> list[Page]:
+    """The pages of a VMA mapping an ancestor's segment: what the guest wrote is its own, the
+    rest is still the ancestor's page at its offset."""
+    first = vma.offset - ancestor.base
+    pages = []
+    for i, copied in enumerate(procfs.private_copies(pid, vma.start, vma.end)):
+        address = vma.start + i * PAGE
+        if copied:
+            pages.append(planner.own(address))
+        else:
+            pages.append(Page(address, ANCESTOR, (ancestor.layer, first + i * PAGE)))
+    return pages
+
+
+def _between(base: Run, later: Sequence[Run]) -> Iterator[tuple[int, int, int]]:
+    """(address, length, offset) of the pieces of `base` that no run in `later` covers."""
+    at = base.start
+    inside = [r for r in later if r.start < base.start + base.length and r.start + r.length > base.start]
+    for run in sorted(inside, key=lambda r: r.start):
+        if run.start > at:
+            yield at, run.start - at, base.offset + at - base.start
+        at = max(at, run.start + run.length)
+    if at < base.start + base.length:
+        yield at, base.start + base.length - at, base.offset + at - base.start
 
 
 # -- restore ------------------------------------------------------------------------------------
@@ -288,6 +407,7 @@ class PageSources:
     cache_base: int
     uffd_fd: int  # -1: no pager
     cold: list[tuple[int, int]]  # the cold spans (segment offset, length) of a compressed template
+    layers: list[tuple[int, int]] = field(default_factory=list)  # (fd, base) of each ancestor's segment
 
     @property
     def paged(self) -> bool:
@@ -338,13 +458,23 @@ class MemoryRestore:
             return
         lazy = src.mode == RestoreMode.LAZY
         by_copy = v.stack or src.mode == RestoreMode.COPY or (lazy and not src.via_cache)
-        covered = sum(r.length for r in v.runs) == v.size
+        # runs are laid in order, later over earlier: a layered VMA's base run covers it whole
+        covered = sum(r.length for r in v.runs) == v.size or any(r.length == v.size for r in v.runs)
         # a pager without the cache fills cold pages into anonymous memory (cow maps hot ones over it)
         if by_copy or not covered or (src.paged and not src.via_cache):
             prot = v.prot | Prot.WRITE if by_copy else v.prot
             flags = anon | (MapFlag.GROWSDOWN if v.stack else 0)
             p.syscall(Syscall.MMAP, v.start, v.size, prot, flags, -1, 0, what=f"anonymous mmap at {where}")
-        for run in v.runs:
+        # Later runs go over a base by mmap; bytes read (copy) or filled by a pager into anonymous
+        # memory would be hidden by, or land under, it: there the base is laid only between them.
+        overlay = not by_copy and not (src.paged and not src.via_cache)
+        for i, run in enumerate(v.runs):
+            if run.layer:
+                for start, length, offset in (
+                    [(run.start, run.length, run.offset)] if overlay else _between(run, v.runs[i + 1 :])
+                ):
+                    self._ancestor_run(v, Run(start, length, offset, run.layer), by_copy, where)
+                continue
             for start, length, offset, cold in self._pieces(run.start, run.length, run.offset, v.stack):
                 self._run(v, start, length, offset, cold, by_copy, where)
         if by_copy and not v.prot & Prot.WRITE:
@@ -386,6 +516,16 @@ class MemoryRestore:
             self._map_private(
                 v, start, length, src.segment_fd, src.segment_base + offset, "the template segment", where
             )
+
+    def _ancestor_run(self, v: VmaRecord, run: Run, by_copy: bool, where: str) -> None:
+        """An ancestor's pages: mapped from its segment (the page cache every instance of every
+        template layered on it shares) in every mode but copy, which reads them."""
+        fd, base = self.src.layers[run.layer - 1]
+        name = self.m.layers[run.layer - 1].name
+        if by_copy:
+            self.p.pread(fd, run.start, run.length, base + run.offset, what=f"reading pages of {name} at {where}")
+        else:
+            self._map_private(v, run.start, run.length, fd, base + run.offset, f"the segment of {name}", where)
 
     def _map_private(
         self, v: VmaRecord, start: int, length: int, fd: int, offset: int, source: str, where: str

@@ -7,7 +7,9 @@ Some facts about /proc that shape this module:
   there, and only smaps' `Anonymous:` shows how much of it is now private copies.
 - `pagemap` has one 64-bit entry per virtual page: bit 63 present, bit 62 swapped. A page that is
   neither was never touched: an anonymous VMA reads zeros there, so capture can skip it; a
-  private file VMA reads the file there, so such VMAs are dumped whole.
+  private file VMA reads the file there, so such VMAs are dumped whole. Bit 61 says a present
+  page is the file's (page cache) rather than a private copy: in an instance that maps its
+  template's segment privately, the pages it has not written are still the template's.
 - Special VMAs ([vdso], [vvar], [vvar_vclock], [vsyscall]) belong to the kernel and are never dumped.
 """
 
@@ -22,6 +24,7 @@ PAGE = 4096
 SPECIAL = frozenset({"[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]"})
 _PM_PRESENT = 1 << 63
 _PM_SWAPPED = 1 << 62
+_PM_FILE = 1 << 61
 
 
 class Vma(NamedTuple):
@@ -113,6 +116,20 @@ def present_ranges(pid: int, start: int, end: int) -> list[tuple[int, int]]:
     if run_start is not None:
         runs.append((start + run_start * PAGE, (count - run_start) * PAGE))
     return runs
+
+
+def private_copies(pid: int, start: int, end: int) -> list[bool]:
+    """Per page of [start, end) of a private file mapping: is it a private copy (written since it
+    was mapped, or swapped out) rather than the file's page or not yet touched?"""
+    entries = _pagemap(pid, start, end)
+    return [bool(entry & _PM_SWAPPED) or entry & (_PM_PRESENT | _PM_FILE) == _PM_PRESENT for entry in entries]
+
+
+def _pagemap(pid: int, start: int, end: int) -> list[int]:
+    with open(f"/proc/{pid}/pagemap", "rb") as f:
+        f.seek(start // PAGE * 8)
+        raw = f.read((end - start) // PAGE * 8)
+    return [entry for (entry,) in struct.iter_unpack("<Q", raw)]
 
 
 def threads(pid: int) -> list[tuple[int, str]]:

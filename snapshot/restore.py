@@ -9,7 +9,8 @@ scratch area the stub mapped before it stopped (or maps one with an injected mma
 stub run it: unregister the stub's rseq, unmap the stub, move [vvar]/[vvar_vclock]/[vdso] to the
 template's addresses (where they are in the stub comes from the report the stub left, else from
 its /proc/self/maps), map every VMA (MAP_PRIVATE from the template segment for cow, filled by
-pread for copy, from the cache segment under userfaultfd for lazy), PR_SET_MM_MAP, sigactions,
+pread for copy, from the cache segment under userfaultfd for lazy; a layered template's
+ancestors' pages MAP_PRIVATE from their segments, read for copy), PR_SET_MM_MAP, sigactions,
 pipes and path fds, the main thread's own state (tid address, robust list, rseq, name, altstack,
 queued signals), the other threads (snapshot/threads.py), and last the credentials (uid/gid from
 the template, no capabilities, no_new_privs) and the seccomp filter the caller passes
@@ -147,11 +148,10 @@ class Instance:
             return []
         pages: list[int] = []
         try:
-            for vma in self.template.manifest.memory.vmas:
-                for run in vma.runs if not vma.stack else ():
-                    for start, length in procfs.present_ranges(self.pid, run.start, run.start + run.length):
-                        first = (run.offset + start - run.start) // PAGE
-                        pages.extend(range(first, first + length // PAGE))
+            for _, run in self.template.manifest.memory.own_runs(with_stacks=False):
+                for start, length in procfs.present_ranges(self.pid, run.start, run.start + run.length):
+                    first = (run.offset + start - run.start) // PAGE
+                    pages.extend(range(first, first + length // PAGE))
         except OSError:  # it exited meanwhile: nothing to learn from it
             return []
         return pages
@@ -220,13 +220,14 @@ class _Builder:
             cache_base=template.cache().base if via_cache else 0,
             uffd_fd=fd_base + len(fds) if paged else -1,
             cold=template.cold_spans(),
+            layers=[(fd_base + 1 + i, seg.base) for i, seg in enumerate(template.layers)],
         )
         self.memory = MemoryRestore(self.p, self.m.memory, self.sources, self.file_fd)
         self.threads = ThreadPlan(self.m.threads.others)
         self.confinement = Confinement(self.p, self.m.credentials, bpf)
 
     def file_fd(self, index: int) -> int:
-        return self.fd_base + 1 + index
+        return self.fd_base + 1 + len(self.t.layers) + index
 
     def receive_fds(self) -> None:
         """A stub that waited takes its fds now, from its hand-off socket (Stub.handoff)."""

@@ -10,6 +10,10 @@ Besides the template segment `NAME`, a template may own two more segments in the
 fill on demand; mutable) and `NAME.ws` (the recorded working set: segment page indices in
 first-fault order, little-endian uint32). `Template.delete` removes all.
 
+A layered template (snapshot/pages.py) keeps some pages in its ancestors' segments: `open`
+opens them too (verified like its own, and checked to be the very images it was captured
+against, else ParentUnusable), and a restore's stub holds them right after its own segment.
+
 A compressed template (snapshot/compress.py) has a `cold` section in its manifest: its cold pages
 are chunks of a compressed image in the segment, which the pager decompresses into the cache on
 fault (`cold_image`), and `punch_cold` takes out of the cache again after a while.
@@ -28,14 +32,17 @@ from native import memory
 from native.pager import ColdChunk, ColdImage
 from native.tracer import FileChecks
 from shmpool import Pool, Segment, SegmentNotFound
-from snapshot.errors import FileChanged
+from shmpool.errors import PoolError
+from snapshot.errors import FileChanged, ParentUnusable
 from snapshot.files import FileIdentity
-from snapshot.image import read_manifest
+from snapshot.image import image_id, read_manifest
 from snapshot.manifest import Manifest
+from snapshot.pages import Ancestor, digest
 from snapshot.vocabulary import RestoreMode
 
 MODES = tuple(RestoreMode)
-SEGMENT_SLOT = 0  # restore fd slots: the segment, then every file of the manifest, then the cache
+PAGE = 4096
+SEGMENT_SLOT = 0  # restore fd slots: the segment, its ancestors' segments, every file of the manifest, the cache
 
 
 def cache_name(name: str) -> str:
@@ -54,8 +61,11 @@ class Template:
         manifest: Manifest,
         file_fds: list[int],
         mounts: Mapping[str, str] | None = None,
+        layers: list[Segment] | None = None,
     ) -> None:
         self.pool, self.segment, self.manifest, self.file_fds = pool, segment, manifest, file_fds
+        self.layers = layers or []  # the ancestors' segments, parent first (manifest.memory.layers)
+        self._digests: dict[bytes, int] | None = None
         self.mounts = dict(mounts or {})
         self._cache: Segment | None = None
         self._cache_writer: int | None = None
@@ -82,18 +92,33 @@ class Template:
         function's directory at /function): {"/function": "/var/lib/thaw/functions/f/rev-1"}."""
         segment = pool.open_segment(name, verify=verify)
         fds: list[int] = []
+        layers: list[Segment] = []
         try:
             manifest, offset = read_manifest(segment)
             if manifest.cold is not None:
                 manifest.cold.check(image_end=offset)
+            for layer in manifest.memory.layers:
+                layers.append(_open_layer(pool, name, layer.name, layer.image, verify))
             for ident in manifest.files.identities:
                 fds.append(_open_identical(host_path(ident.path, mounts or {}), ident))
-            return cls(pool, segment, manifest, fds, mounts)
+            return cls(pool, segment, manifest, fds, mounts, layers)
         except BaseException:
             for fd in fds:
                 os.close(fd)
+            for seg in layers:
+                seg.close()
             segment.close()
             raise
+
+    @property
+    def image(self) -> str:
+        """The SHA-256 of this image's manifest: what a child records of its parent."""
+        return image_id(self.segment)
+
+    @property
+    def parent(self) -> str | None:
+        layers = self.manifest.memory.layers
+        return layers[0].name if layers else None
 
     def host_paths(self) -> list[str]:
         """Where the files this template maps are, seen from here (its mounts resolved)."""
@@ -130,7 +155,7 @@ class Template:
         """The fds a stub must hold, in order from fd 1000, for a restore in `mode`."""
         if mode not in MODES:
             raise ValueError(f"restore mode must be one of {', '.join(MODES)}, not {mode!r}")
-        fds = [self.segment.fd, *self.file_fds]
+        fds = [self.segment.fd, *(seg.fd for seg in self.layers), *self.file_fds]
         if self.uses_cache(mode):
             fds.append(self.cache().fd)
         return fds
@@ -160,6 +185,28 @@ class Template:
         if self._cache_writer is None:  # segments open read-only
             self._cache_writer = os.open(f"/proc/self/fd/{cache.fd}", os.O_RDWR | os.O_CLOEXEC)
         return self._cache_writer, cache.base
+
+    # -- layers ----------------------------------------------------------------------------------
+    def ancestors(self) -> list[Ancestor]:
+        """This template and its own ancestors, as a capture of an instance thawed from it sees
+        them (a child's layers: this one first). Duplicates are looked for in this one's pages;
+        the deeper ancestors' pages are found by pagemap only (what the parent left of them)."""
+        chain = [(self.name, self.segment, self.page_digests())]
+        chain += [(layer.name, seg, {}) for layer, seg in zip(self.manifest.memory.layers, self.layers, strict=True)]
+        return [_ancestor(i, name, seg, digests) for i, (name, seg, digests) in enumerate(chain, 1)]
+
+    def page_digests(self) -> dict[bytes, int]:
+        """Content digest -> offset of every page in this template's page area (zero pages and
+        stacks aside): what a child's capture finds duplicates in."""
+        if self._digests is None:
+            digests: dict[bytes, int] = {}
+            with memoryview(self.source_view()) as view:
+                for _, run in self.manifest.memory.own_runs(with_stacks=False):
+                    for off in range(run.offset, run.offset + run.length, PAGE):
+                        digests.setdefault(digest(view[off : off + PAGE]), off)
+            digests.pop(digest(bytes(PAGE)), None)
+            self._digests = digests
+        return self._digests
 
     # -- cold pages ------------------------------------------------------------------------------
     def cold_spans(self) -> list[tuple[int, int]]:
@@ -198,9 +245,12 @@ class Template:
 
     def source_address(self) -> int:
         """Where the template segment is mapped (shared, read-only) in this process, for the pager."""
+        return memory.address_of(self.source_view())
+
+    def source_view(self) -> mmap.mmap:
         if self._source_view is None:
             self._source_view = self.segment.map(private=False, writable=False)
-        return memory.address_of(self._source_view)
+        return self._source_view
 
     # -- working set -----------------------------------------------------------------------------
     def working_set(self) -> list[int]:
@@ -247,6 +297,9 @@ class Template:
             os.close(fd)
         self.file_fds = []
         self._file_checks = None
+        for seg in self.layers:
+            seg.close()
+        self.layers = []
         self.segment.close()
 
     def __enter__(self) -> Self:
@@ -276,6 +329,34 @@ def _stat_or_none(path: str) -> os.stat_result | None:
         return os.stat(path)
     except FileNotFoundError:
         return None
+
+
+def _open_layer(pool: Pool, child: str, name: str, image: str, verify: bool) -> Segment:
+    """An ancestor's segment, checked to be the image `child` was captured against."""
+    try:
+        segment = pool.open_segment(name, verify=verify)
+    except SegmentNotFound:
+        raise ParentUnusable(f"template {child!r} is layered on {name!r}, which is not in the pool") from None
+    except PoolError as e:
+        raise ParentUnusable(f"template {child!r} is layered on {name!r}, which cannot be used: {e}") from e
+    try:
+        found = image_id(segment)
+    except BaseException:
+        segment.close()
+        raise
+    if found != image:
+        segment.close()
+        raise ParentUnusable(f"template {child!r} is layered on another image of {name!r} than the pool holds")
+    return segment
+
+
+def _ancestor(layer: int, name: str, segment: Segment, digests: dict[bytes, int]) -> Ancestor:
+    st = os.fstat(segment.fd)
+
+    def read(offset: int) -> bytes:
+        return os.pread(segment.fd, PAGE, segment.base + offset)
+
+    return Ancestor(name, layer, st.st_dev, st.st_ino, segment.base, segment.size, read, digests)
 
 
 def _open_identical(path: str, ident: FileIdentity) -> int:

@@ -163,7 +163,7 @@ def test_pager_fault_service(benchmark: BenchmarkFixture, heap_template: tuple[P
         pytest.skip(f"{codec} does not load here")
     benchmark.group = "pager"
     if codec == "none":
-        pages = sum(r.length for v in template.manifest.memory.vmas for r in v.runs if not v.stack) // 4096
+        pages = sum(r.length for _, r in template.manifest.memory.own_runs(with_stacks=False)) // 4096
         per_page = benchmark(bench_codecs.fault_read_us, template, False)
     else:
         with compress(pool, template.name, get_codec(codec), f"micro-heap.{codec}", hot=[]) as z:

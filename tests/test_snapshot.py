@@ -330,7 +330,7 @@ def test_a_cow_instance_leaves_its_mapped_pages_as_the_working_set(pool: Pool, w
             assert request_json(stub, "/time")["now"] > 0
         recorded = template.working_set()
         dumped = {
-            r.offset // 4096 + i for v in template.manifest.memory.vmas for r in v.runs for i in range(r.length // 4096)
+            r.offset // 4096 + i for _, r in template.manifest.memory.own_runs() for i in range(r.length // 4096)
         }
         assert recorded and set(recorded) <= dumped and len(recorded) < len(dumped) // 4
         with compress(pool, "cow-ws", get_codec("lz4")) as z:
@@ -510,7 +510,7 @@ def test_punched_pages_refault_and_are_refilled(pool: Pool, workload: Template) 
 
 
 def _pages(template: Template) -> bytes:
-    runs = sorted((r.offset, r.length) for v in template.manifest.memory.vmas for r in v.runs)
+    runs = sorted((r.offset, r.length) for _, r in template.manifest.memory.own_runs())
     return b"".join(os.pread(template.segment.fd, n, template.segment.base + off) for off, n in runs)
 
 

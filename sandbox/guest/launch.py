@@ -62,13 +62,19 @@ def _state(pid: int) -> str:
 
 
 def start_parked(
-    function_dir: Path, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 120
+    function_dir: Path | None,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 120,
+    preload: list[str] | None = None,
 ) -> ParkedGuest:
     """Start `python -m sandbox.guest function_dir` with fd 3 on a socketpair; return once it has
-    said READY and stopped itself."""
+    said READY and stopped itself. With no `function_dir`, a runtime guest (`--runtime`) that
+    imports `preload` and waits, once thawed, for `become` to say what it is."""
     ours, theirs = socket.socketpair()
+    what = [str(function_dir)] if function_dir else ["--runtime", "--preload", ",".join(preload or [])]
     popen = subprocess.Popen(
-        ["sh", "-c", 'exec "$@" 3<&0 </dev/null', "sh", sys.executable, "-m", "sandbox.guest", str(function_dir)],
+        ["sh", "-c", 'exec "$@" 3<&0 </dev/null', "sh", sys.executable, "-m", "sandbox.guest", *what],
         stdin=theirs.fileno(),  # the shell moves it to fd 3
         cwd=cwd,
         env={**os.environ, **(env or {})},
@@ -79,15 +85,29 @@ def start_parked(
         first = recv(ours, timeout)
         if first != {"type": "ready"}:
             raise RuntimeError(f"the guest said {first} instead of READY (see its stderr)")
-        deadline = time.monotonic() + timeout
-        while _state(popen.pid) != "T":
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the guest did not stop within {timeout} s of READY")
-            time.sleep(STOP_POLL)
+        wait_stopped(popen.pid, timeout)
     except BaseException:
         guest.kill()
         raise
     return guest
+
+
+def become(sock: socket.socket, message: protocol.Message, timeout: float = 120) -> None:
+    """Tell a thawed runtime guest (which said RESTORED) to `load` a function or `preload` more;
+    return once it has said READY again (it stops itself right after: wait for that before a
+    capture)."""
+    protocol.send(sock.fileno(), message)
+    reply = recv(sock, timeout)
+    if reply != {"type": "ready"}:
+        raise RuntimeError(f"the guest said {reply} instead of READY (see its stderr)")
+
+
+def wait_stopped(pid: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while _state(pid) != "T":
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"pid {pid} did not stop within {timeout} s")
+        time.sleep(STOP_POLL)
 
 
 def decode_body(reply: protocol.Message) -> Any:

@@ -11,6 +11,8 @@ Messages (the `type` field):
     request {id, method, path, query, headers, body}      daemon -> guest
     response {id, statusCode, headers, body}              guest -> daemon
     error {id, error: {type, message, traceback}}         guest -> daemon: the handler raised
+    preload {modules}                  daemon -> a runtime's instance: import these, park again (runtime.py)
+    load {function_dir, handler, site_dir, env}   daemon -> a runtime's instance: become this function
     serve-http {port}                  daemon -> instance: serve HTTP on `port` from now on (httpmode.py)
     serving {port, pid}                instance: listening; fd 3 carries nothing more
 """

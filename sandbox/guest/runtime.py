@@ -1,4 +1,16 @@
-"""The guest program. Single-threaded until it has been captured (a template holds one thread).
+"""The guest program: a function's process, from its init to its last request.
+
+Started cold, it imports the function (its init), parks (READY, then SIGSTOP: the daemon
+captures it) and serves. Started with `--runtime`, it imports only the `--preload` modules and
+parks: the daemon captures that as a *runtime template* (snapshot/pages.py: layered templates).
+Every instance thawed from it waits for what to become on fd 3:
+
+    preload {modules}                  import these too and park again (a base layered on this one)
+    load {function_dir, handler, site_dir, env}   import the function, run its init, park again
+
+so a function's template is captured as a child of the runtime's and stores only what its init
+wrote. The function's environment is set before its import (variables the interpreter reads
+at start, PYTHON*, cannot be: the daemon captures such functions cold).
 
 Handlers follow the OpenFaaS python3-http convention, so existing functions port as they are:
 `handle(event, context)` where `event` has `body` (bytes), `headers`, `method`, `query`, `path`;
@@ -155,20 +167,47 @@ def park(fd: int) -> None:
     protocol.send(fd, {"type": "restored", "pid": os.getpid()})
 
 
+def preload(modules: list[str]) -> None:
+    """Import what functions commonly import, so the runtime template holds it."""
+    for name in modules:
+        importlib.import_module(name)
+
+
+def await_function(fd: int, max_frame: int) -> Handler:
+    """In an instance of a runtime template: become what the daemon says (the module's docstring)."""
+    while (message := protocol.recv(fd, max_frame)) is not None:
+        if message["type"] == "preload":
+            preload([str(m) for m in message.get("modules") or []])
+            park(fd)
+        elif message["type"] == "load":
+            os.environ.update({str(k): str(v) for k, v in (message.get("env") or {}).items()})
+            return load_handler(str(message["function_dir"]), str(message["handler"]), message.get("site_dir"))
+    raise SystemExit(0)  # the daemon closed fd 3: nothing to become
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sandbox.guest", description=__doc__.splitlines()[0])
-    parser.add_argument("function_dir", help="directory holding the function's module")
+    parser.add_argument("function_dir", nargs="?", help="directory holding the function's module")
     parser.add_argument("--handler", default="handler:handle", help="module:callable (default handler:handle)")
     parser.add_argument("--site-dir", help="the function's own site directory (its requirements)")
     parser.add_argument("--max-frame", type=int, default=protocol.DEFAULT_MAX_FRAME, help="largest frame in bytes")
+    parser.add_argument("--runtime", action="store_true", help="park as a runtime template, then wait for a function")
+    parser.add_argument("--preload", default="", help="comma-separated modules a runtime imports before it parks")
     args = parser.parse_args(argv)
+    if args.runtime == bool(args.function_dir):
+        parser.error("give a function directory, or --runtime")
     try:
         os.fstat(CONTROL_FD)
     except OSError:
         print("guest: fd 3 (the control channel) is not open", file=sys.stderr)
         return 2
     hooks.track_random()  # before the function's init creates any generator
-    handler = load_handler(args.function_dir, args.handler, args.site_dir)
+    if args.runtime:
+        preload([m for m in args.preload.split(",") if m])
+        park(CONTROL_FD)  # captured as the runtime template: every instance of it continues here
+        handler = await_function(CONTROL_FD, args.max_frame)
+    else:
+        handler = load_handler(args.function_dir, args.handler, args.site_dir)
     park(CONTROL_FD)
     serve(handler, CONTROL_FD, args.max_frame)
     return 0
