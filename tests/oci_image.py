@@ -29,7 +29,7 @@ from typing import Any
 from tests.guests import REPO
 
 CONTAINERD_START_TIMEOUT = 30.0
-SHIM_DIR = REPO / ".venv" / "bin"  # containerd-shim-thaw-v2, found on containerd's PATH
+SHIM_DIR = REPO / "daemon" / "shim" / "bin"  # containerd-shim-thaw-v2, found on containerd's PATH
 
 
 def _blob(blobs: dict[str, bytes], data: bytes) -> str:
@@ -168,6 +168,26 @@ class Containerd:
             raise RuntimeError(f"ctr {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
         return result
 
+    def shim_pids(self) -> list[int]:
+        """The resident shim servers of this containerd (one per namespace), by their pid files."""
+        pids = []
+        for pid_file in (self.base / "s").glob("*.pid"):
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(pid_file.read_text())
+                if Path(f"/proc/{pid}").exists():
+                    pids.append(pid)
+        return pids
+
+    def stop_shims(self) -> None:
+        """SIGTERM them (a server outlives its containers for THAW_SHIM_IDLE_TIMEOUT) and wait."""
+        pids = self.shim_pids()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     def stop(self) -> None:
         """Every task killed and deleted, every container and image removed, containerd stopped,
         its root unmounted and removed (the machine as it was)."""
@@ -184,6 +204,7 @@ class Containerd:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self.stop_shims()
         for line in reversed(Path("/proc/self/mountinfo").read_text().splitlines()):
             target = line.split()[4]
             if target.startswith(str(self.base) + "/"):

@@ -11,7 +11,9 @@ A container's life, and who does what:
     Wait     answered when the instance exits; a waiter thread long-polls thawd for that exit
              and publishes TaskExit (through containerd's publish binary) at that moment.
     Kill     thawd signals the instance.  Delete: thawd takes the sandbox and cgroup down, the
-             shim unmounts the rootfs.  Shutdown: the shim exits once it holds no container.
+             shim unmounts the rootfs.  Shutdown (after every Delete): the server stays.
+One server serves every container of its containerd and namespace (daemon/shim/start.py says
+why): it leaves after IDLE seconds without a task or a connection, or on SIGTERM.
 A pod's sandbox ("pause") container, when CRI runs it with this runtime, holds no function: the
 shim keeps a sleeping process of its own as its task (its netns is CRI's, bind-mounted).
 Pause, Resume, Checkpoint, Exec, ResizePty, Update and Stats answer Unimplemented.
@@ -38,15 +40,17 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from daemon.cli import ApiError, Client, Unreachable
 from daemon.shim import events, oci
-from daemon.shim.main import NAME, THAWD_SOCKET, Flags, socket_address
+from daemon.shim.main import THAWD_SOCKET
 from daemon.shim.proto.containerd.runtime.task.v2 import shim_pb2
 from daemon.shim.proto.containerd.types.task import task_pb2
+from daemon.shim.start import NAME, Flags, socket_path
 from daemon.shim.ttrpc import Code, Method, RpcError, Server
 
 log = logging.getLogger(NAME)
 SERVICE = "containerd.task.v2.Task"
 HTTP_PORT = 8080  # the OpenFaaS watchdog's, which faas-netes and Knative route to
 CREATE_TIMEOUT = 600.0  # a first container of an image waits for its function's cold start and capture
+IDLE_CHECK = 5.0  # how often the server looks whether it is idle, in seconds
 
 
 def thawd() -> Client:
@@ -87,12 +91,13 @@ class Task:
 
 
 class TaskService:
-    def __init__(self, flags: Flags, on_empty: Callable[[], None]) -> None:
+    def __init__(self, flags: Flags, on_shutdown: Callable[[], None]) -> None:
         self.flags = flags
         self.publisher = events.Publisher(flags.publish_binary, flags.address, flags.namespace)
         self.tasks: dict[str, Task] = {}
         self.lock = threading.Lock()
-        self.on_empty = on_empty
+        self.on_shutdown = on_shutdown
+        self.empty_since = time.monotonic()  # when the last task went (the idle rule)
 
     def methods(self) -> dict[str, Method]:
         table: dict[str, tuple[type[Message], Callable[[Any], Message]]] = {
@@ -176,15 +181,13 @@ class TaskService:
         }
 
     def _say(self, task: Task, line: str) -> None:
-        """A line on the container's stdout (what `ctr run` shows) and in containerd's log."""
+        """A line on the container's stdout (what `ctr run` shows), in containerd's log (through
+        the bundle's `log` fifo, which containerd copies into it for each task) and in ours."""
         log.info("%s: %s", task.id, line)
         if task.stdout and not task.stdout.startswith(("binary://", "file://")):
-            with contextlib.suppress(OSError):
-                fd = os.open(task.stdout, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)  # O_RDWR: never blocks on a fifo
-                try:
-                    os.write(fd, f"thaw: {line}\n".encode())
-                finally:
-                    os.close(fd)
+            _write_fifo(task.stdout, f"thaw: {line}\n")
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+        _write_fifo(str(task.bundle / "log"), f"{stamp} {NAME}[{os.getpid()}] {task.id}: {line}\n")
 
     def start(self, request: shim_pb2.StartRequest) -> shim_pb2.StartResponse:
         task = self._task(request.id, request.exec_id)
@@ -259,6 +262,8 @@ class TaskService:
         unmount(task.mounted)
         with self.lock:
             del self.tasks[task.id]
+            if not self.tasks:
+                self.empty_since = time.monotonic()
         self.publisher.publish("/tasks/delete", events.task_delete(task.id, task.pid, task.exit_status, task.exited_at))
         return shim_pb2.DeleteResponse(pid=task.pid, exit_status=task.exit_status, exited_at=timestamp(task.exited_at))
 
@@ -284,11 +289,26 @@ class TaskService:
         return shim_pb2.ConnectResponse(shim_pid=os.getpid(), task_pid=task.pid if task else 0, version="thaw 0.1.0")
 
     def shutdown(self, request: shim_pb2.ShutdownRequest) -> empty_pb2.Empty:
+        """containerd asks after every Delete; the server stays for the next container (the next
+        `start` finds it), and leaves by the idle rule. `now` with no task left: it goes."""
         with self.lock:
-            if self.tasks and not request.now:
-                return empty_pb2.Empty()  # containerd asks after every delete: we stay while we hold one
-        self.on_empty()
+            if request.now and not self.tasks:
+                self.on_shutdown()
         return empty_pb2.Empty()
+
+    def idle_for(self) -> float:
+        """Seconds without a task (0 while one is held)."""
+        with self.lock:
+            return 0.0 if self.tasks else time.monotonic() - self.empty_since
+
+
+def _write_fifo(path: str, text: str) -> None:
+    with contextlib.suppress(OSError):  # nobody reading (ENXIO), or gone: the line is in our log anyway
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
 
 
 def _describe_start(answer: dict[str, Any]) -> str:
@@ -366,8 +386,10 @@ def mounted(target: Path) -> bool:
 
 
 # -- the process -----------------------------------------------------------------------------------
-def serve(flags: Flags, listen_fd: int) -> int:
-    """The shim server: Task service on the socket `start` made, until Shutdown."""
+def serve(flags: Flags, listen_fd: int, idle_timeout: float) -> int:
+    """The resident server: the Task service on the socket `start` bound, until it has held no
+    task and no connection for `idle_timeout` seconds (a `start` that found it connected, so an
+    address it printed is never one that just went), or SIGTERM, or Shutdown with `now`."""
     import socket
 
     logging.basicConfig(
@@ -381,13 +403,20 @@ def serve(flags: Flags, listen_fd: int) -> int:
     server = Server(listener, service.methods())
     threading.Thread(target=server.serve_forever, daemon=True, name="ttrpc-accept").start()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
-    done.wait()
-    time.sleep(0.05)  # the Shutdown reply is on its way out
-    server.close()
-    path, _ = socket_address(flags)
+    log.info("shim server for namespace %s of containerd %s serves", flags.namespace, flags.address)
+    while not done.wait(min(idle_timeout, IDLE_CHECK)):
+        if min(service.idle_for(), server.idle_for()) >= idle_timeout:
+            log.info("no container for %.0f s", idle_timeout)
+            break
+    path = socket_path(flags.address, flags.namespace)
     with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    log.info("shim for %s/%s exits", flags.namespace, flags.id)
+        os.unlink(path)  # first: a `start` from now on leaves a new server
+    time.sleep(0.05)  # a Shutdown reply is on its way out
+    server.close()
+    with contextlib.suppress(OSError):
+        if Path(path + ".pid").read_text() == str(os.getpid()):
+            os.unlink(path + ".pid")
+    log.info("shim server for namespace %s exits", flags.namespace)
     return 0
 
 

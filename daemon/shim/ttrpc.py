@@ -22,6 +22,7 @@ import logging
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from enum import IntEnum
 
@@ -112,6 +113,12 @@ class Server:
         self.connections: set[socket.socket] = set()
         self.lock = threading.Lock()
         self.closed = threading.Event()
+        self.quiet_since = time.monotonic()  # when the last connection closed
+
+    def idle_for(self) -> float:
+        """Seconds without an open connection (0 while one is open)."""
+        with self.lock:
+            return 0.0 if self.connections else time.monotonic() - self.quiet_since
 
     def serve_forever(self) -> None:
         """Accept connections until close(); each is read by its own thread."""
@@ -154,6 +161,7 @@ class Server:
         finally:
             with self.lock:
                 self.connections.discard(conn)
+                self.quiet_since = time.monotonic()
             conn.close()
 
     def _call(self, conn: socket.socket, write_lock: threading.Lock, stream: int, data: bytes) -> None:

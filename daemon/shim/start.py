@@ -1,0 +1,170 @@
+"""`containerd-shim-thaw-v2 start`: the shim's hot path, which containerd waits for on every
+container start, so it imports nothing but the interpreter's C modules (no site, no protobuf, no
+`socket`/`enum`, no thaw package beyond this file).
+
+One shim server per containerd and namespace, resident: containerd's runtime v2 lets `start`
+"either start a new shim or return an address to an existing shim", and speaks to one address
+for as many tasks as it is given (its pods group containers so). So `start` asks whether that
+server answers on its socket; if so it prints the address and is done (about one interpreter
+start); if not it binds the socket, leaves a server on it (`python -m daemon.shim.main ... serve`,
+which pays for protobuf and thaw's imports once) and prints the address. A lock file keeps two
+concurrent starts from both binding. The server leaves when it has held no task and no
+connection for THAW_SHIM_IDLE_TIMEOUT seconds, or on SIGTERM.
+
+Everything but `start` (delete, serve, -v, -h) runs in daemon.shim.main, with the venv's Python.
+"""
+
+from __future__ import annotations
+
+import _socket  # socket.py imports enum and selectors: ~8 ms this path does not need
+import os
+import sys
+
+try:  # hashlib's own C module: hashlib proper imports OpenSSL first (~3 ms)
+    from _sha256 import sha256  # type: ignore[import-not-found]
+except ImportError:  # renamed in later Pythons
+    from hashlib import sha256
+
+NAME = "containerd-shim-thaw-v2"
+SOCKET_DIR = "/run/thaw/shim"  # THAW_SHIM_SOCKET_DIR overrides; unix socket paths must stay under 108 bytes
+VALUED = ("namespace", "id", "address", "publish-binary", "bundle", "socket")
+
+
+class UsageError(Exception):
+    pass
+
+
+class Flags:
+    """containerd's flags, in Go's syntax: -name value (or --name, -name=value), then the action."""
+
+    def __init__(self) -> None:
+        self.namespace = self.id = self.address = self.publish_binary = self.bundle = self.action = ""
+        self.debug = False
+
+    def server_argv(self) -> list[str]:
+        """The flags the resident server needs: it serves every container of its namespace."""
+        out = ["-namespace", self.namespace, "-address", self.address, "-publish-binary", self.publish_binary]
+        return out + (["-debug"] if self.debug else [])
+
+
+def parse(argv: list[str]) -> Flags:
+    flags = Flags()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("-"):
+            flags.action = arg
+            if i + 1 < len(argv):
+                raise UsageError(f"unexpected arguments after {arg!r}: {' '.join(argv[i + 1 :])}")
+            break
+        name, eq, value = arg.lstrip("-").partition("=")
+        if name in ("h", "help"):
+            raise UsageError("")
+        if name in ("debug", "v", "version"):
+            flags.debug = flags.debug or name == "debug"
+            flags.action = flags.action or ("version" if name in ("v", "version") else "")
+        elif name in VALUED:
+            if not eq:
+                i += 1
+                if i >= len(argv):
+                    raise UsageError(f"flag -{name} needs a value")
+                value = argv[i]
+            if name != "socket":  # containerd 2's -socket: we choose our own socket
+                setattr(flags, name.replace("-", "_"), value)
+        else:
+            raise UsageError(f"unknown flag -{name}")
+        i += 1
+    return flags
+
+
+def socket_path(address: str, namespace: str) -> str:
+    """The resident server's socket: one per containerd (its address) and namespace, named by a
+    hash as containerd's own shims name theirs, so two containerds on a machine never share one."""
+    digest = sha256(f"{address}/{namespace}".encode()).hexdigest()
+    return os.path.join(os.environ.get("THAW_SHIM_SOCKET_DIR", SOCKET_DIR), digest[:32])
+
+
+def serving(path: str) -> bool:
+    """Whether a server accepts on `path` (a connection it counts as activity: see the idle rule)."""
+    probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:  # ENOENT: none yet; ECONNREFUSED: one that died and left its socket
+        return False
+    finally:
+        probe.close()
+
+
+def start(flags: Flags, venv_python: str) -> int:
+    """Print the resident server's address, leaving one there first if none answers."""
+    path = socket_path(flags.address, flags.namespace)
+    if not serving(path):
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        import fcntl
+
+        lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another start may be binding it right now
+            if not serving(path):
+                _spawn_server(flags, path, venv_python)
+        finally:
+            os.close(lock)
+    address = f"unix://{path}"
+    bundle = flags.bundle or os.getcwd()
+    _write_atomically(os.path.join(bundle, "address"), address)  # containerd reloads its shims from it
+    with open(path + ".pid", "rb") as pid:  # there: the socket is renamed into place after it is written
+        _write_atomically(os.path.join(bundle, "shim.pid"), pid.read().decode())
+    os.write(1, address.encode())
+    return 0
+
+
+def _spawn_server(flags: Flags, path: str, venv_python: str) -> None:
+    """Bind the socket here (connections queue in its backlog until the server accepts), leave
+    the server on it in its own session (containerd reads start's output to its end and signals
+    start's process group: neither is for the server), write its pid, and only then rename the
+    socket into place, so that whoever finds the socket finds the pid file of its server."""
+    import subprocess
+
+    staging = path + ".new"
+    if os.path.lexists(staging):
+        os.unlink(staging)  # a start that died half-way
+    listener = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    listener.bind(staging)
+    os.chmod(staging, 0o600)
+    listener.listen(64)
+    log = os.open(path + ".log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    try:
+        server = subprocess.Popen(
+            [venv_python, "-m", "daemon.shim.main", *flags.server_argv(), "serve"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(listener.fileno(),),
+            start_new_session=True, cwd="/",
+            env={**os.environ, "THAW_SHIM_LISTEN_FD": str(listener.fileno())},
+        )  # fmt: skip
+    finally:
+        os.close(log)
+        listener.close()
+    _write_atomically(path + ".pid", str(server.pid))
+    os.rename(staging, path)  # replaces the socket of a server that died, if any
+
+
+def _write_atomically(path: str, text: str) -> None:
+    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path))
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.rename(tmp, path)
+
+
+def main(argv: list[str], venv_python: str) -> int:
+    """`start` here; every other action in daemon.shim.main, run by the venv's Python."""
+    try:
+        flags = parse(argv)
+    except UsageError:
+        flags = Flags()
+    if flags.action != "start" or not flags.namespace or not flags.id:
+        os.execv(venv_python, [venv_python, "-m", "daemon.shim.main", *argv])
+    return start(flags, venv_python)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:], sys.executable))
