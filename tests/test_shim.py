@@ -210,6 +210,35 @@ def test_one_resident_shim_serves_the_namespace(node: tuple[Thawd, Containerd], 
     assert thawd.api("GET", "/containers")[1] == []
 
 
+def test_a_shim_that_dies_holding_a_container_leaves_nothing_behind(node: tuple[Thawd, Containerd], pod: str) -> None:
+    """containerd runs the binary's `delete` for each task of a shim whose connection closed: the
+    rootfs still mounted takes the full path (unmount), thawd drops the instance."""
+    thawd, ctd = node
+    run(ctd, IMAGE, "orphan2", pod)
+    pid = thawd.api("GET", "/containers/default/orphan2")[1]["pid"]
+    os.kill(_shim_pid(ctd, "orphan2"), signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while (thawd.api("GET", "/containers")[1] or mounts_under(ctd.base / "state")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert thawd.api("GET", "/containers")[1] == [] and not mounts_under(ctd.base / "state")
+    assert not _alive(pid)
+    ctd.ctr("task", "delete", "orphan2", check=False)
+    ctd.ctr("container", "rm", "orphan2")
+    assert run(ctd, IMAGE, "orphan3", pod).returncode == 0  # a new server; containerd keeps serving
+    assert wait_http(pod)[0] == 200
+    remove(ctd, "orphan3")
+
+
+def test_delete_response_is_protobufs() -> None:
+    """`delete` writes its DeleteResponse by hand (daemon/shim/start.py): protobuf reads it back."""
+    from daemon.shim.proto.containerd.runtime.task.v2 import shim_pb2
+    from daemon.shim.start import delete_response
+
+    for at in (1_700_000_000_123_456_789, 1_700_000_000_000_000_000, 0):
+        response = shim_pb2.DeleteResponse.FromString(delete_response(137, at))
+        assert (response.pid, response.exit_status, response.exited_at.ToNanoseconds()) == (0, 137, at)
+
+
 def test_crash_after_start_is_a_task_exit(node: tuple[Thawd, Containerd], pod: str) -> None:
     thawd, ctd = node
     events = subprocess.Popen(

@@ -22,9 +22,8 @@ import os
 import sys
 from pathlib import Path
 
-from daemon.shim.start import NAME, SOCKET_DIR, UsageError, parse, start
+from daemon.shim.start import NAME, SOCKET_DIR, THAWD_SOCKET, UsageError, parse, start
 
-THAWD_SOCKET = "/run/thaw/thaw.sock"  # THAW_SOCKET overrides (containerd's environment is the shim's)
 IDLE_TIMEOUT = 600.0  # THAW_SHIM_IDLE_TIMEOUT overrides: seconds without a task or a connection
 USAGE = f"""usage: {NAME} [-namespace NS] [-id ID] [-address ADDR] [-publish-binary PATH] [-bundle DIR]
        [-debug] start|delete

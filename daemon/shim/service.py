@@ -40,10 +40,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from daemon.cli import ApiError, Client, Unreachable
 from daemon.shim import events, oci
-from daemon.shim.main import THAWD_SOCKET
 from daemon.shim.proto.containerd.runtime.task.v2 import shim_pb2
 from daemon.shim.proto.containerd.types.task import task_pb2
-from daemon.shim.start import NAME, Flags, socket_path
+from daemon.shim.start import NAME, THAWD_SOCKET, Flags, socket_path
 from daemon.shim.ttrpc import Code, Method, RpcError, Server
 
 log = logging.getLogger(NAME)

@@ -11,7 +11,13 @@ which pays for protobuf and thaw's imports once) and prints the address. A lock 
 concurrent starts from both binding. The server leaves when it has held no task and no
 connection for THAW_SHIM_IDLE_TIMEOUT seconds, or on SIGTERM.
 
-Everything but `start` (delete, serve, -v, -h) runs in daemon.shim.main, with the venv's Python.
+`delete` is here too: containerd runs it whenever a task's connection closes, which is after
+every ordinary Delete as well as after a shim died (runtime/v2's cleanupAfterDeadShim), so it must
+not cost a full interpreter with protobuf next to the next container's start. Here it asks
+thawd to drop the container (over the raw socket: HTTP/1.1 is three lines) and writes the
+DeleteResponse (three protobuf fields, by hand); a rootfs still mounted (the server died holding
+it) takes the full path in daemon.shim.main, which can unmount.
+Everything else (serve, -v, -h) runs in daemon.shim.main, with the venv's Python.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import _socket  # socket.py imports enum and selectors: ~8 ms this path does not need
 import os
 import sys
+import time
 
 try:  # hashlib's own C module: hashlib proper imports OpenSSL first (~3 ms)
     from _sha256 import sha256  # type: ignore[import-not-found]
@@ -26,6 +33,8 @@ except ImportError:  # renamed in later Pythons
     from hashlib import sha256
 
 NAME = "containerd-shim-thaw-v2"
+THAWD_SOCKET = "/run/thaw/thaw.sock"  # THAW_SOCKET overrides (containerd's environment is the shim's)
+DEAD_STATUS = 128 + 9  # what a container whose shim died reports: killed, as by SIGKILL
 SOCKET_DIR = "/run/thaw/shim"  # THAW_SHIM_SOCKET_DIR overrides; unix socket paths must stay under 108 bytes
 VALUED = ("namespace", "id", "address", "publish-binary", "bundle", "socket")
 
@@ -155,15 +164,71 @@ def _write_atomically(path: str, text: str) -> None:
     os.rename(tmp, path)
 
 
+# -- delete ----------------------------------------------------------------------------------------
+def delete(flags: Flags, venv_python: str, argv: list[str]) -> int:
+    """Clean up after a task whose connection closed: thawd drops what it holds of it, and a
+    DeleteResponse (killed, now) goes to stdout."""
+    bundle = flags.bundle or os.getcwd()
+    if mounted(os.path.join(bundle, "rootfs")):
+        os.execv(venv_python, [venv_python, "-m", "daemon.shim.main", *argv])  # unmounting needs native/
+    try:
+        status, body = thawd_delete(flags.namespace, flags.id)
+        if status not in (200, 404):  # 404: the server deleted it already, the ordinary case
+            os.write(2, f"{NAME} delete: thawd: {status} {body}\n".encode())
+    except OSError as e:
+        os.write(2, f"{NAME} delete: thawd: cannot reach thawd: {e}\n".encode())
+    os.write(1, delete_response(DEAD_STATUS, time.time_ns()))
+    return 0
+
+
+def mounted(path: str) -> bool:
+    with open("/proc/self/mountinfo", "rb") as f:
+        return any(line.split()[4] == path.encode() for line in f)
+
+
+def thawd_delete(namespace: str, container_id: str) -> tuple[int, str]:
+    """DELETE /containers/{namespace}/{id} on thawd's socket: (status, body)."""
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        sock.settimeout(30.0)
+        sock.connect(os.environ.get("THAW_SOCKET", THAWD_SOCKET))
+        request = f"DELETE /containers/{namespace}/{container_id} HTTP/1.1\r\nHost: thawd\r\n"
+        sock.sendall(f"{request}Content-Length: 0\r\nConnection: close\r\n\r\n".encode())
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    finally:
+        sock.close()
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body.decode(errors="replace").strip()
+
+
+def delete_response(exit_status: int, exited_at_ns: int) -> bytes:
+    """containerd.task.v2.DeleteResponse {pid = 1, exit_status = 2, exited_at = 3 (Timestamp
+    {seconds = 1, nanos = 2})} in protobuf's wire format; pid 0 is proto3's default, not written."""
+    seconds, nanos = divmod(exited_at_ns, 1_000_000_000)
+    timestamp = b"\x08" + _varint(seconds) + (b"\x10" + _varint(nanos) if nanos else b"")
+    return b"\x10" + _varint(exit_status) + b"\x1a" + _varint(len(timestamp)) + timestamp
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
 def main(argv: list[str], venv_python: str) -> int:
-    """`start` here; every other action in daemon.shim.main, run by the venv's Python."""
+    """`start` and `delete` here; every other action in daemon.shim.main, run by the venv's Python."""
     try:
         flags = parse(argv)
     except UsageError:
         flags = Flags()
-    if flags.action != "start" or not flags.namespace or not flags.id:
-        os.execv(venv_python, [venv_python, "-m", "daemon.shim.main", *argv])
-    return start(flags, venv_python)
+    if flags.action in ("start", "delete") and flags.namespace and flags.id:
+        return start(flags, venv_python) if flags.action == "start" else delete(flags, venv_python, argv)
+    os.execv(venv_python, [venv_python, "-m", "daemon.shim.main", *argv])
 
 
 if __name__ == "__main__":

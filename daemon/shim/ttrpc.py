@@ -13,6 +13,8 @@ Some facts about ttrpc (containerd/ttrpc PROTOCOL.md), the ones a unary server n
   responses are written whole under one lock (frames of two streams must not interleave).
 - Streams (Data frames, type 3) serve only streaming RPCs, which the Task service has none of:
   a Data frame or a non-unary request is answered with Unimplemented.
+- The shim is a client too: containerd's own ttrpc socket (TTRPC_ADDRESS in the shim's
+  environment) serves the Events service, whose Forward takes the shim's task events.
 """
 
 from __future__ import annotations
@@ -105,6 +107,47 @@ def _read_exact(sock: socket.socket, n: int) -> bytes | None:
     return b"".join(chunks)
 
 
+class Client:
+    """Unary calls on one connection, one at a time, reconnecting once if the peer hung up."""
+
+    def __init__(self, path: str, timeout: float = 5.0) -> None:
+        self.path, self.timeout = path, timeout
+        self.sock: socket.socket | None = None
+        self.stream = 1  # a client's streams are odd
+        self.lock = threading.Lock()
+
+    def call(self, service: str, method: str, payload: bytes) -> bytes:
+        """The response's payload; RpcError with the peer's status, OSError or FramingError if
+        the connection fails twice."""
+        with self.lock:
+            try:
+                return self._call(service, method, payload)
+            except (OSError, FramingError):
+                self.close()
+                return self._call(service, method, payload)
+
+    def _call(self, service: str, method: str, payload: bytes) -> bytes:
+        if self.sock is None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(self.timeout)
+            self.sock.connect(self.path)
+        stream, self.stream = self.stream, self.stream + 2
+        request = request_pb2.Request(service=service, method=method, payload=payload)
+        self.sock.sendall(frame(stream, FrameType.REQUEST, request.SerializeToString()))
+        while (got := read_frame(self.sock)) is not None:
+            if got[0] == stream and got[1] == FrameType.RESPONSE:
+                response = request_pb2.Response.FromString(got[3])
+                if response.status.code != Code.OK:
+                    raise RpcError(Code(response.status.code), response.status.message)
+                return response.payload
+        raise FramingError(f"{self.path} closed the connection before answering {method}")
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
 class Server:
     """Serve `methods` ({"containerd.task.v2.Task/Create": fn, ...}) on a listening Unix socket."""
 
@@ -166,6 +209,7 @@ class Server:
 
     def _call(self, conn: socket.socket, write_lock: threading.Lock, stream: int, data: bytes) -> None:
         request = request_pb2.Request()
+        t0 = time.perf_counter()
         try:
             request.ParseFromString(data)
             name = f"{request.service}/{request.method}"
@@ -173,6 +217,7 @@ class Server:
             if method is None:
                 raise RpcError(Code.UNIMPLEMENTED, f"{name} is not implemented by containerd-shim-thaw-v2")
             payload, error = method(request.payload), None
+            log.debug("%s answered in %.1f ms", request.method, (time.perf_counter() - t0) * 1e3)
         except RpcError as e:
             payload, error = None, e
         except Exception as e:  # a bug here must not kill the shim: containerd gets it as an error
