@@ -8,7 +8,9 @@ ms here): runc runs it on every start (python started, the init, then listening)
 the first container of the image (not counted: its figure is a note), and thaws every later one.
 A start is timed from just before `ctr run -d` to the first 200 from `GET /` on :8080, seen by a
 poller inside the namespace (one connection attempt every millisecond). Each container is
-removed (kill, delete, rm) outside the timing.
+removed (kill, delete, rm) outside the timing. Every answer carries the init's duration as its
+process measured it (X-Init-Ms): runc's containers ran it on their start, thaw's carry the one
+the template captured; the table's notes give both, with the versions of runc and containerd.
 
 The runc container sees the host's /usr, /lib*, /bin, the Python prefix and this repository
 read-only, at the same paths (the image holds only /function). Root, after scripts/setup
@@ -53,16 +55,18 @@ while True:
     try:
         with socket.create_connection(("127.0.0.1", 8080), timeout=2) as s:
             s.sendall(b"GET / HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n")
-            if s.recv(64).startswith(b"HTTP/1.1 200"):
-                print(time.time(), flush=True)
+            answer = s.recv(4096)
+            if answer.startswith(b"HTTP/1.1 200"):
+                init = [h for h in answer.split(b"\\r\\n") if h.lower().startswith(b"x-init-ms:")]
+                print(time.time(), init[0].split(b":")[1].strip().decode() if init else "nan", flush=True)
                 break
     except OSError:
         time.sleep(0.001)
 """
 
 
-def start_ms(ctd: Containerd, ns: str, run_args: list[str]) -> float:
-    """One container's start to its first 200, in ms."""
+def start_ms(ctd: Containerd, ns: str, run_args: list[str]) -> tuple[float, float]:
+    """One container's start to its first 200, in ms, and the init's duration its answer gives."""
     poller = subprocess.Popen(
         ["ip", "netns", "exec", ns, sys.executable, "-c", POLLER],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -77,7 +81,8 @@ def start_ms(ctd: Containerd, ns: str, run_args: list[str]) -> float:
         line = poller.stdout.readline()
         if not line:
             raise RuntimeError("the poller ended without an answer")
-        return (float(line) - t0) * 1e3
+        at, init_ms = line.split()
+        return (float(at) - t0) * 1e3, float(init_ms)
     finally:
         poller.kill()
         poller.wait()
@@ -114,23 +119,39 @@ def row(runtime: str, times: list[float]) -> ShimRow:
 
 def measure(ctd: Containerd, thawd: Thawd, ns: str, runs: int) -> tuple[list[ShimRow], list[str]]:
     notes = []
-    first = start_ms(ctd, ns, thaw_args(ns, "thaw-first"))
+    first, _ = start_ms(ctd, ns, thaw_args(ns, "thaw-first"))
     _, info = thawd.api("GET", "/containers/default/thaw-first")
     notes.append(
         f"thaw's first container of the image (deploy: the init {info['init_ms']:.0f} ms, captured, then "
         f"thawed; not in the thaw row): {first:.0f} ms"
     )
     remove(ctd, "thaw-first")
-    thaw, runc = [], []
+    thaw, runc, runc_inits = [], [], []
     for i in range(runs):  # interleaved, so that both see the same machine
-        thaw.append(start_ms(ctd, ns, thaw_args(ns, f"thaw-{i}")))
+        ms, template_init = start_ms(ctd, ns, thaw_args(ns, f"thaw-{i}"))
+        thaw.append(ms)
         _, info = thawd.api("GET", f"/containers/default/thaw-{i}")
         if info["start"] != "thawed":
             raise RuntimeError(f"thaw-{i} was not thawed: {info['start']}")
         remove(ctd, f"thaw-{i}")
-        runc.append(start_ms(ctd, ns, runc_args(ns, f"runc-{i}")))
+        ms, init = start_ms(ctd, ns, runc_args(ns, f"runc-{i}"))
+        runc.append(ms)
+        runc_inits.append(init)
         remove(ctd, f"runc-{i}")
+    notes.append(
+        f"the init, as the function measured it: {bench.summarize(runc_inits).median:.0f} ms median in runc's "
+        f"containers (each ran it); {template_init:.0f} ms in the template's deploy (thaw's containers skip it)"
+    )
     return [row("thaw", thaw), row("runc", runc)], notes
+
+
+def versions() -> dict[str, str]:
+    """The runtimes compared, as installed (Debian's, by scripts/setup)."""
+    out = {}
+    for name, argv in (("runc", ["runc", "--version"]), ("containerd", ["containerd", "--version"])):
+        result = subprocess.run(argv, capture_output=True, text=True, check=False)
+        out[name] = result.stdout.splitlines()[0] if result.returncode == 0 and result.stdout else "unknown"
+    return out
 
 
 def unmount_under(base: Path) -> None:
@@ -177,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"runc / thaw: {ratio:.1f}x (target >= 20x)")
     for note in notes:
         print(note)
-    conditions = {"runs": runs, "quick": args.quick, "image_init": "96 MiB of varied bytes, hashed"}
+    conditions = {"runs": runs, "quick": args.quick, "image_init": "96 MiB of varied bytes, hashed", **versions()}
     bench.write(
         args.json, bench.Document("bench_shim", {"shim": rows}, conditions, [*notes, f"runc/thaw {ratio:.1f}x"])
     )
