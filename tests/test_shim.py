@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from sandbox.cgroups import CgroupTree
-from tests.oci_image import Containerd, containerd, http_in, netns, remove_netns, wait_http, write_image
+from tests.oci_image import SHIM_DIR, Containerd, containerd, http_in, netns, remove_netns, wait_http, write_image
 from tests.thawd import Thawd
 
 pytestmark = [
@@ -33,6 +33,7 @@ pytestmark = [
     ),
 ]
 RUNTIME = "io.containerd.thaw.v2"
+SHIM = SHIM_DIR / "containerd-shim-thaw-v2"
 IMAGE = "docker.io/thaw-test/hello:1"
 CRASHY = "docker.io/thaw-test/crashy:1"
 BROKEN = "docker.io/thaw-test/nofunction:1"
@@ -227,6 +228,30 @@ def test_a_shim_that_dies_holding_a_container_leaves_nothing_behind(node: tuple[
     assert run(ctd, IMAGE, "orphan3", pod).returncode == 0  # a new server; containerd keeps serving
     assert wait_http(pod)[0] == 200
     remove(ctd, "orphan3")
+
+
+def test_an_idle_server_leaves_and_the_next_start_brings_one(tmp_path: Path) -> None:
+    """The binary's `start` leaves a server on the namespace's socket; with no task and no
+    connection for THAW_SHIM_IDLE_TIMEOUT seconds it removes its socket and pid file and exits."""
+    env = {**os.environ, "THAW_SHIM_SOCKET_DIR": str(tmp_path / "s"), "THAW_SHIM_IDLE_TIMEOUT": "0.5"}
+    flags = ["-namespace", "idle", "-id", "c1", "-address", str(tmp_path / "no-containerd.sock")]
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    pids = []
+    for _ in range(2):
+        out = subprocess.run(
+            [str(SHIM), *flags, "-publish-binary", "/bin/false", "start"],
+            cwd=bundle, env=env, capture_output=True, text=True, check=True, timeout=30,
+        )  # fmt: skip
+        socket_path = Path(out.stdout.removeprefix("unix://"))
+        assert (bundle / "address").read_text() == out.stdout and socket_path.is_socket()
+        pid = int((bundle / "shim.pid").read_text())
+        pids.append(pid)
+        deadline = time.monotonic() + 30
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(pid) and not socket_path.exists() and not Path(f"{socket_path}.pid").exists()
+    assert pids[0] != pids[1]
 
 
 def test_delete_response_is_protobufs() -> None:

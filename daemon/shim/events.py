@@ -31,8 +31,6 @@ from daemon.shim.ttrpc import Client, FramingError, RpcError
 
 log = logging.getLogger("containerd-shim-thaw-v2")
 PUBLISH_TIMEOUT = 10.0
-
-
 EVENTS_SERVICE = "containerd.services.events.ttrpc.v1.Events"
 
 
@@ -53,9 +51,12 @@ class Publisher:
     def _forward_all(self) -> None:
         while True:
             topic, event, at = self.queue.get()
-            envelope = any_pb2.Any(type_url=event.DESCRIPTOR.full_name, value=event.SerializeToString())
-            if not self._forward(topic, envelope, at):
-                self._run_binary(topic, envelope)
+            try:
+                envelope = any_pb2.Any(type_url=event.DESCRIPTOR.full_name, value=event.SerializeToString())
+                if not self._forward(topic, envelope, at):
+                    self._run_binary(topic, envelope)
+            except Exception:  # a bug here must not stop every later event
+                log.exception("publishing %s failed", topic)
 
     def _forward(self, topic: str, event: any_pb2.Any, at: float) -> bool:
         if self.client is None:

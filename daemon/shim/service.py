@@ -9,7 +9,7 @@ A container's life, and who does what:
              writes it on the container's stdout and in containerd's log.
     Start    thawd tells the instance to serve HTTP on 8080 (the OpenFaaS watchdog's port).
     Wait     answered when the instance exits; a waiter thread long-polls thawd for that exit
-             and publishes TaskExit (through containerd's publish binary) at that moment.
+             and forwards TaskExit to containerd (daemon/shim/events.py) at that moment.
     Kill     thawd signals the instance.  Delete: thawd takes the sandbox and cgroup down, the
              shim unmounts the rootfs.  Shutdown (after every Delete): the server stays.
 One server serves every container of its containerd and namespace (daemon/shim/start.py says
@@ -302,8 +302,8 @@ class TaskService:
 
 
 def _write_fifo(path: str, text: str) -> None:
-    with contextlib.suppress(OSError):  # nobody reading (ENXIO), or gone: the line is in our log anyway
-        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with contextlib.suppress(OSError):  # gone, or full (EAGAIN): the line is in our log anyway
+        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)  # O_RDWR: never blocks on a fifo
         try:
             os.write(fd, text.encode())
         finally:
@@ -403,13 +403,17 @@ def serve(flags: Flags, listen_fd: int, idle_timeout: float) -> int:
     threading.Thread(target=server.serve_forever, daemon=True, name="ttrpc-accept").start()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     log.info("shim server for namespace %s of containerd %s serves", flags.namespace, flags.address)
+    path = socket_path(flags.address, flags.namespace)
+
+    def idle() -> bool:
+        return min(service.idle_for(), server.idle_for()) >= idle_timeout
+
     while not done.wait(min(idle_timeout, IDLE_CHECK)):
-        if min(service.idle_for(), server.idle_for()) >= idle_timeout:
+        if idle() and _leave_if(idle, path):
             log.info("no container for %.0f s", idle_timeout)
             break
-    path = socket_path(flags.address, flags.namespace)
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)  # first: a `start` from now on leaves a new server
+        os.unlink(path)  # a `start` from now on leaves a new server
     time.sleep(0.05)  # a Shutdown reply is on its way out
     server.close()
     with contextlib.suppress(OSError):
@@ -417,6 +421,23 @@ def serve(flags: Flags, listen_fd: int, idle_timeout: float) -> int:
             os.unlink(path + ".pid")
     log.info("shim server for namespace %s exits", flags.namespace)
     return 0
+
+
+def _leave_if(idle: Callable[[], bool], path: str) -> bool:
+    """Remove the socket if the server is still idle, holding the lock `start` shares while it
+    probes and prints: a start that found this server has printed, and its probe counts."""
+    import fcntl
+
+    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not idle():
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return True
+    finally:
+        os.close(lock)
 
 
 def delete_dead(namespace: str, task_id: str, bundle: Path) -> int:

@@ -8,8 +8,9 @@ for as many tasks as it is given (its pods group containers so). So `start` asks
 server answers on its socket; if so it prints the address and is done (about one interpreter
 start); if not it binds the socket, leaves a server on it (`python -m daemon.shim.main ... serve`,
 which pays for protobuf and thaw's imports once) and prints the address. A lock file keeps two
-concurrent starts from both binding. The server leaves when it has held no task and no
-connection for THAW_SHIM_IDLE_TIMEOUT seconds, or on SIGTERM.
+concurrent starts from both binding, and a server from leaving under a start that found it.
+The server leaves when it has held no task and no connection for THAW_SHIM_IDLE_TIMEOUT
+seconds, or on SIGTERM.
 
 `delete` is here too: containerd runs it whenever a task's connection closes, which is after
 every ordinary Delete as well as after a shim died (runtime/v2's cleanupAfterDeadShim), so it must
@@ -106,29 +107,42 @@ def serving(path: str) -> bool:
 
 
 def start(flags: Flags, venv_python: str) -> int:
-    """Print the resident server's address, leaving one there first if none answers."""
-    path = socket_path(flags.address, flags.namespace)
-    if not serving(path):
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        import fcntl
+    """Print the resident server's address, leaving one there first if none answers.
 
-        lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # another start may be binding it right now
-            if not serving(path):
-                _spawn_server(flags, path, venv_python)
-        finally:
-            os.close(lock)
+    The lock file, shared here, makes a server that is leaving (it takes the lock exclusively,
+    looks again whether it is idle, and only then removes its socket) wait until this start has
+    printed; the probe's connection then counts as activity, and the server stays."""
+    import fcntl
+
+    path = socket_path(flags.address, flags.namespace)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_SH)
+    pid = server_pid(path)
+    if pid is None:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one start binds; the others find its server
+        pid = server_pid(path) or _spawn_server(flags, path, venv_python)
     address = f"unix://{path}"
     bundle = flags.bundle or os.getcwd()
     _write_atomically(os.path.join(bundle, "address"), address)  # containerd reloads its shims from it
-    with open(path + ".pid", "rb") as pid:  # there: the socket is renamed into place after it is written
-        _write_atomically(os.path.join(bundle, "shim.pid"), pid.read().decode())
+    _write_atomically(os.path.join(bundle, "shim.pid"), str(pid))
     os.write(1, address.encode())
+    os.close(lock)
     return 0
 
 
-def _spawn_server(flags: Flags, path: str, venv_python: str) -> None:
+def server_pid(path: str) -> int | None:
+    """The pid of the server that accepts on `path`, or None (none does, or it is leaving)."""
+    if not serving(path):
+        return None
+    try:
+        with open(path + ".pid", "rb") as f:  # written before the socket was renamed into place
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def _spawn_server(flags: Flags, path: str, venv_python: str) -> int:
     """Bind the socket here (connections queue in its backlog until the server accepts), leave
     the server on it in its own session (containerd reads start's output to its end and signals
     start's process group: neither is for the server), write its pid, and only then rename the
@@ -155,6 +169,7 @@ def _spawn_server(flags: Flags, path: str, venv_python: str) -> None:
         listener.close()
     _write_atomically(path + ".pid", str(server.pid))
     os.rename(staging, path)  # replaces the socket of a server that died, if any
+    return server.pid
 
 
 def _write_atomically(path: str, text: str) -> None:
