@@ -190,13 +190,14 @@ def _function_rows(functions: list[dict[str, Any]]) -> list[list[Any]]:
             f["instances"],
             f["invocations"],
             _size(f.get("template_bytes")),
+            _captured(f),
         ]
         for f in functions
     ]
 
 
 FUNCTION_COLUMNS = ["name", "status", "handler", "rev", "mode", "memory", "timeout", "instances", "invocations"]
-FUNCTION_COLUMNS += ["template"]
+FUNCTION_COLUMNS += ["template", "captured"]
 INSTANCE_KEYS = ("id", "function", "revision", "pid", "sandbox", "address", "state", "mode", "invocations")
 
 
@@ -220,7 +221,13 @@ def cmd_deploy(client: Client, args: argparse.Namespace) -> int:
 
 
 def _deployed_line(f: dict[str, Any]) -> str:
-    return f"{f['name']}: revision {f['revision']} ready, template {f['template']} ({_size(f['template_bytes'])})"
+    template = f"template {f['template']} ({_size(f['template_bytes'])}, {_captured(f)})"
+    return f"{f['name']}: revision {f['revision']} ready, {template}"
+
+
+def _captured(f: dict[str, Any]) -> str | None:
+    """How the template was captured: from a cold start, or as a child of `parent` (daemon/layering.py)."""
+    return f"from {f['parent']}" if f.get("parent") else f.get("captured")
 
 
 def _key_value(text: str) -> tuple[str, str]:

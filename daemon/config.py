@@ -20,6 +20,15 @@ from sandbox.errors import InvalidHostPorts
 from shmpool.cli import parse_size
 from snapshot.vocabulary import ColdCodec, choices
 
+# What the bundled examples and common functions import (the standard library's usual stack):
+# the runtime template holds it once for every function layered on it.
+DEFAULT_PRELOAD = ",".join(
+    [
+        "asyncio", "base64", "collections", "csv", "dataclasses", "datetime", "decimal", "email.parser",
+        "fractions", "hashlib", "http.client", "json", "logging", "random", "re", "sqlite3", "statistics",
+        "string", "typing", "urllib.parse", "uuid", "xml.dom.minidom", "xml.etree.ElementTree",
+    ]
+)  # fmt: skip
 NODE_LIST = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
 
 
@@ -80,6 +89,11 @@ class DaemonConfig:
     instances_max: int = _setting("instances", 64, "instances in total at most")
     instances_default_timeout: float = _setting("instances", 30.0, "invocation timeout of a function without one")
     instances_deploy_timeout: float = _setting("instances", 300.0, "seconds a function's init may take")
+    # [layers]
+    layers_enabled: bool = _setting(
+        "layers", True, "capture functions as children of the runtime template (daemon/layering.py)"
+    )
+    layers_preload: str = _setting("layers", DEFAULT_PRELOAD, "modules the runtime template imports, comma-separated")
     # [keepalive]
     keepalive_policy: str = _setting(
         "keepalive", "fixed", "fixed (instances.idle_timeout) or hybrid (idle-time histograms, daemon/keepalive.py)"

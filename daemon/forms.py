@@ -7,15 +7,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from daemon.config import DaemonConfig
 from daemon.errors import Conflict, Invalid, PoolFull, Unavailable
 from daemon.keepalive import Form
+from daemon.logs import FunctionLog
 from daemon.planner import MIB, Held, Planner
+from daemon.registry import Deployed
 from daemon.state import FunctionState, TemplateRef
 from daemon.templates import Templates
-from daemon.thawing import Thawer
 from native.qpl import QplUnavailable as CodecUnavailable
 from sandbox.sandbox import SandboxConfig, paged_restore_refusal
 from shmpool import Pool, SegmentExists
@@ -36,12 +37,12 @@ class Forms:
         sandbox_config: SandboxConfig,
         planner: Planner,
         templates: Templates,
-        thawer: Thawer,
+        capture: Callable[[Deployed, FunctionLog], Awaitable[Template]],
         functions: Mapping[str, FunctionState],
         lock: Callable[[str], asyncio.Lock],
     ) -> None:
         self.config, self.pool, self.sandbox_config, self.planner = config, pool, sandbox_config, planner
-        self.templates, self.thawer, self.functions, self.lock = templates, thawer, functions, lock
+        self.templates, self.capture, self.functions, self.lock = templates, capture, functions, lock
 
     async def plan(self) -> dict[str, Form]:
         """Compress, expand or evict idle functions' templates as the planner says; returns the plan."""
@@ -135,7 +136,7 @@ class Forms:
     async def recapture_locked(self, fs: FunctionState) -> None:
         if fs.template is not None or not fs.evicted:
             return
-        template = await self.thawer.capture(fs.deployed, fs.log)
+        template = await self.capture(fs.deployed, fs.log)
         fs.template, fs.evicted = TemplateRef(template, fs.deployed.revision_dir), False
 
     async def punch_cold_pages(self) -> None:

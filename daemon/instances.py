@@ -1,15 +1,17 @@
 """The instance manager: functions, their templates and their live instances.
 
-Deploy: the function's guest starts in a sandbox, initialises, says READY and stops itself; it is
-captured into a template in the pool and its sandbox is released. Invoke: an idle instance of the
-function serves the request, else the first one free, thawed from the template into a
-repurposed sandbox (scale-out on concurrency, up to the function's and the daemon's maximum).
+Deploy: the function's guest starts in a sandbox (thawed from the runtime template, told to load
+the function: daemon/layering.py; or cold), initialises, says READY and stops itself; it is
+captured into a template in the pool (a child of the runtime's) and its sandbox is released.
+Invoke: an idle instance of the function serves the request, else the first one free, thawed
+from the template into a repurposed sandbox (scale-out on concurrency, up to the function's and the daemon's maximum).
 One invocation at a time per instance. Idle instances are kept warm for the idle timeout (or the
 scale target set by the gateway), then released.
 
 The Manager ties collaborators together, each handed what it needs (none imports this module):
 
     daemon/thawing.py         sandboxes for captures and thaws; capture a guest, thaw an instance
+    daemon/layering.py        the runtime template; deploys captured as its children
     daemon/ptrace_workers.py  the threads that do the ptrace work, one per CPU thawd may use
     daemon/scheduling.py      which instance serves which request; admission, keep-alive, scale
     daemon/templates.py       templates in force, retired, deleted once unused
@@ -51,6 +53,7 @@ from daemon.errors import (
 from daemon.forms import Forms
 from daemon.guestio import Invocation, Reply, request_frame, request_id
 from daemon.keepalive import CostsError, Form, MeasuredCosts, load_costs
+from daemon.layering import Layering
 from daemon.logs import FunctionLog
 from daemon.metrics import Metrics
 from daemon.planner import MIB, Planner
@@ -85,6 +88,7 @@ class Manager:
         self.ptrace = PtraceWorkers()
         self.templates = Templates(pool, self.functions)
         self.thawer = Thawer(config, pool, sandboxes, self.templates, self.ptrace, metrics)
+        self.layering = Layering(config, pool, self.thawer, self.ptrace)
         self.planner = Planner.create(
             config.keepalive_policy,
             config.instances_idle_timeout,
@@ -93,7 +97,14 @@ class Manager:
             config.keepalive_plan_interval,
         )
         self.forms = Forms(
-            config, pool, sandboxes.config, self.planner, self.templates, self.thawer, self.functions, self._lock
+            config,
+            pool,
+            sandboxes.config,
+            self.planner,
+            self.templates,
+            self.layering.capture_function,
+            self.functions,
+            self._lock,
         )
         self.scheduler = Scheduler(
             config, self.functions, self.thawer, self.templates, metrics, self.forms.recapture, self._spawn
@@ -162,6 +173,7 @@ class Manager:
                 fs.template.template.close()
             fs.log.close()
         await self._save_counts()
+        self.layering.close()
         self.ptrace.close()
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
@@ -201,7 +213,7 @@ class Manager:
                 raise Invalid(str(e)) from e
             function_log = fs.log if fs else FunctionLog(staged.log_path)
             try:
-                template = await self.thawer.capture(staged, function_log)
+                template = await self.layering.capture_function(staged, function_log)
             except BaseException:
                 await asyncio.to_thread(self.registry.discard, staged)
                 if fs is None:
@@ -388,21 +400,25 @@ class Manager:
         """`segment` failed a checksum: no restore uses it again. It leaves the pool's namespace
         at once (for every daemon attached), the function's template is retired and idle instances
         thawed from it go; the function is captured again from its code when next invoked, as
-        after an eviction."""
+        after an eviction. A parent (the runtime template) takes its children with it."""
         await self._take_out_of_use(segment)
+        self.layering.forget(segment)
         for fs in list(self.functions.values()):
             ref = fs.template
-            if ref is None or segment not in (ref.name, working_set_name(ref.name)):
+            if ref is None or segment not in (ref.name, working_set_name(ref.name), *ref.template.ancestor_names):
                 continue
-            self._say_quarantined(fs, ref.name, error)
+            which = (
+                ref.name if segment in (ref.name, working_set_name(ref.name)) else f"{ref.name} (layered on {segment})"
+            )
+            self._say_quarantined(fs, which, error)
             fs.template, fs.evicted = None, True
             self.templates.retire(ref, keep_revision=True)
             for instance in [i for i in fs.instances if i.template is ref and not i.busy]:
                 self.scheduler.retire_soon(instance)
 
     async def _take_out_of_use(self, segment: str) -> None:
-        with contextlib.suppress(SegmentNotFound):
-            await asyncio.to_thread(self.pool.delete, segment)
+        with contextlib.suppress(SegmentNotFound):  # out of the namespace even while children need it
+            await asyncio.to_thread(self.pool.delete, segment, True)
         self.metrics.quarantined.inc()
 
     @staticmethod

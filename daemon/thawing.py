@@ -149,7 +149,7 @@ class Thawer:
             os.close(log_write)
             log_write = -1
             channel = await Channel.open(ours, self.config.max_frame)
-            await self._wait_parked(channel, guest, function_log)
+            await self.wait_parked(channel, guest, function_log, "deploy")
             deployed.init_ms = ms_since(started)
             name = deployed.template_name
             await asyncio.to_thread(self.templates.clear_name, name)
@@ -175,7 +175,11 @@ class Thawer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(logger, 1.0)  # the guest's last words, before we say why it failed
 
-    async def _wait_parked(self, channel: Channel, guest: SandboxProcess, function_log: FunctionLog) -> None:
+    async def wait_parked(
+        self, channel: Channel, guest: SandboxProcess, function_log: FunctionLog, instance: str
+    ) -> None:
+        """Until `guest` said READY and stopped itself; DeployFailed with the tail of its log
+        (the lines of `instance`...) if it did not."""
         timeout = self.config.instances_deploy_timeout
         try:
             first = await asyncio.wait_for(channel.recv(), timeout)
@@ -187,7 +191,7 @@ class Thawer:
             exit_ = await asyncio.to_thread(guest.wait_exit, 5.0)
             how = exit_.describe() if exit_ else f"said {first}"
             await asyncio.sleep(0.05)  # let the log reader take the traceback in
-            tail = "\n".join(e["text"] for e in function_log.recent(tail=12) if e["instance"].startswith("deploy"))
+            tail = "\n".join(e["text"] for e in function_log.recent(tail=12) if e["instance"].startswith(instance))
             raise DeployFailed(f"the function's init failed (the guest {how}):\n{tail}")
         while _state(guest.pid) != "T":
             if guest.wait(0) is not None:

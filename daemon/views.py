@@ -33,6 +33,8 @@ def describe_function(fs: FunctionState) -> dict[str, Any]:
         "template_codec": _codec(fs),
         "template_stored_bytes": _stored_bytes(fs.template.template) if fs.template else 0,
         "init_ms": None if d.init_ms is None else round(d.init_ms, 1),
+        "captured": _captured(fs),
+        "parent": fs.template.template.parent if fs.template else None,
     }
 
 
@@ -65,6 +67,13 @@ def _stored_bytes(template: Template) -> int:
     except (OSError, PoolError):
         return 0
     return held
+
+
+def _captured(fs: FunctionState) -> str | None:
+    """layered: a child of the runtime template (daemon/layering.py); cold: from a cold start."""
+    if fs.template is None:
+        return None
+    return "layered" if fs.template.template.parent else "cold"
 
 
 def _form(fs: FunctionState) -> str:

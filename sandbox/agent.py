@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import math
 import os
 import select
 import socket
@@ -228,7 +229,7 @@ class Agent:
 
     def _drain(self, timeout: float) -> None:
         """Read whatever events arrive within `timeout` seconds (the lock is held)."""
-        while select.select([self.sock], [], [], timeout)[0]:
+        while _readable(self.sock, timeout):
             message = self._read()
             if message.op != EXITED:
                 raise AgentError(f"the agent sent an unexpected message {message.op} between requests")
@@ -239,7 +240,7 @@ class Agent:
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+            if left <= 0 or not _readable(self.sock, left):
                 raise AgentError(f"the sandbox agent (pid {self.pid}) did not answer within {timeout} s")
             message = self._read()
             if message.op in expect:
@@ -278,3 +279,11 @@ class Agent:
             f" (exit {code}{': ' + err.decode(errors='replace').strip() if err else ''})" if code is not None else ""
         )
         return f"the sandbox agent closed its control socket{detail}"
+
+
+def _readable(sock: socket.socket, timeout: float) -> bool:
+    """Whether `sock` has something to read within `timeout` seconds. poll, not select: thawd holds
+    thousands of fds (every template keeps the files it maps open), and select takes none past 1023."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(max(0, math.ceil(timeout * 1000))))

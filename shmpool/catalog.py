@@ -284,14 +284,14 @@ class Catalog:
             )
             db.execute("DELETE FROM refs WHERE count <= 0")
 
-    def delete(self, name: str) -> ObjectRecord:
+    def delete(self, name: str, force: bool = False) -> ObjectRecord:
         """Take `name` out of the namespace and drop its pins; open users keep it until they release."""
         with self.tx() as db:
             row = db.execute("SELECT id FROM objects WHERE name = ? AND state = 'published'", (name,)).fetchone()
             if row is None:
                 raise SegmentNotFound(f"no published segment named {name!r} in {self.path.parent}")
             users = self._needed_by(db, row[0])
-            if users:
+            if users and not force:
                 raise SegmentInUse(f"segment {name!r} is needed by {', '.join(users)}: delete those first")
             db.execute("UPDATE objects SET state = 'deleted' WHERE id = ?", (row[0],))
             db.execute("DELETE FROM refs WHERE object = ? AND pinned = 1", (row[0],))

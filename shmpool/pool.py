@@ -246,10 +246,11 @@ class Pool:
     def pin(self, name: str) -> None:
         self.catalog.acquire(name, self.holder, pin=True)
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str, force: bool = False) -> None:
         """Remove `name`; its bytes are freed as soon as no open user refers to it. SegmentInUse
-        while a published segment needs it."""
-        self.catalog.delete(name)
+        while a published segment needs it, unless `force` (a quarantine: the segments that need
+        it go too, and keep its bytes until they are freed)."""
+        self.catalog.delete(name, force)
         self.gc()
 
     def needed_by(self, name: str) -> builtins.list[str]:

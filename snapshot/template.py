@@ -116,6 +116,10 @@ class Template:
         return image_id(self.segment)
 
     @property
+    def ancestor_names(self) -> tuple[str, ...]:
+        return tuple(layer.name for layer in self.manifest.memory.layers)
+
+    @property
     def parent(self) -> str | None:
         layers = self.manifest.memory.layers
         return layers[0].name if layers else None
