@@ -208,6 +208,7 @@ class Layering:
             log.info(
                 "%s: captured revision %d from %s in %.0f ms", spec.name, deployed.revision, runtime.name, ms_since(t0)
             )
+            self.thawer.metrics.starts.labels(spec.name, "cold").inc()  # its init ran
             return template
         except PoolIsFull as e:
             raise PoolFull(f"capturing {spec.name}: the pool is full") from e

@@ -17,8 +17,8 @@ class Metrics:
         )
         self.starts = Counter(
             "thaw_starts",
-            "Instance starts: cold (a guest initialised from scratch, at deploy), restored (thawed from a "
-            "template) and warm (an invocation served by a live instance)",
+            "Instance starts: cold (a guest initialised at deploy, from scratch or from the runtime "
+            "template), restored (thawed from a template) and warm (an invocation served by a live instance)",
             ["function", "kind"],
             registry=self.registry,
         )
