@@ -284,7 +284,10 @@ class Manager:
                     instance = await self.scheduler.checkout(fs)
             except TimeoutError:
                 raise InvocationTimeout(f"no instance of {name} was free within the {timeout:g} s timeout") from None
+            t1 = time.perf_counter()
+            self.metrics.invocation_steps.labels("instance").observe(t1 - t0)
             reply = await self._exchange(fs, instance, frame, timeout)
+            self.metrics.invocation_steps.labels("exchange").observe(time.perf_counter() - t1)
             outcome = "ok" if reply.status < 500 else "5xx"
             return reply
         except ThawError as e:

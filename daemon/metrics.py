@@ -28,6 +28,24 @@ class Metrics:
             buckets=RESTORE_BUCKETS,
             registry=self.registry,
         )
+        self.thaw_steps = Histogram(
+            "thaw_thaw_step_seconds",
+            "The steps of a thaw (daemon/thawing.py): sandbox (a sandbox and its stub, handed its fds), "
+            "to_worker (until a ptrace worker starts the restore), restore (restore() on it), from_worker "
+            "(until the event loop takes the result), channel (the instance's channel opened), restored "
+            "(until the instance said RESTORED)",
+            ["step"],
+            buckets=RESTORE_BUCKETS,
+            registry=self.registry,
+        )
+        self.invocation_steps = Histogram(
+            "thaw_invocation_step_seconds",
+            "The steps of an invocation inside the daemon: instance (until it had one: an idle one, or one "
+            "thawed for it), exchange (the request to its instance and the reply back)",
+            ["step"],
+            buckets=RESTORE_BUCKETS,
+            registry=self.registry,
+        )
         self.invocation_seconds = Histogram(
             "thaw_invocation_seconds", "Invocation latency inside the daemon", ["function"], registry=self.registry
         )

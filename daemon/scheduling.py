@@ -265,11 +265,7 @@ class Scheduler:
         """Kill the instance, release its sandbox, and drop its template once nothing uses it."""
         instance.channel.close()
         try:
-            try:
-                await asyncio.to_thread(instance.restored.close)
-            except (OSError, SandboxError) as e:
-                log.warning("stopping instance %s: %s", instance.id, e)
-            await self.thawer.release(instance.sandbox)
+            await self.thawer.put_away(instance.id, instance.restored, instance.sandbox)
         finally:
             self.retiring -= 1
         instance.log_task.cancel()

@@ -42,7 +42,7 @@ from shmpool.errors import PoolError
 from shmpool.errors import PoolFull as PoolIsFull
 from snapshot.capture import capture
 from snapshot.errors import SnapshotError
-from snapshot.restore import Stub, restore
+from snapshot.restore import Instance, Stub, restore
 from snapshot.template import Template
 
 log = logging.getLogger("thawd")
@@ -124,6 +124,24 @@ class Thawer:
             raise
         return sandbox, stub, handoff
 
+    async def put_away(self, instance_id: str, restored: Instance, sandbox: Sandbox) -> None:
+        """Stop a thawed instance and give its sandbox back, in one trip to a worker thread."""
+        await asyncio.to_thread(self._put_away, instance_id, restored, sandbox)
+
+    def _put_away(self, instance_id: str, restored: Instance, sandbox: Sandbox) -> None:
+        """The release kills every process in the sandbox: the instance needs its own stop only
+        for what Instance.close does besides (stop its pager, record the template's working
+        set), and a wait for its exit through the agent less costs one request (~0.1 ms)."""
+        if restored.pager is not None or not restored.template.working_set():
+            try:
+                restored.close()
+            except (OSError, SandboxError) as e:
+                log.warning("stopping instance %s: %s", instance_id, e)
+        try:
+            self.sandboxes.release(sandbox)
+        except SandboxError as e:
+            log.warning("releasing sandbox %s: %s", sandbox.id, e)
+
     async def release(self, sandbox: Sandbox) -> None:
         try:
             await asyncio.to_thread(self.sandboxes.release, sandbox)
@@ -203,6 +221,7 @@ class Thawer:
         """A new instance of `fs` from `ref`, said RESTORED; Unavailable (or PoolFull,
         InstanceCrashed) naming why not. Nothing of it is left on failure."""
         t0 = time.perf_counter()
+        steps = Steps(t0)
         deployed = fs.deployed
         ours, theirs = socket.socketpair()
         log_read, log_write = os.pipe2(os.O_CLOEXEC)
@@ -228,15 +247,21 @@ class Thawer:
             finally:
                 theirs.close()
                 os.close(log_write)
+            steps.mark("sandbox")
             seccomp = seccomp_program(frozenset(fs.spec.syscalls))  # the restorer's last step installs it
             target = Stub(stub.pid, stub.wait, stub.kill, handoff=handoff, handoff_places=HANDOFF_PLACES)
-            restored = await self.workers.run(restore, ref.template, target, fs.spec.mode, seccomp)
+            restored, began, ended = await self.workers.run(_timed_restore, ref.template, target, fs.spec.mode, seccomp)
+            steps.at("to_worker", began)
+            steps.at("restore", ended)
+            steps.mark("from_worker")
             channel = await Channel.open(ours, self.config.max_frame)
+            steps.mark("channel")
             try:
                 hello = await asyncio.wait_for(channel.recv(), RESTORED_TIMEOUT)
             except BaseException:
                 channel.close()
                 raise
+            steps.mark("restored")
             if not hello or hello.get("type") != "restored":
                 channel.close()
                 why, for_log = not_restored(hello)
@@ -255,9 +280,34 @@ class Thawer:
             raise
         elapsed = time.perf_counter() - t0
         self.metrics.restore_seconds.observe(elapsed)
+        for step, seconds in steps.taken:
+            self.metrics.thaw_steps.labels(step).observe(seconds)
         return LiveInstance(
             instance_id, fs.name, deployed.revision, ref, sandbox, stub, restored, channel, logger, elapsed * 1e3
         )
+
+
+class Steps:
+    """How long each step of a thaw took (the metric thaw_thaw_step_seconds): where its time goes."""
+
+    def __init__(self, t0: float) -> None:
+        self.last = t0
+        self.taken: list[tuple[str, float]] = []
+
+    def at(self, step: str, when: float) -> None:
+        """`step` ended at `when` (a perf_counter reading, of any thread)."""
+        self.taken.append((step, when - self.last))
+        self.last = when
+
+    def mark(self, step: str) -> None:
+        self.at(step, time.perf_counter())
+
+
+def _timed_restore(template: Template, stub: Stub, mode: str, seccomp: bytes) -> tuple[Instance, float, float]:
+    """restore(), with when it began and ended on the worker thread."""
+    began = time.perf_counter()
+    restored = restore(template, stub, mode, seccomp)
+    return restored, began, time.perf_counter()
 
 
 def _state(pid: int) -> str:

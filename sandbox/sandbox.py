@@ -360,9 +360,10 @@ class Sandbox:
         made clean. The function mount (read-only code), the hostname and the limits stay until
         the next repurpose, which keeps them for the same function and replaces them for another
         before anything runs: nothing runs in a released sandbox."""
-        self.instance_cgroup.kill_and_wait()
-        for process in self.processes:
+        self.instance_cgroup.kill()
+        for process in self.processes:  # the agent reports each exit: no polling for these
             process.wait_exit(timeout=5.0)
+        self.instance_cgroup.kill_and_wait()  # and the rest: children they forked, say
         self.processes = []
         if self.waiting is not None:
             self.waiting.close()

@@ -407,6 +407,64 @@ def thaw_counts(thawd: Thawd, function: str) -> tuple[float, float, float]:
     )
 
 
+@dataclass(frozen=True)
+class CpuTimes:
+    """CPU seconds used so far: thawd (every thread), the sandboxes (agents, stubs, instances: the
+    tree's cgroup v2 cpu.stat), the load generators (children of ours) and the whole machine."""
+
+    thawd: float
+    agents: float
+    instances: float
+    load: float
+    machine: float
+
+    @classmethod
+    def now(cls, thawd: Thawd) -> CpuTimes:
+        stat = Path(f"/proc/{thawd.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        usage = {"agent": 0.0, "sbx": 0.0}
+        for directory in cgroup_dirs():
+            for cgroup in directory.iterdir() if directory.is_dir() else ():
+                kind = cgroup.name.split("-", 1)[0]
+                with contextlib.suppress(OSError):
+                    fields = dict(line.split() for line in (cgroup / "cpu.stat").read_text().splitlines())
+                    usage[kind] = usage.get(kind, 0.0) + int(fields.get("usage_usec", 0)) / 1e6  # v2's only
+        children = os.times()
+        busy = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        machine = (sum(busy) - busy[3] - busy[4]) / ticks  # less idle and iowait
+        thawd_s = (int(stat[11]) + int(stat[12])) / ticks
+        return cls(thawd_s, usage["agent"], usage["sbx"], children.children_user + children.children_system, machine)
+
+    def per_request(self, before: CpuTimes, requests: int) -> str:
+        """Each kind's CPU per request between two readings, in ms."""
+        parts = [(name, (getattr(self, name) - getattr(before, name)) / requests * 1e3) for name in vars(self)]
+        return "CPU per request (ms): " + ", ".join(f"{name} {ms:.2f}" for name, ms in parts)
+
+
+STEP_SAMPLE = re.compile(r'thaw_(thaw|invocation)_step_seconds_(sum|count)\{step="(\w+)"\}')
+
+
+def thaw_steps(thawd: Thawd) -> dict[str, tuple[float, float]]:
+    """Each step of thawd's thaws (daemon/thawing.py's Steps) and invocations: (how many, seconds
+    in all) so far."""
+    steps: dict[str, list[float]] = {}
+    for key, value in thawd.metrics().items():
+        if match := STEP_SAMPLE.fullmatch(key):
+            name = match[3] if match[1] == "thaw" else f"invocation:{match[3]}"
+            steps.setdefault(name, [0.0, 0.0])[match[2] == "sum"] = value
+    return {step: (count, seconds) for step, (count, seconds) in steps.items()}
+
+
+def describe_steps(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> str:
+    """The mean of each thaw step between two readings, in ms."""
+    means = []
+    for step, (count, seconds) in after.items():
+        count0, seconds0 = before.get(step, (0.0, 0.0))
+        if count > count0:
+            means.append(f"{step} {(seconds - seconds0) / (count - count0) * 1e3:.2f}")
+    return "mean steps (ms): " + ", ".join(means) if means else ""
+
+
 def scale(thawd: Thawd, function: str, replicas: int) -> None:
     status, answer = thawd.api("POST", f"/functions/{function}/scale", {"replicas": replicas}, timeout=120)
     if status != 200:
@@ -424,9 +482,11 @@ def measure(thawd: Thawd, tmp: Path, args: argparse.Namespace) -> list[InvokeRow
             if path == "warm":  # exactly `concurrency` live instances: no thaw inside the cell
                 scale(thawd, function, concurrency)
             warmup = max(args.warmup, 2 * concurrency)
-            before = thaw_counts(thawd, function)
+            before, steps_before = thaw_counts(thawd, function), thaw_steps(thawd)
+            cpu_before = CpuTimes.now(thawd)
             result = run_load(Load(thawd.socket, function, concurrency, requests, warmup))
-            after = thaw_counts(thawd, function)
+            cpu = CpuTimes.now(thawd).per_request(cpu_before, warmup + requests)
+            after, steps_after = thaw_counts(thawd, function), thaw_steps(thawd)
             r = row(path, concurrency, result["latencies_ms"], result["wall_s"], len(result["errors"]))
             rows.append(r)
             thaws, count, seconds = (a - b for a, b in zip(after, before, strict=True))
@@ -436,6 +496,9 @@ def measure(thawd: Thawd, tmp: Path, args: argparse.Namespace) -> list[InvokeRow
                 + (f", mean thaw (free sandbox to RESTORED) {seconds / count * 1e3:.2f} ms" if count else ""),
                 file=sys.stderr,
             )
+            if steps := describe_steps(steps_before, steps_after):
+                print(f"    {steps}", file=sys.stderr)
+            print(f"    {cpu}", file=sys.stderr)
             for error in result["errors"][:3]:
                 print(f"    error: {error}", file=sys.stderr)
         if path == "warm":
@@ -453,10 +516,17 @@ def measure_bursts(thawd: Thawd, tmp: Path, args: argparse.Namespace) -> list[Bu
         makespans: list[float] = []
         restores: list[float] = []
         errors: list[str] = []
+        steps_before = thaw_steps(thawd)
+        cpu = [0.0] * 5
         for _ in range(args.burst_rounds):
             scale(thawd, "bench-burst", 0)  # no instance live: the burst starts from zero
             before = thaw_counts(thawd, "bench-burst")[0]
+            cpu_before = CpuTimes.now(thawd)
             result = run_load(Load(thawd.socket, "bench-burst", size, size, 0, burst=True))
+            cpu_after = CpuTimes.now(thawd)
+            cpu = [
+                c + getattr(cpu_after, k) - getattr(cpu_before, k) for c, k in zip(cpu, vars(cpu_after), strict=True)
+            ]
             restores.append(thaw_counts(thawd, "bench-burst")[0] - before)
             latencies += result["latencies_ms"]
             makespans.append(result["wall_s"] * 1e3)
@@ -476,6 +546,11 @@ def measure_bursts(thawd: Thawd, tmp: Path, args: argparse.Namespace) -> list[Bu
             f"{r.restores} restores per burst ({args.burst_rounds} rounds)",
             file=sys.stderr,
         )
+        rounds = ", ".join(f"{m:.1f}" for m in makespans)
+        print(f"    makespan per round (ms): {rounds}", file=sys.stderr)
+        print(f"    {CpuTimes(*cpu).per_request(CpuTimes(0, 0, 0, 0, 0), size * args.burst_rounds)}", file=sys.stderr)
+        if steps := describe_steps(steps_before, thaw_steps(thawd)):
+            print(f"    {steps}", file=sys.stderr)
         for error in errors[:3]:
             print(f"    error: {error}", file=sys.stderr)
     scale(thawd, "bench-burst", 0)
