@@ -123,7 +123,9 @@ class SandboxProcess:
             return None
         return result.code if result.code is not None else -(result.signal or 0)
 
-    def wait_exit(self, timeout: float | None = None) -> ProcessExit | None:
+    def wait_exit(self, timeout: float | None = None, killed_by_us: bool = False) -> ProcessExit | None:
+        """How it ended, once the agent reaped it; None while it runs. `killed_by_us`: we sent its
+        SIGKILL (a release), so the OOM counter need not be read to say whose it was."""
         if self.exit is None:
             status = self.sandbox.agent.wait_exit(self.inner_pid, timeout)
             if status is None:
@@ -131,6 +133,7 @@ class SandboxProcess:
             killed = os.WIFSIGNALED(status)
             oom = (
                 killed
+                and not killed_by_us
                 and os.WTERMSIG(status) == signal.SIGKILL
                 and self.sandbox.instance_cgroup.oom_kills() > self.oom_before
             )
@@ -362,8 +365,9 @@ class Sandbox:
         before anything runs: nothing runs in a released sandbox."""
         self.instance_cgroup.kill()
         for process in self.processes:  # the agent reports each exit: no polling for these
-            process.wait_exit(timeout=5.0)
-        self.instance_cgroup.kill_and_wait()  # and the rest: children they forked, say
+            process.wait_exit(timeout=5.0, killed_by_us=True)
+        if self.instance_cgroup.pids():  # and the rest (children they forked, say): kill again, wait
+            self.instance_cgroup.kill_and_wait()
         self.processes = []
         if self.waiting is not None:
             self.waiting.close()
