@@ -263,9 +263,8 @@ class Scheduler:
 
     async def _retire(self, instance: LiveInstance, fs: FunctionState | None) -> None:
         """Kill the instance, release its sandbox, and drop its template once nothing uses it."""
-        instance.channel.close()
         try:
-            await self.thawer.put_away(instance.id, instance.restored, instance.sandbox)
+            await self.thawer.put_away(instance)
         finally:
             self.retiring -= 1
         instance.log_task.cancel()

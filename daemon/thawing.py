@@ -124,15 +124,27 @@ class Thawer:
             raise
         return sandbox, stub, handoff
 
-    async def put_away(self, instance_id: str, restored: Instance, sandbox: Sandbox) -> None:
-        """Stop a thawed instance and give its sandbox back, in one trip to a worker thread."""
-        await asyncio.to_thread(self._put_away, instance_id, restored, sandbox)
+    async def put_away(self, instance: LiveInstance) -> None:
+        """Kill a thawed instance, then close its channel and give its sandbox back (one trip
+        to a worker thread). Killed first: an instance that reads the end of its channel exits
+        on its own, and Python's finalization then walks its heap, copy-on-write faults and all
+        (with the kill 2-5 ms late, the instances' CPU per request went from ~3 ms to 5-7 ms),
+        and while Instance.close reads a first instance's mapped pages, into the working set."""
+        restored = instance.restored
+        needs_close = restored.pager is not None or not restored.template.working_set()
+        if not needs_close:
+            instance.process.kill()  # one pidfd_send_signal, on the loop
+            instance.channel.close()
+        try:
+            await asyncio.to_thread(self._put_away, instance.id, restored if needs_close else None, instance.sandbox)
+        finally:
+            instance.channel.close()  # closed already, or after Instance.close killed it
 
-    def _put_away(self, instance_id: str, restored: Instance, sandbox: Sandbox) -> None:
-        """The release kills every process in the sandbox: the instance needs its own stop only
-        for what Instance.close does besides (stop its pager, record the template's working
-        set), and a wait for its exit through the agent less costs one request (~0.1 ms)."""
-        if restored.pager is not None or not restored.template.working_set():
+    def _put_away(self, instance_id: str, restored: Instance | None, sandbox: Sandbox) -> None:
+        """The release kills every process in the sandbox: the instance needs its own stop
+        (`restored`) only for what Instance.close does besides (stop its pager, record the
+        template's working set); one request to the agent less (~0.1 ms) without."""
+        if restored is not None:
             try:
                 restored.close()
             except (OSError, SandboxError) as e:
