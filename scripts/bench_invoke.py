@@ -409,14 +409,16 @@ def thaw_counts(thawd: Thawd, function: str) -> tuple[float, float, float]:
 
 @dataclass(frozen=True)
 class CpuTimes:
-    """CPU seconds used so far: thawd (every thread), the sandboxes (agents, stubs, instances: the
-    tree's cgroup v2 cpu.stat), the load generators (children of ours) and the whole machine."""
+    """CPU seconds used so far: thawd (every thread), the sandboxes' agents and instances (stubs
+    included: the tree's cgroup v2 cpu.stat), the load generators (children of ours, their start
+    included), the whole machine, and the time the host gave to other VMs instead (steal: noise)."""
 
     thawd: float
     agents: float
     instances: float
     load: float
     machine: float
+    steal: float
 
     @classmethod
     def now(cls, thawd: Thawd) -> CpuTimes:
@@ -430,10 +432,12 @@ class CpuTimes:
                     fields = dict(line.split() for line in (cgroup / "cpu.stat").read_text().splitlines())
                     usage[kind] = usage.get(kind, 0.0) + int(fields.get("usage_usec", 0)) / 1e6  # v2's only
         children = os.times()
-        busy = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        machine = (sum(busy) - busy[3] - busy[4]) / ticks  # less idle and iowait
+        # user nice system idle iowait irq softirq steal: steal is time the host gave another VM
+        cpu = [int(x) / ticks for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        machine, steal = cpu[0] + cpu[1] + cpu[2] + cpu[5] + cpu[6], cpu[7]
         thawd_s = (int(stat[11]) + int(stat[12])) / ticks
-        return cls(thawd_s, usage["agent"], usage["sbx"], children.children_user + children.children_system, machine)
+        load = children.children_user + children.children_system
+        return cls(thawd_s, usage["agent"], usage["sbx"], load, machine, steal)
 
     def per_request(self, before: CpuTimes, requests: int) -> str:
         """Each kind's CPU per request between two readings, in ms."""
@@ -517,7 +521,7 @@ def measure_bursts(thawd: Thawd, tmp: Path, args: argparse.Namespace) -> list[Bu
         restores: list[float] = []
         errors: list[str] = []
         steps_before = thaw_steps(thawd)
-        cpu = [0.0] * 5
+        cpu = [0.0] * 6
         for _ in range(args.burst_rounds):
             scale(thawd, "bench-burst", 0)  # no instance live: the burst starts from zero
             before = thaw_counts(thawd, "bench-burst")[0]
@@ -548,7 +552,9 @@ def measure_bursts(thawd: Thawd, tmp: Path, args: argparse.Namespace) -> list[Bu
         )
         rounds = ", ".join(f"{m:.1f}" for m in makespans)
         print(f"    makespan per round (ms): {rounds}", file=sys.stderr)
-        print(f"    {CpuTimes(*cpu).per_request(CpuTimes(0, 0, 0, 0, 0), size * args.burst_rounds)}", file=sys.stderr)
+        print(
+            f"    {CpuTimes(*cpu).per_request(CpuTimes(0, 0, 0, 0, 0, 0), size * args.burst_rounds)}", file=sys.stderr
+        )
         if steps := describe_steps(steps_before, thaw_steps(thawd)):
             print(f"    {steps}", file=sys.stderr)
         for error in errors[:3]:
