@@ -305,6 +305,29 @@ class ShimRow:
 
 
 @dataclass(frozen=True)
+class LayersRow:
+    """scripts/bench_layers: ten functions deployed one way (cold, or layered on the runtime template)."""
+
+    how: str  # cold | layered
+    functions: int
+    deploy_ms: float  # median: the guest's start (a spawn, or a thaw of the runtime) to the template captured
+    restore_ms: float  # median: a waiting stub to the first reply (cow)
+    pool_mib: float  # what the ten templates hold in the pool (layered: with the runtime template)
+    pss_mib: float  # summed Pss of one instance of each, all ten running
+
+
+@dataclass(frozen=True)
+class DuplicationRow:
+    """scripts/bench_layers: page contents across a set of cold-captured templates (what dedup could save)."""
+
+    templates: str  # which set: examples | functions
+    pages: int  # pages the templates store
+    zero_pages: int
+    duplicate_pages: int  # equal to a page stored earlier in the same template
+    shared_pages: int  # equal to a page of another template of the set (and not a duplicate within)
+
+
+@dataclass(frozen=True)
 class CliRow:
     """scripts/bench_cli: a `thaw` command as a whole process."""
 
@@ -347,6 +370,11 @@ BENCHMARKS: dict[str, Benchmark] = {
             "invocation latency and throughput through thawd, and bursts from zero",
         ),
         Benchmark("bench_sandbox", {"sandbox": SandboxRow}, "sandbox create, repurpose, release"),
+        Benchmark(
+            "bench_layers",
+            {"layers": LayersRow, "duplication": DuplicationRow},
+            "layered templates against cold ones, and page duplication across templates",
+        ),
         Benchmark("bench_numa", {"pool": PoolRow}, "pool bandwidth and latency per backend and node"),
         Benchmark(
             "bench_lora",

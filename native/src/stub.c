@@ -52,30 +52,34 @@ static int reap_until(pid_t child)
 
 static int bare;
 
+/* Place each SRC at its DST. Every source is first copied above the highest destination: a source
+ * may itself hold a number another move needs (a parent with more than a thousand fds open, or
+ * the control socket), and moving one straight to its place would close it. */
 static int become_stub(int nmoves, char **moves)
 {
-    int top = THAW_FIRST_RESTORE_FD - 1, control = -1;
+    int top = THAW_FIRST_RESTORE_FD - 1, src[nmoves > 0 ? nmoves : 1], dst[nmoves > 0 ? nmoves : 1];
     for (int i = 0; i < nmoves; i++) {
-        int src, dst;
-        if (sscanf(moves[i], "%d:%d", &src, &dst) != 2 || (dst != CONTROL_FD && dst < THAW_FIRST_RESTORE_FD)) {
+        if (sscanf(moves[i], "%d:%d", &src[i], &dst[i]) != 2 ||
+            (dst[i] != CONTROL_FD && dst[i] < THAW_FIRST_RESTORE_FD)) {
             fprintf(stderr, "thaw-stub: bad fd move %s (want SRC:3 or SRC:DST with DST >= %d)\n", moves[i],
                     THAW_FIRST_RESTORE_FD);
             return 2;
         }
-        if (dst == CONTROL_FD) { /* last: its source may be the number another move needs */
-            control = src;
-            continue;
+        if (dst[i] > top)
+            top = dst[i];
+    }
+    for (int i = 0; i < nmoves; i++) {
+        src[i] = fcntl(src[i], F_DUPFD, top + 1);
+        if (src[i] < 0) {
+            perror("thaw-stub: fcntl(F_DUPFD)");
+            return 2;
         }
-        if (dup2(src, dst) < 0) {
+    }
+    for (int i = 0; i < nmoves; i++) {
+        if (dup2(src[i], dst[i]) < 0) {
             perror("thaw-stub: dup2");
             return 2;
         }
-        if (dst > top)
-            top = dst;
-    }
-    if (control >= 0 && control != CONTROL_FD && dup2(control, CONTROL_FD) < 0) {
-        perror("thaw-stub: dup2 of the control socket");
-        return 2;
     }
     syscall(SYS_close_range, 4, THAW_FIRST_RESTORE_FD - 1, 0);
     syscall(SYS_close_range, top + 1, ~0U, 0);

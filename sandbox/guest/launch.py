@@ -8,6 +8,7 @@ to it on its control socket. Sandboxes start guests their own way; the protocol 
 
 from __future__ import annotations
 
+import math
 import os
 import select
 import socket
@@ -40,7 +41,9 @@ class ParkedGuest:
 
 def recv(sock: socket.socket, timeout: float = 60) -> protocol.Message | None:
     """The next frame from `sock` within `timeout` (the protocol reads a blocking fd)."""
-    if not select.select([sock], [], [], timeout)[0]:
+    poller = select.poll()  # not select: a process holding many templates has fds past 1023
+    poller.register(sock, select.POLLIN)
+    if not poller.poll(max(0, math.ceil(timeout * 1000))):
         raise TimeoutError(f"the guest sent nothing within {timeout} s")
     return protocol.recv(sock.fileno())
 
