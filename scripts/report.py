@@ -46,6 +46,7 @@ from daemon.bench import (
     CompressedRow,
     Document,
     InvokeRow,
+    LayersRow,
     LoraLoadRow,
     LoraThroughputRow,
     MicroRow,
@@ -90,6 +91,7 @@ def runs(out: Path) -> list[Run]:
         Run("bench_codecs", "bench_codecs.py"),
         Run("bench_invoke", "bench_invoke.py"),
         Run("bench_sandbox", "bench_sandbox.py"),
+        Run("bench_layers", "bench_layers.py"),
         Run("bench_numa", "bench_numa.py"),
         Run("bench_lora", "bench_lora.py"),
         Run("bench_cli", "bench_cli.py"),
@@ -533,6 +535,35 @@ def plot_cli(docs: dict[str, Document]) -> Plot:
     return plot
 
 
+def plot_layers(docs: dict[str, Document]) -> Plot:
+    rows: list[LayersRow] = _rows(docs, "bench_layers", "layers", LayersRow)
+    by_how = {r.how: r for r in rows}
+    cold, layered = by_how.get("cold"), by_how.get("layered")
+    names, values = [], []
+    if cold and layered:
+        for name, a, b in (
+            ("pool (target <= 35%)", layered.pool_mib, cold.pool_mib),
+            ("summed Pss (<= 50%)", layered.pss_mib, cold.pss_mib),
+            ("deploy time (<= 50%)", layered.deploy_ms, cold.deploy_ms),
+            ("restore time (<= 110%)", layered.restore_ms, cold.restore_ms),
+        ):
+            names.append(name)
+            values.append(100 * a / b)
+    plot = _bars(
+        "layers",
+        "Layered templates against cold ones",
+        "Ten functions that import a common stack, each with its own small state: what the layered ten "
+        "(children of the runtime template) cost as a percentage of the cold ten, with each target in its label.",
+        names,
+        values,
+        "layered, % of cold",
+        False,
+        None,
+    )
+    plot.used.append(_used("bench_layers", "layers", rows))
+    return plot
+
+
 PLOTS: tuple[Callable[[dict[str, Document]], Plot], ...] = (
     plot_restore,
     plot_memory,
@@ -544,6 +575,7 @@ PLOTS: tuple[Callable[[dict[str, Document]], Plot], ...] = (
     plot_micro,
     plot_sandbox,
     plot_cli,
+    plot_layers,
 )
 SOURCES = {  # which benchmarks each plot reads: a caption names those absent
     "restore": ("bench_restore",),
@@ -556,6 +588,7 @@ SOURCES = {  # which benchmarks each plot reads: a caption names those absent
     "micro": ("bench_micro",),
     "sandbox": ("bench_sandbox",),
     "cli": ("bench_cli",),
+    "layers": ("bench_layers",),
 }
 
 
