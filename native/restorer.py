@@ -40,7 +40,7 @@ assert _CLEAN.size + SPECIALS_MAX * _SPECIAL.size + _STUB_FACTS == ffi.sizeof("s
 STUB_IN_CLEAN = int(ffi.offsetof("struct thaw_stub_clean", "stub"))
 # struct thaw_thread: tid, tls, clear_tid, stack, stack_size, nops, ops, frame, frame_size,
 # frame_at, sigreturn_sp, failed_op, result, state, pad; struct thaw_threads: nthreads, threads,
-# syscall_insn, scratch, scratch_end, failed_thread, go, pad, affinity.
+# syscall_insn, scratch, scratch_end, failed_thread, go, ready, affinity.
 THREAD = struct.Struct("<11QqqII")
 THREADS = struct.Struct(f"<5QqII{int(lib.THAW_AFFINITY_BYTES)}s")
 assert THREAD.size == ffi.sizeof("struct thaw_thread")

@@ -199,8 +199,9 @@ class _Builder:
     """Writes the template-specific body of the restore program by walking the resources, each
     of which writes its own ops (snapshot/memory.py, signals.py, files.py, threads.py,
     credentials.py). The order is the kernel's: memory first (nothing else has a place to live
-    before), the pager started before anything touches registered pages, the threads before the
-    credentials (clone3's set_tid needs CAP_CHECKPOINT_RESTORE), the filter last."""
+    before), the pager started before anything touches registered pages, the threads after the
+    ids are dropped (they inherit them) and before the last capabilities are (clone3's set_tid
+    needs CAP_CHECKPOINT_RESTORE), the filter last."""
 
     def __init__(
         self, template: Template, mode: RestoreMode, scratch: int, fd_base: int, bpf: bytes | None, handoff: _Handoff
@@ -260,11 +261,14 @@ class _Builder:
         restore_main(p, m.threads.main)
         queue_shared(p, m.signals)
         self.confinement.drop_bounding_set(p)  # before the threads: they inherit the empty set
-        if self.threads.threads:
+        if self.threads.threads:  # they inherit the ids too: made once all but clone3's capabilities are gone
+            self.confinement.for_making_threads(p)
             vmas = [(v.start, v.end) for v in m.memory.vmas]
             scratch = (p.base, p.base + size)
             self.threads.add(p, thread_stacks, m.memory.syscall_insn, scratch, vmas, self.confinement.thread)
-        self.confinement.drop(p)
+            self.confinement.threads_made(p)
+        else:
+            self.confinement.drop(p)
         # THREADS_GO reads /proc/self/task/*, which a non-dumpable process's new uid may not open
         self.confinement.dumpable(p, 1 if self.threads.threads else None)
         self.confinement.filter(p, every_thread=bool(self.threads.threads))

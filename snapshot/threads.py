@@ -64,6 +64,7 @@ from snapshot import procfs
 from snapshot.errors import NotCapturable, RestoreError
 from snapshot.inject import RED_ZONE, SyscallInjector, restart_fixup
 
+PAGE = procfs.PAGE
 STOP_TIMEOUT = 2.0
 STOP_POLL = 0.0005
 THREAD_STACK = 16 << 10  # each thread's stack in the scratch area while it sets itself up
@@ -262,7 +263,7 @@ class ThreadPlan:
         own_state: Callable[[Program], None],
     ) -> None:
         """Add THAW_OP_THREADS to `p`. `own_state(sub)` writes what every thread sets the same way
-        as the main one (its credential drop) into the thread's program `sub`."""
+        as the main one (what is left of its credential drop) into the thread's program `sub`."""
         starts, whats = [], []
         for i, t in enumerate(self.threads):
             sub = p.subprogram()
@@ -366,8 +367,14 @@ def _frame(t: ThreadRecord, vmas: list[tuple[int, int]]) -> tuple[int, bytes, in
     fpstate += struct.pack("<I", FP_XSTATE_MAGIC2)
     sigframe_at = _round_up(len(fpstate), 16)
     size = sigframe_at + RT_SIGFRAME_SIZE
-    frame_at = (regs.rsp - RED_ZONE - size) & ~63
-    if not any(start <= frame_at and regs.rsp <= end for start, end in vmas):
+    below = (regs.rsp - RED_ZONE - size) & ~63
+    # A frame across two pages costs two copy-on-write faults as the thread writes it: one page
+    # lower, it fits in one (the lower of the two; below the stack pointer, nothing is in use).
+    one_page = below & ~(PAGE - 1) if size <= PAGE and below // PAGE != (below + size - 1) // PAGE else below
+    for frame_at in (one_page, below):
+        if any(start <= frame_at and regs.rsp <= end for start, end in vmas):
+            break
+    else:
         raise RestoreError(f"thread {t.tid}'s stack has no room below its stack pointer {regs.rsp:#x} for its frame")
     sp, flags, stack_size = t.altstack
     uc_stack = (sp, SS_DISABLE, 0) if flags & SS_DISABLE else (sp, flags & ~SS_ONSTACK, stack_size)

@@ -313,7 +313,7 @@ def test_manifest_keeps_every_thread(parked: Template) -> None:
 
 
 THREADED_FUNCTION = """
-import os, threading, time
+import ctypes, os, threading, time
 gate = threading.Event()
 def worker():
     gate.wait()
@@ -321,13 +321,18 @@ workers = [threading.Thread(target=worker, name=f"w{i}", daemon=True) for i in r
 for w in workers:
     w.start()
 TIDS = [w.native_id for w in workers]
+CREDENTIALS = ("Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "NoNewPrivs")
 def handle(event, context):
     time.sleep(0.5)   # held, so concurrent requests thaw instances of their own
-    seccomp = []
+    seccomp, credentials = [], []
     for tid in os.listdir("/proc/self/task"):
         with open(f"/proc/self/task/{tid}/status") as f:
-            seccomp += [line.split()[1] for line in f if line.startswith("Seccomp:")]
+            status = {key: value.strip() for key, value in (line.split(":", 1) for line in f if ":" in line)}
+        seccomp.append(status["Seccomp"])
+        credentials.append({key: status[key] for key in CREDENTIALS})
+    keepcaps = ctypes.CDLL(None, use_errno=True).prctl(7, 0, 0, 0, 0)  # PR_GET_KEEPCAPS
     return {"tids": [w.native_id for w in workers], "captured": TIDS, "seccomp": seccomp,
+            "credentials": credentials, "keepcaps": keepcaps,
             "alive": [w.is_alive() for w in workers], "threads": threading.active_count()}
 """
 
@@ -352,6 +357,12 @@ def test_thawd_thaws_threaded_functions_in_their_sandboxes(tmp_path: Path) -> No
             reply = json.loads(body)
             assert reply["tids"] == reply["captured"] and all(reply["alive"]) and reply["threads"] == 4, reply
             assert reply["seccomp"] == ["2"] * 4, reply  # every thread filtered, not only the main one
+            # every thread dropped everything, the threads made while the main thread held one
+            # capability for clone3 included
+            first, *others = reply["credentials"]
+            assert first["Uid"].split()[0] != "0" and first["NoNewPrivs"] == "1", first
+            assert {first[key] for key in ("CapInh", "CapPrm", "CapEff", "CapBnd")} == {"0000000000000000"}, first
+            assert others == [first] * 3 and reply["keepcaps"] == 0, reply
         assert len({i["pid"] for i in daemon.api("GET", "/instances")[1]["instances"]}) > 1
 
 

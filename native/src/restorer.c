@@ -340,10 +340,24 @@ static void copy_bytes(uint64_t to, uint64_t from, uint64_t n)
         d[i] = s[i];
 }
 
-static void say(struct thaw_thread *t, uint32_t state)
+/* The blob's first bytes (restorer.lds puts .text.head first): a jump to the entry, then the one
+ * instruction by which a thread leaves the scratch area (restorer.h, THAW_OP_THREADS_GO). The
+ * `.org`s fail the build unless the call is at offset 5 and returns to offset 7: the uc_flags the
+ * kernel reads is scratch + 7. */
+__asm__(".pushsection .text.head, \"ax\", @progbits\n"
+        "    jmp restorer_entry\n"
+        "    .org 5, 0xcc\n"
+        "thaw_leave:\n"
+        "    call *%rsi\n"
+        "    .org 7\n"
+        ".popsection\n");
+
+/* Thread `t` is READY or FAILED; the last of them to say so wakes the main thread. */
+static void say(struct thaw_thread *t, struct thaw_threads *ts, uint32_t state)
 {
     __atomic_store_n(&t->state, state, __ATOMIC_RELEASE);
-    raw_syscall6(NR_FUTEX, (long)&t->state, FUTEX_WAKE_PRIVATE_, 1, 0, 0, 0);
+    if (__atomic_add_fetch(&ts->ready, 1, __ATOMIC_ACQ_REL) == ts->nthreads)
+        raw_syscall6(NR_FUTEX, (long)&ts->ready, FUTEX_WAKE_PRIVATE_, 1, 0, 0, 0);
 }
 
 /* A new thread starts here, on its stack in the scratch area, and never comes back. */
@@ -352,19 +366,21 @@ __attribute__((used, noinline, noreturn)) static void thread_main(struct thaw_th
     uint64_t done = 0;
     run_program((const struct thaw_restorer_op *)t->ops, t->nops, &t->failed_op, &t->result, &done);
     if (t->failed_op >= 0) {
-        say(t, THAW_THREAD_FAILED);
+        say(t, ts, THAW_THREAD_FAILED);
         for (;;)
             raw_syscall6(NR_EXIT, 0, 0, 0, 0, 0, 0);
     }
     copy_bytes(t->frame_at, t->frame, t->frame_size);
-    say(t, THAW_THREAD_READY);
+    say(t, ts, THAW_THREAD_READY);
     while (__atomic_load_n(&ts->go, __ATOMIC_ACQUIRE) == 0)
         raw_syscall6(NR_FUTEX, (long)&ts->go, FUTEX_WAIT_PRIVATE_, 0, 0, 0, 0);
     /* The frame is on the thread's own stack and the syscall instruction is the restored
-     * image's: once rt_sigreturn is entered, nothing of the scratch area is used. */
-    __asm__ volatile("mov %%rdi, %%rsp\n\t"
+     * image's: once the call at thaw_leave has pushed its return address (over the frame's
+     * uc_flags, which the stack pointer 8 above the frame's puts there), nothing of the scratch
+     * area is used. */
+    __asm__ volatile("lea 8(%%rdi), %%rsp\n\t"
                      "mov %[nr], %%eax\n\t"
-                     "jmp *%%rsi\n\t"
+                     "jmp thaw_leave\n\t"
                      :
                      : "D"(t->sigreturn_sp), "S"(ts->syscall_insn), [nr] "i"(NR_RT_SIGRETURN)
                      : "memory");
@@ -396,6 +412,7 @@ static long make_threads(struct thaw_threads *ts)
 {
     struct thaw_thread *threads = (struct thaw_thread *)ts->threads;
     ts->failed_thread = -1;
+    ts->ready = 0;
     for (uint64_t i = 0; i < ts->nthreads; i++) {
         struct thaw_thread *t = &threads[i];
         int tid = (int)t->tid;
@@ -416,14 +433,14 @@ static long make_threads(struct thaw_threads *ts)
             return r;
         }
     }
-    /* All made first, then waited for: on the one CPU they share, each runs its program while
-     * the main thread sleeps once, instead of two switches per thread. */
+    /* All made first, then waited for once: on the one CPU they share, each runs its program
+     * while the main thread sleeps, which wakes when the last has said READY or FAILED. */
+    uint32_t ready;
+    while ((ready = __atomic_load_n(&ts->ready, __ATOMIC_ACQUIRE)) < ts->nthreads)
+        raw_syscall6(NR_FUTEX, (long)&ts->ready, FUTEX_WAIT_PRIVATE_, ready, 0, 0, 0);
     for (uint64_t i = 0; i < ts->nthreads; i++) {
         struct thaw_thread *t = &threads[i];
-        uint32_t state;
-        while ((state = __atomic_load_n(&t->state, __ATOMIC_ACQUIRE)) == THAW_THREAD_SETTING_UP)
-            raw_syscall6(NR_FUTEX, (long)&t->state, FUTEX_WAIT_PRIVATE_, THAW_THREAD_SETTING_UP, 0, 0, 0);
-        if (state != THAW_THREAD_READY) {
+        if (__atomic_load_n(&t->state, __ATOMIC_ACQUIRE) != THAW_THREAD_READY) {
             ts->failed_thread = (int64_t)i;
             return t->result < 0 ? t->result : -EINTR_;
         }
@@ -524,12 +541,34 @@ static long wait_out_of(uint64_t lo, uint64_t hi)
     return r;
 }
 
+/* 1 once thread `t` has run the call at thaw_leave: the word it pushed has replaced its frame's
+ * uc_flags (restorer.h, THAW_OP_THREADS_GO). */
+static int has_left(const struct thaw_thread *t)
+{
+    uint64_t was = *(const uint64_t *)(t->frame + (t->sigreturn_sp - t->frame_at)); /* the frame as built */
+    return __atomic_load_n((const uint64_t *)t->sigreturn_sp, __ATOMIC_ACQUIRE) != was;
+}
+
+/* How often the main thread yields to a thread whose word has not changed before it asks /proc:
+ * on the one CPU they share, the threads run as soon as it yields, and most have left after the
+ * first yield. */
+#define LEAVE_TRIES 64
+
 static long threads_go(struct thaw_threads *ts)
 {
     struct thaw_thread *threads = (struct thaw_thread *)ts->threads;
     __atomic_store_n(&ts->go, 1, __ATOMIC_RELEASE);
     raw_syscall6(NR_FUTEX, (long)&ts->go, FUTEX_WAKE_PRIVATE_, 0x7fffffff, 0, 0, 0);
-    long r = wait_out_of(ts->scratch, ts->scratch_end);
+    int unsure = 0;
+    for (uint64_t i = 0; i < ts->nthreads && !unsure; i++)
+        for (int tries = 0; !has_left(&threads[i]); tries++) {
+            if (tries == LEAVE_TRIES) {
+                unsure = 1;
+                break;
+            }
+            raw_syscall6(NR_SCHED_YIELD, 0, 0, 0, 0, 0, 0);
+        }
+    long r = unsure ? wait_out_of(ts->scratch, ts->scratch_end) : 0;
     if (r < 0)
         return r;
     for (uint64_t i = 0; i < ts->nthreads; i++) {

@@ -61,22 +61,31 @@ struct thaw_receive_fds {
  * same), so a restore costs the same ptrace round trips with 1 thread or 64. For each thread in
  * turn, clone3 with set_tid gives it its captured TID (glibc caches TIDs in struct pthread) and
  * its fs_base (CLONE_SETTLS) and tid address (CLONE_CHILD_CLEARTID); the new thread runs its own
- * program on a stack in the scratch area (robust list, rseq, name, pending signals, credentials:
- * per-thread state; the main thread's seccomp filter reaches it by TSYNC), copies its signal
- * frame below its captured stack pointer, says READY through `state`, and waits for `go`. The main thread waits for each READY;
- * a thread that fails says FAILED and exits, and the op fails with its result (-EEXIST from
- * clone3: its TID is taken).
+ * program on a stack in the scratch area (robust list, rseq, name, pending signals, and dropping
+ * what is left of the capabilities: it inherits the main thread's ids, groups and no_new_privs,
+ * dropped before it was made; the main thread's seccomp filter reaches it by TSYNC), copies its
+ * signal frame below its captured stack pointer, and waits for `go`. The main thread makes them
+ * all, then sleeps once: each thread says READY or FAILED in its `state` and counts itself in
+ * `ready`, and the last one wakes the main thread. A thread that fails exits, and the op fails
+ * with its result (-EEXIST from clone3: its TID is taken).
  *
  * THAW_OP_THREADS_GO comes after the main thread's own credentials and seccomp filter: until
  * then no thread may run code of the function's (its memory is shared with a main thread that is
  * still privileged, and whose program lies in the writable scratch area). It sets `go`, and each
  * thread returns to its captured registers, xstate, signal mask and alternate stack with
  * rt_sigreturn, run at a `syscall` instruction of the restored image. The tracer unmaps the
- * scratch area after the blob ends, so the op waits until no thread is inside it: while the
- * restore runs, every thread shares the main thread's one CPU (native/tracer.py, same_cpu), so
- * a thread the main thread sees in /proc/self/task/TID/syscall is not running and its pc is
- * exact; the op yields the CPU until every pc is out of [scratch, scratch_end). Then each thread
- * gets `affinity` (every CPU the cpuset allows). */
+ * scratch area after the blob ends, so the op waits until no thread is inside it. A thread leaves
+ * with one instruction, a `call` from the blob's first bytes to that `syscall`: the call pushes
+ * its return address into the frame's uc_flags word (rt_sigreturn reads the frame 8 bytes below
+ * the stack pointer it finds), so the word changes exactly when the thread's pc leaves the
+ * scratch area, and the main thread reads it instead of asking /proc. The return address is
+ * scratch + 7 (the scratch area is page-aligned): to the kernel, uc_flags UC_FP_XSTATE |
+ * UC_SIGCONTEXT_SS | UC_STRICT_RESTORE_SS, what the frame held, and address bits it has no flag
+ * for. A thread that runs its own code before the main thread looks may write over the word,
+ * rarely with the very value it held: a thread whose word has not changed after a while is
+ * looked up in /proc/self/task/TID/syscall instead (its pc is exact: while the restore runs,
+ * every thread shares the main thread's one CPU, native/tracer.py, same_cpu; running elsewhere
+ * counts as inside). Then each thread gets `affinity` (every CPU the cpuset allows). */
 #define THAW_THREAD_SETTING_UP 0u
 #define THAW_THREAD_READY 1u
 #define THAW_THREAD_FAILED 2u
@@ -109,7 +118,7 @@ struct thaw_threads {
     uint64_t scratch_end;
     int64_t failed_thread; /* out: index of the thread that failed, -1 */
     uint32_t go;           /* a futex word: 1 once the threads may run */
-    uint32_t pad;
+    uint32_t ready;        /* a futex word: how many threads said READY or FAILED */
     uint8_t affinity[THAW_AFFINITY_BYTES];
 };
 
