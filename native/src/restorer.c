@@ -332,12 +332,11 @@ struct clone_args_ {
 static long run_program(const struct thaw_restorer_op *ops, uint64_t nops, int64_t *failed_op, int64_t *result,
                         uint64_t *done);
 
+/* rep movsb: a C loop may become a call to memcpy, and there is no libc; a volatile byte loop
+ * would copy a frame (~3 KiB with AVX-512 state) a byte at a time. */
 static void copy_bytes(uint64_t to, uint64_t from, uint64_t n)
 {
-    volatile char *d = (volatile char *)to; /* volatile: never turned into a call to memcpy */
-    const volatile char *s = (const volatile char *)from;
-    for (uint64_t i = 0; i < n; i++)
-        d[i] = s[i];
+    __asm__ volatile("rep movsb" : "+D"(to), "+S"(from), "+c"(n) : : "memory");
 }
 
 /* The blob's first bytes (restorer.lds puts .text.head first): a jump to the entry, then the one
