@@ -269,7 +269,7 @@ class _Builder:
             self.confinement.threads_made(p)
         else:
             self.confinement.drop(p)
-        # THREADS_GO reads /proc/self/task/*, which a non-dumpable process's new uid may not open
+        # THREADS_GO may read /proc/self/task/*, which a non-dumpable process's new uid may not open
         self.confinement.dumpable(p, 1 if self.threads.threads else None)
         self.confinement.filter(p, every_thread=bool(self.threads.threads))
         if self.threads.threads:  # only now may code of the function's run in another thread

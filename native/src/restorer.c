@@ -1,10 +1,10 @@
 /* The restorer blob: position-independent, no libc, no data, no relocations.
  *
- * Built by native/build.py into a flat binary whose first byte is restorer_entry, copied into a
- * stopped stub's scratch mapping, and entered by the tracer with rdi = the argument block and rsp
- * at the top of a stack in the same mapping. It runs the syscall program in the block (see
- * restorer.h) and ends in int3 — never returns — whether the program succeeded or not; the tracer
- * reads `failed_op`/`result` to learn which.
+ * Built by native/build.py into a flat binary whose first instruction jumps to restorer_entry,
+ * copied into a stopped stub's scratch mapping, and entered by the tracer with rdi = the argument
+ * block and rsp at the top of a stack in the same mapping. It runs the syscall program in the
+ * block (see restorer.h) and ends in int3 — never returns — whether the program succeeded or not;
+ * the tracer reads `failed_op`/`result` to learn which.
  */
 #include "restorer.h"
 
