@@ -28,6 +28,7 @@ SAVE = int(lib.THAW_OPF_SAVE)
 ARG0_SAVED = int(lib.THAW_OPF_ARG0_SAVED)
 STORE32 = int(lib.THAW_OPF_STORE32)
 ARG1_SAVED = int(lib.THAW_OPF_ARG1_SAVED)
+WRITE_ARG0 = int(lib.THAW_OPF_WRITE_ARG0)
 FIRST_RESTORE_FD = int(lib.THAW_FIRST_RESTORE_FD)  # where a stub holds the restore fds
 STUB_SCRATCH = int(lib.THAW_STUB_SCRATCH)  # where stubs pre-map the restorer's scratch area
 STUB_SCRATCH_SIZE = int(lib.THAW_STUB_SCRATCH_SIZE)

@@ -57,6 +57,7 @@ from native.restorer import (
     STORE32,
     THREAD_FAILED_OP,
     THREADS_FAILED,
+    WRITE_ARG0,
     Program,
     ThreadStart,
 )
@@ -306,7 +307,7 @@ def _own_state(p: Program, t: ThreadRecord) -> None:
         p.syscall(Syscall.SET_ROBUST_LIST, head, length, what="set_robust_list")
     pointer, size, signature = t.rseq
     if pointer:
-        p.syscall(Syscall.RSEQ, pointer, size, 0, signature, what="registering rseq")
+        p.syscall(Syscall.RSEQ, pointer, size, 0, signature, what="registering rseq", flags=WRITE_ARG0)
     p.syscall(Syscall.PRCTL, Prctl.SET_NAME, p.cstr(t.name[:15]), what="PR_SET_NAME")
 
 

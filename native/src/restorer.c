@@ -684,6 +684,8 @@ static long run_op(const struct thaw_restorer_op *op, long saved)
 {
     long a0 = (op->flags & THAW_OPF_ARG0_SAVED) ? saved : (long)op->args[0];
     long a1 = (op->flags & THAW_OPF_ARG1_SAVED) ? saved : (long)op->args[1];
+    if (op->flags & THAW_OPF_WRITE_ARG0) /* a write that changes nothing: the CPU faults for writing */
+        __asm__ volatile("lock orl $0, (%0)" : : "r"(a0) : "memory");
     if (op->kind == THAW_OP_PREAD)
         return pread_fully(a0, op->args[1], op->args[2], op->args[3]);
     if (op->kind == THAW_OP_PAUSE) {

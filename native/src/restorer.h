@@ -173,6 +173,10 @@ struct thaw_stub_report {
 #define THAW_OPF_ARG0_SAVED 4u  /* args[0] = the saved slot */
 #define THAW_OPF_STORE32 8u     /* write the result as a 32-bit value at `store` */
 #define THAW_OPF_ARG1_SAVED 16u /* args[1] = the saved slot */
+/* args[0] points to memory the kernel will read and then write (an rseq area: the kernel reads
+ * rseq_cs and writes cpu_id on the way back to user space): the blob takes its page with one
+ * write fault first, one copy-on-write where a read fault and then a write fault would be two. */
+#define THAW_OPF_WRITE_ARG0 32u
 
 struct thaw_restorer_op {
     uint32_t kind;
