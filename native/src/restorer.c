@@ -549,8 +549,8 @@ static int has_left(const struct thaw_thread *t)
 }
 
 /* How often the main thread yields to a thread whose word has not changed before it asks /proc:
- * on the one CPU they share, the threads run as soon as it yields, and most have left after the
- * first yield. */
+ * on the one CPU they share, the threads woken run before the main thread or as it yields, and
+ * have nearly always left by the time it looks. */
 #define LEAVE_TRIES 64
 
 static long threads_go(struct thaw_threads *ts)
