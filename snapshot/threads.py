@@ -12,7 +12,9 @@ Some facts about Linux threads this rests on:
   TLS pointer, among the registers), the signal mask, signals queued to the thread itself, the
   alternate signal stack, the tid address (CLONE_CHILD_CLEARTID), the robust futex list, the rseq
   registration, the name (comm), the CPU affinity, and the credentials (uid/gid, capabilities,
-  no_new_privs) and seccomp filter. All of it is read here and set again by the thread itself.
+  no_new_privs) and seccomp filter. The credentials a new thread starts with are its maker's
+  (snapshot/credentials.py drops the main thread's before it makes the others); the rest is read
+  here and set again by the thread itself (the affinity by the main thread, once it is out).
 - glibc caches each thread's TID in its `struct pthread` (pthread_kill, mutex owners, robust
   futexes use it): a thread must come back with its TID. clone3's `set_tid` gives it that TID in
   the instance's pid namespace (CAP_CHECKPOINT_RESTORE, which the stub has until the restore drops
