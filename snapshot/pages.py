@@ -39,7 +39,7 @@ from native import memory as native_memory
 PAGE = 4096
 ZERO_PAGE = bytes(PAGE)
 READ_CHUNK = 8 << 20
-MIN_ANCESTOR_GAP = 8
+MIN_ANCESTOR_GAP = 4
 MIN_SHARED_PAGES = 16
 
 OWN, ANCESTOR, DUPLICATE, ZEROS = "own", "ancestor", "duplicate", "zeros"
