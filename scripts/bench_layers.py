@@ -19,11 +19,12 @@ each function, all ten running, after each answered once). The runtime template'
 note (it is paid once per runtime, not per deploy). Targets on this machine: pool of the layered
 ten <= 35% of the cold ten's; deploy >= 2x faster; restore within 1.1x; summed Pss <= 50%.
 
-The `duplication` table (DuplicationRow) surveys page contents across cold-captured templates,
-for what deduplication can find: the bundled examples (daemon/examples: tiny, records, and heavy
-unless --quick) and the ten functions. Per set: pages stored, all-zero pages, pages equal to an
-earlier page of the same template, pages equal to a page of another template of the set.
-Contents are compared by xxh3-128 digest (snapshot/pages.py compares bytes too before it refers).
+The `duplication` table (DuplicationRow) surveys page contents across parked guests, before any
+capture looks for duplicates: the bundled examples (daemon/examples: tiny, records, and heavy
+unless --quick) and the ten functions. Per set: present pages of their writable private memory,
+all-zero pages, pages equal to an earlier page of the same guest, pages whose content another
+guest of the set also holds. Contents are compared by xxh3-128 digest (snapshot/pages.py
+compares bytes too before it refers).
 
 `--json PATH` (default bench-results/bench_layers.json); `--quick`: 3 restores of each, no heavy.
 Root, after scripts/setup.
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import importlib.util
 import os
 import tempfile
@@ -43,10 +45,12 @@ from pathlib import Path
 
 from daemon import bench
 from daemon.bench import DuplicationRow, LayersRow
+from native import memory as native_memory
 from native.constants import CloneFlag
 from sandbox.guest import protocol
 from sandbox.guest.launch import become, recv, start_parked, wait_stopped
 from shmpool import Pool
+from snapshot import procfs
 from snapshot.capture import capture
 from snapshot.pages import ZERO_PAGE, digest
 from snapshot.restore import Instance, restore
@@ -89,13 +93,28 @@ def timed_ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def deploy_cold(pool: Pool, function: Path, name: str) -> tuple[Template, float]:
+def deploy_cold(pool: Pool, function: Path, name: str, surveyed: dict[str, list[bytes]]) -> tuple[Template, float]:
+    """Start, init, capture (timed); the parked guest's pages are surveyed before the capture, untimed."""
     t0 = time.perf_counter()
     guest = start_parked(function, cwd=REPO)
     try:
+        ready = time.perf_counter()
+        surveyed[name] = page_digests(guest.pid)
+        t0 += time.perf_counter() - ready
         return capture(guest.pid, pool, name), timed_ms(t0)
     finally:
         guest.kill()
+
+
+def survey_examples(names: list[str]) -> dict[str, list[bytes]]:
+    surveyed = {}
+    for name in names:
+        guest = start_parked(REPO / "daemon" / "examples" / name, cwd=REPO)
+        try:
+            surveyed[name] = page_digests(guest.pid)
+        finally:
+            guest.kill()
+    return surveyed
 
 
 def build_runtime(pool: Pool) -> tuple[Template, float]:
@@ -160,31 +179,43 @@ def _pss_kib(pid: int) -> int:
     raise RuntimeError(f"no Pss for pid {pid}")
 
 
-def survey(set_name: str, templates: list[Template]) -> DuplicationRow:
-    """Page contents of the templates' page areas: zeros, duplicates within one, shared across them."""
+def page_digests(pid: int) -> list[bytes]:
+    """The digest of every present page of `pid`'s private memory (what a capture would store,
+    before it looks for duplicates); all-zero pages as b""."""
+    digests = []
+    for vma in procfs.read_maps(pid):
+        if vma.shared or vma.special or vma.path == "[vsyscall]" or not vma.writable:
+            continue
+        for start, length in procfs.present_ranges(pid, vma.start, vma.end):
+            with contextlib.suppress(OSError):  # a guard page or a range that went away
+                data = memoryview(native_memory.read_exact(pid, start, length))
+                digests += [b"" if data[at : at + 4096] == ZERO_PAGE else digest(data[at : at + 4096])
+                            for at in range(0, length, 4096)]  # fmt: skip
+    return digests
+
+
+def survey(set_name: str, guests: dict[str, list[bytes]]) -> DuplicationRow:
+    """Page contents of parked guests: zeros, duplicates within one, contents shared across them."""
     owners: dict[bytes, set[str]] = collections.defaultdict(set)
     pages = zeros = duplicates = 0
-    for t in templates:
+    for name, digests in guests.items():
         seen: set[bytes] = set()
-        with memoryview(t.source_view()) as view:
-            for _, run in t.manifest.memory.own_runs():
-                for off in range(run.offset, run.offset + run.length, 4096):
-                    page = view[off : off + 4096]
-                    pages += 1
-                    if page == ZERO_PAGE:
-                        zeros += 1
-                        continue
-                    d = digest(page)
-                    duplicates += d in seen
-                    seen.add(d)
-                    owners[d].add(t.name)
-    shared = sum(1 for names in owners.values() if len(names) > 1 for _ in names)
+        for d in digests:
+            pages += 1
+            if not d:
+                zeros += 1
+                continue
+            duplicates += d in seen
+            seen.add(d)
+            owners[d].add(name)
+    shared = sum(len(names) for names in owners.values() if len(names) > 1)
     return DuplicationRow(set_name, pages, zeros, duplicates, shared)
 
 
 def measure(pool: Pool, tmp: Path, args: argparse.Namespace) -> tuple[list[LayersRow], list[DuplicationRow], list[str]]:
     functions = write_functions(tmp / "functions")
-    cold, cold_deploy = zip(*(deploy_cold(pool, f, f"cold-{f.name}") for f in functions), strict=True)
+    surveyed: dict[str, list[bytes]] = {}
+    cold, cold_deploy = zip(*(deploy_cold(pool, f, f"cold-{f.name}", surveyed) for f in functions), strict=True)
     runtime, runtime_ms = build_runtime(pool)
     layered, layered_deploy = zip(
         *(deploy_layered(pool, runtime, f, f"layered-{f.name}") for f in functions), strict=True
@@ -205,11 +236,10 @@ def measure(pool: Pool, tmp: Path, args: argparse.Namespace) -> tuple[list[Layer
             round(stored_mib(pool, [runtime, *layered]), 2), round(summed_pss_mib(list(layered)), 2),
         ),
     ]  # fmt: skip
-    duplication = [survey("functions", list(cold))]
     examples = ["tiny", "records"] + ([] if args.quick else ["heavy"])
-    made = [deploy_cold(pool, REPO / "daemon" / "examples" / name, f"example-{name}")[0] for name in examples]
-    duplication.insert(0, survey("examples (" + ", ".join(examples) + ")", made))
-    for t in [*cold, *layered, *made, runtime]:
+    duplication = [survey("examples (" + ", ".join(examples) + ")", survey_examples(examples))]
+    duplication.append(survey("functions", surveyed))
+    for t in [*cold, *layered, runtime]:
         t.close()
     notes = [f"runtime template built once in {runtime_ms:.0f} ms ({runtime.manifest.memory.data_bytes >> 20} MiB)"]
     return rows, duplication, notes
