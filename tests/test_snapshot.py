@@ -329,9 +329,7 @@ def test_a_cow_instance_leaves_its_mapped_pages_as_the_working_set(pool: Pool, w
         with thawed(template, "cow") as (_, stub):
             assert request_json(stub, "/time")["now"] > 0
         recorded = template.working_set()
-        dumped = {
-            r.offset // 4096 + i for _, r in template.manifest.memory.own_runs() for i in range(r.length // 4096)
-        }
+        dumped = {r.offset // 4096 + i for _, r in template.manifest.memory.own_runs() for i in range(r.length // 4096)}
         assert recorded and set(recorded) <= dumped and len(recorded) < len(dumped) // 4
         with compress(pool, "cow-ws", get_codec("lz4")) as z:
             assert z.manifest.cold is not None and z.manifest.cold.hot_pages >= len(recorded)
