@@ -18,8 +18,10 @@ have been answered, after a warm-up of max(--warmup, 2 x concurrency) requests t
 Each request's latency is taken with time.perf_counter; rps is requests / wall time of the cell.
 Before each warm cell bench-warm is scaled (POST /functions/bench-warm/scale) to `concurrency`
 instances, so no request of the cell waits for a thaw; before the restore cells it is scaled to 0,
-so they do not evict its idle instances. Per cell, how many instances thawd thawed and their mean
-thaw time (from /metrics) go to stderr.
+so they do not evict its idle instances. Per cell, how many instances thawd thawed, their mean
+thaw time and the mean of each step of its thaws and invocations (from /metrics), and the CPU each
+request cost (thawd, the sandboxes' agents, the instances, the load generator, the machine, and
+steal) go to stderr.
 
 - burst    bench-burst (default keep-alive), for each N in --burst (default 1, 8, 32): scaled to 0
            (POST /functions/bench-burst/scale, which returns once its instances are gone and their
@@ -27,8 +29,8 @@ thaw time (from /metrics) go to stderr.
            clients waiting on one event), as the gateway forwards the requests it
            queued during a scale from zero; --burst-rounds rounds (default 5). Every request's
            latency counts from the release; makespan is the release to the last answer; restores
-           the instances thawd thawed for the burst (from /metrics). Rows: daemon/bench.py's
-           BurstRow, table `burst`.
+           the instances thawd thawed for the burst (from /metrics); each round's makespan goes
+           to stderr. Rows: daemon/bench.py's BurstRow, table `burst`.
 - direct   concurrency 1 only, --requests requests: the same body exchanged straight with a guest's
            control socket in this process (sandbox/guest/launch.py: start_parked, SIGCONT,
            RESTORED, then invoke in a loop), without the API or a sandbox: the API's overhead is
