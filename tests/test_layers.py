@@ -22,7 +22,7 @@ from snapshot.template import Template
 from snapshot.vocabulary import RestoreMode
 from tests.damage import flip_byte, segment_path
 from tests.guests import REPO, captured, recv, request, rss_pss, thawed
-from tests.test_snapshot import WORKLOAD
+from tests.test_snapshot import WORKLOAD, verified_state
 
 pytestmark = pytest.mark.privileged
 MODES = list(RestoreMode)
@@ -144,12 +144,8 @@ def any_child(request: pytest.FixtureRequest, pool: Pool) -> Template:  # the po
 @pytest.mark.parametrize("mode", MODES)
 def test_a_child_restores_in_every_mode(any_child: Template, mode: str) -> None:
     with thawed(any_child, mode) as (instance, stub):
+        verified_state(stub, instance)
         assert stub.control is not None
-        state = request(stub.control, "/verify")
-        assert state["big"] and state["graph"]
-        assert state["modules"] == "2.10ok"
-        assert state["file"] == ["HELLO", 5, ", restored world"]
-        assert state["pid"] == instance.pid
         assert request(stub.control, "/brk") == {"grew": True, "kept": 20000}
         assert request(stub.control, "/thread")["result"] == [sum(range(100000))]
 

@@ -27,7 +27,7 @@ from snapshot import procfs
 from snapshot.capture import capture
 from snapshot.compress import CompressError, compress, expand
 from snapshot.errors import FileChanged, NotCapturable, RestoreError, TemplateCorrupt
-from snapshot.restore import restore
+from snapshot.restore import Instance, restore
 from snapshot.stub import LaunchedStub, launch_stub
 from snapshot.template import Template
 from snapshot.vocabulary import RestoreMode
@@ -199,15 +199,21 @@ def _children() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True)}
 
 
+def verified_state(stub: LaunchedStub, instance: Instance) -> dict[str, Any]:
+    """The workload's /verify after a restore, its memory, modules, file offset and pid checked."""
+    assert stub.control is not None
+    state: dict[str, Any] = request(stub.control, "/verify")
+    assert state["big"] and state["graph"]
+    assert state["modules"] == "2.10ok"
+    assert state["file"] == ["HELLO", 5, ", restored world"]
+    assert state["pid"] == instance.pid
+    return state
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_any_workload_state_survives_restore(any_workload: Template, mode: str) -> None:
     with thawed(any_workload, mode) as (instance, stub):
-        assert stub.control is not None
-        state = request(stub.control, "/verify")
-        assert state["big"] and state["graph"]
-        assert state["modules"] == "2.10ok"
-        assert state["file"] == ["HELLO", 5, ", restored world"]
-        assert state["pid"] == instance.pid
+        state = verified_state(stub, instance)
         assert state["cap_eff"] == state["cap_bnd"] == "0000000000000000" and state["no_new_privs"] == "1"
         assert state["uid"] == any_workload.manifest.credentials.uid[0]
 
