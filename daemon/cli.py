@@ -211,6 +211,8 @@ def cmd_deploy(client: Client, args: argparse.Namespace) -> int:
             body[key] = getattr(args, key)
     if args.env:
         body["env"] = dict(_key_value(e) for e in args.env)
+    if args.cold:
+        body["layered"] = False
     status, _, _ = client.request("GET", f"/functions/{name}")
     method, path = ("PUT", f"/functions/{name}") if status == 200 else ("POST", "/functions")
     verb = "updating" if method == "PUT" else "deploying"
@@ -502,6 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="cow", choices=choices(RestoreMode), help="restore mode (default cow)")
     p.add_argument("--max-instances", type=int, help="instances of this function at most")
     p.add_argument("--idle-timeout", type=float, help="seconds an idle instance stays warm (0: release at once)")
+    p.add_argument(
+        "--cold", action="store_true", help="capture from a cold start, not as a child of the runtime template"
+    )
     p.set_defaults(run=cmd_deploy)
 
     p = sub.add_parser("invoke", parents=[common], help="invoke a function; prints its reply body")

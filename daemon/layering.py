@@ -10,9 +10,11 @@ goes once no child needs it any more (the pool refuses to delete a template a ch
 A deploy thaws the runtime template (cow) into the function's sandbox, tells the instance to
 `load` the function (its environment, its module, its init), waits for it to park again and
 captures it as a child: it stores only the pages the init wrote. A function that cannot start
-from the runtime is captured cold, as before: one whose environment sets what the interpreter
-reads at start (PYTHON*), or any deploy when layers are off, the pool cannot map pages
-copy-on-write, or the runtime template cannot be built (said in thawd's log).
+from the runtime is captured cold, as before (the reason in thawd's log): one whose spec says
+`layered: false` (a function whose restores must be as lean as can be: a child maps every module
+the runtime preloads), one whose environment sets what the interpreter reads at start (PYTHON*,
+LD_*), or any deploy when layers are off, the pool cannot map pages copy-on-write, or the runtime
+template cannot be built.
 """
 
 from __future__ import annotations
@@ -82,6 +84,8 @@ class Layering:
         """Why `deployed` is captured cold rather than from the runtime template (None: it is not)."""
         if not self.config.layers_enabled:
             return "layers are off"
+        if not deployed.spec.layered:
+            return "its spec says layered: false"
         if not (self.pool.caps.private_cow and self.pool.caps.sparse):
             return f"a {self.pool.config.backend} pool cannot hold layered templates"
         started = [k for k in deployed.spec.env if k.startswith(START_VARIABLES)]

@@ -74,6 +74,7 @@ class FunctionSpec:
     labels: dict[str, str] = field(default_factory=dict)
     annotations: dict[str, str] = field(default_factory=dict)
     syscalls: list[str] = field(default_factory=list)  # seccomp deny-list entries it may call (opt-outs)
+    layered: bool = True  # captured as a child of the runtime template (daemon/layering.py); False: cold
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> FunctionSpec:
@@ -113,6 +114,8 @@ class FunctionSpec:
         check_strings(self.labels, "labels")
         check_strings(self.annotations, "annotations")
         check_syscalls(self.syscalls)
+        if not isinstance(self.layered, bool):
+            raise InvalidFunction(f"layered must be true or false, not {short_repr(self.layered)}")
         return self
 
     def to_json(self) -> dict[str, Any]:

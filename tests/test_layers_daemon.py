@@ -95,6 +95,21 @@ def test_a_function_setting_what_the_interpreter_reads_at_start_is_captured_cold
         thawd.remove("seeded")
 
 
+def test_a_function_can_ask_to_be_captured_cold(thawd: Thawd, tmp_path: Path) -> None:
+    write_function(tmp_path / "lean", "NAME = 'lean'\n" + SMALL)
+    done = thawd.cli("deploy", str(tmp_path / "lean"), "--cold")
+    try:
+        assert done.returncode == 0, done.stderr
+        assert "lean: revision 1 ready" in done.stdout and ", cold)" in done.stdout
+        function = thawd.api("GET", "/functions/lean")[1]
+        assert function["layered"] is False and function["captured"] == "cold" and function["parent"] is None
+        assert thawd.invoke("lean")[1]["name"] == "lean"
+        status, refused = thawd.api("POST", "/functions", {"name": "odd", "source": str(tmp_path), "layered": "no"})
+        assert status == 400 and "layered must be true or false" in refused["error"]["message"]
+    finally:
+        thawd.remove("lean")
+
+
 def test_a_damaged_runtime_template_takes_its_children_out_of_use(thawd: Thawd, tmp_path: Path) -> None:
     deploy(thawd, tmp_path, "victim")
     try:
