@@ -63,10 +63,15 @@ from snapshot.vocabulary import RestoreMode
 REPO = Path(__file__).resolve().parents[1]
 GUEST = """
 import os, random, threading
+WAITING = threading.Semaphore(0)
 def _idle(gate=threading.Event()):
+    WAITING.release()
     gate.wait()
-for _ in range(int(os.environ.get("BENCH_THREADS", "1")) - 1):   # parked in a futex wait
+THREADS = int(os.environ.get("BENCH_THREADS", "1")) - 1
+for _ in range(THREADS):   # parked in a futex wait
     threading.Thread(target=_idle, daemon=True).start()
+for _ in range(THREADS):   # each has run to its wait (start() returns before the target runs)
+    WAITING.acquire()
 RNG = random.Random(int(os.environ["BENCH_SEED"]))
 STATE = bytearray(b"".join(RNG.randbytes(1 << 20) for _ in range(int(os.environ["BENCH_MIB"]))))
 def handle(event, context):
