@@ -3,12 +3,14 @@
 Starts thawd (a tmpfs pool bound to NUMA node 0 at /var/lib/thaw/pool, the API on
 /run/thaw/thaw.sock) unless one is serving already, deploys the two bundled example functions
 (daemon/examples: `tiny`, and `heavy`, whose init imports a stack of modules and builds 256 MiB of
-state), invokes each thawed from its template and warm, then compresses each template (zstd: its
-cold pages in a compressed image the pager inflates on fault) and does the same again,
-and prints a table: the cold start (the guest's init at deploy), restore + first reply, a warm
-reply, the memory of an instance with how much of it is its own, and what the template holds of
-the pool. Then it puts the templates back as captured and stops the thawd it started
-(`--keep` leaves it running).
+state) as children of the runtime template (daemon/layering.py), invokes each thawed from its
+template and warm, then compresses each template (zstd: its cold pages in a compressed image the
+pager inflates on fault) and does the same again. Each is also deployed once from a cold start
+(`NAME-cold`, `layered: false`, removed after), for what a start without thaw costs. It prints a
+table: the cold start (a guest's exec, imports and init), the layered deploy's init (from the
+runtime template), restore + first reply, a warm reply, the memory of an instance with how much of
+it is its own, and what the template holds of the pool against the cold one's. Then it puts the
+templates back as captured and stops the thawd it started (`--keep` leaves it running).
 """
 
 from __future__ import annotations
@@ -66,15 +68,16 @@ async def start_thawd(client: Client, log_path: Path) -> subprocess.Popen[bytes]
     return process
 
 
-async def deploy(client: Client, name: str) -> dict[str, Any]:
-    body = {"name": name, "source": str(EXAMPLES / name)}
+async def deploy(client: Client, name: str, layered: bool = True) -> dict[str, Any]:
+    body = {"name": name if layered else f"{name}-cold", "source": str(EXAMPLES / name), "layered": layered}
+    name = str(body["name"])
     status, _, _ = client.request("GET", f"/functions/{name}")
     method, path = ("PUT", f"/functions/{name}") if status == 200 else ("POST", "/functions")
     t0 = time.perf_counter()
     with console.status(f"deploying {name}: starting its guest, running its init, capturing it"):
         function: dict[str, Any] = client.call(method, path, body, timeout=600)
     console.print(
-        f"  {name}: init {function['init_ms']:.0f} ms, captured into {function['template']} "
+        f"  {name}: init {function['init_ms']:.0f} ms ({function['captured']}), captured into {function['template']} "
         f"({function['template_bytes'] / (1 << 20):.1f} MiB of pages); deploy took {time.perf_counter() - t0:.1f} s"
     )
     return function
@@ -114,6 +117,13 @@ async def measure(client: Client, name: str) -> dict[str, Any]:
     }
 
 
+async def cold_start(client: Client, name: str) -> dict[str, Any]:
+    """The function deployed once from a cold start (its init_ms, its template's size), then removed."""
+    function = await deploy(client, name, layered=False)
+    client.call("DELETE", f"/functions/{function['name']}")
+    return function
+
+
 async def measure_compressed(client: Client, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The same measures on the function's template compressed with zstd; then back as captured."""
     with console.status(f"compressing {name}'s template (zstd)"):
@@ -132,42 +142,50 @@ async def measure_compressed(client: Client, name: str) -> tuple[dict[str, Any],
     return {**function, "name": f"{name} (compressed)"}, measured
 
 
-def table(rows: list[tuple[dict[str, Any], dict[str, Any]]]) -> Table:
+def table(rows: list[tuple[dict[str, Any], dict[str, Any]]], cold: dict[str, dict[str, Any]]) -> Table:
     t = Table(title="cold start vs thaw restore vs warm (medians; memory of one of 4 live instances)")
-    columns = ["function", "cold start", "thaw: restore + reply", "warm reply", "speed-up", "RSS", "own (USS)"]
-    columns.append("template")
+    columns = ["function", "cold start", "layered init", "thaw: restore + reply", "warm reply", "speed-up"]
+    columns += ["RSS", "own (USS)", "template (cold)"]
     for column in columns:
         t.add_column(column, justify="left" if column == "function" else "right")
     for function, m in rows:
+        base = cold[function["name"].split()[0]]
         t.add_row(
             function["name"],
+            f"{base['init_ms']:.1f} ms",
             f"{function['init_ms']:.1f} ms",
             f"{m['restore_ms']:.2f} ms",
             f"{m['warm_ms']:.2f} ms",
-            f"{function['init_ms'] / m['restore_ms']:.0f}x",
+            f"{base['init_ms'] / m['restore_ms']:.0f}x",
             f"{m['rss'] / (1 << 20):.1f} MiB",
             f"{m['uss'] / (1 << 20):.1f} MiB",
-            f"{function['template_stored_bytes'] / (1 << 20):.1f} MiB",
+            f"{_mib(function['template_stored_bytes'])} ({_mib(base['template_stored_bytes'])})",
         )
     return t
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MiB"
 
 
 async def run(socket_path: str, keep: bool, log_path: Path) -> None:
     client = Client(socket_path)
     process = await start_thawd(client, log_path)
     try:
-        rows = []
+        rows, cold = [], {}
         for name in FUNCTIONS:
+            cold[name] = await cold_start(client, name)
             function = await deploy(client, name)
             rows.append((function, await measure(client, name)))
         rows += [await measure_compressed(client, name) for name in COMPRESSED]
-        console.print(table(rows))
+        console.print(table(rows, cold))
         console.print(
-            "cold start: the guest's exec, imports and init at deploy; thaw: an instance restored from the "
-            "template into a pooled sandbox, to its first reply through the API; own (USS): pages the instance "
-            "does not share with the template; template: what it holds of the pool (compressed: its hot pages, "
-            "the compressed image, and the cold pages decompressed so far; heavy's state is random bytes, "
-            "which no codec shrinks)."
+            "cold start: the guest's exec, imports and init, deployed with layered: false; layered init: the "
+            "deploy's init in a thaw of the runtime template; thaw: an instance restored from the template into "
+            "a pooled sandbox, to its first reply through the API; speed-up: cold start over thaw; own (USS): "
+            "pages the instance does not share with the template; template: what the layered one holds of the "
+            "pool (compressed: its hot pages, the compressed image, and the cold pages decompressed so far; "
+            "heavy's state is random bytes, which no codec shrinks), the cold one's in brackets."
         )
     finally:
         if process is not None and not keep:
