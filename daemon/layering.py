@@ -201,7 +201,7 @@ class Layering:
             target = Stub(stub.pid, stub.wait, stub.kill, handoff=handoff, handoff_places=HANDOFF_PLACES)
             await self.workers.run(restore, runtime, target, "cow", seccomp_program(frozenset(spec.syscalls)))
             channel = await Channel.open(ours, self.config.max_frame)
-            await self._load(channel, deployed)
+            await self._load(channel, deployed, box.exec_env())
             await self.thawer.wait_parked(channel, stub, function_log, "deploy")
             deployed.init_ms = ms_since(started)
             name = deployed.template_name
@@ -230,8 +230,9 @@ class Layering:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(logger, 1.0)
 
-    async def _load(self, channel: Channel, deployed: Deployed) -> None:
-        """The runtime's instance says RESTORED; it is told which function to become."""
+    async def _load(self, channel: Channel, deployed: Deployed, env: dict[str, str]) -> None:
+        """The runtime's instance says RESTORED; it is told which function to become, with the
+        environment a cold guest of the function would have been started with (`env`)."""
         try:
             hello = await asyncio.wait_for(channel.recv(), RESTORED_TIMEOUT)
         except (TimeoutError, protocol.ProtocolError) as e:
@@ -244,6 +245,6 @@ class Layering:
             "function_dir": f"{FUNCTION_MOUNT}/code",
             "handler": spec.handler,
             "site_dir": f"{FUNCTION_MOUNT}/site",
-            "env": spec.env,
+            "env": env,
         }
         channel.send(protocol.encode(message, self.config.max_frame))

@@ -282,12 +282,17 @@ class Sandbox:
         sandbox uid/gid, under the seccomp filter `seccomp` (a BPF program; default: thaw's filter
         without opt-outs, native.seccomp). fd 3 is `control_fd`, fds 0-2 are `log_fd` (default
         /dev/null)."""
-        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "HOSTNAME": self.hostname}
-        env.update(self.spec.env if self.spec else {})
+        env = self.exec_env()
         program = seccomp if seccomp is not None else default_seccomp()
         with _fds(control_fd, log_fd) as (control, log):
             inner, pid = self.agent.spawn(argv, env, cwd, self.config.uid, self.config.gid, log, control, program)
         return self._track(inner, pid)
+
+    def exec_env(self) -> dict[str, str]:
+        """The environment a process started here gets: the sandbox's basics, then the spec's."""
+        env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "HOSTNAME": self.hostname}
+        env.update(self.spec.env if self.spec else {})
+        return env
 
     def spawn_stub(
         self,

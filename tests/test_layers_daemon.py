@@ -20,7 +20,8 @@ SMALL = """
 import json, os
 STATE = {"name": NAME, "squares": [i * i for i in range(3000)]}
 def handle(event, context):
-    return {"name": STATE["name"], "sum": sum(STATE["squares"]), "env": os.environ.get("GREETING")}
+    env = {"GREETING": os.environ.get("GREETING"), "HOSTNAME": os.environ.get("HOSTNAME")}
+    return {"name": STATE["name"], "sum": sum(STATE["squares"]), "env": env["GREETING"], "host": env["HOSTNAME"]}
 """
 
 
@@ -49,7 +50,8 @@ def test_twenty_functions_are_children_of_one_runtime_template(thawd: Thawd, tmp
         parents = {thawd.api("GET", f"/functions/{name}")[1]["parent"] for name in names}
         assert parents == set(runtimes(thawd)) and len(parents) == 1  # the pool holds the parent once
         for name in names:
-            assert thawd.invoke(name) == (200, {"name": name, "sum": sum(i * i for i in range(3000)), "env": None})
+            expected = {"name": name, "sum": sum(i * i for i in range(3000)), "env": None, "host": name}
+            assert thawd.invoke(name) == (200, expected)  # the environment a cold guest would have
         listing = thawd.cli("ls").stdout
         assert f"from {parents.pop()}" in listing
     finally:
