@@ -8,6 +8,10 @@ Capture (`read_memory`, `copy_pages`) decides per VMA what the template holds an
   the stack once went);
 - a private file VMA that was written (RELRO, data) is dumped whole: its never-present pages read
   the file, not zeros;
+- where each stored page lies is snapshot/pages.py's: a VMA that maps an ancestor's segment (a
+  guest thawed from a template, captured as its child) refers to the ancestor's pages it has not
+  written, a page equal to one stored before refers to it, an all-zero page is a hole, and a
+  *dense* capture keeps each writable anonymous VMA as one run;
 - an untouched private file VMA (text, rodata) is recorded by file identity (snapshot/files.py)
   and mapped from the file again; a read-only shared file VMA is mapped shared again; a writable
   shared one is refused;
