@@ -31,12 +31,12 @@ from pathlib import Path
 
 import sandbox.guest
 from daemon.config import DaemonConfig
-from daemon.errors import DeployFailed, PoolFull
+from daemon.errors import DeployFailed
 from daemon.guestio import Channel
 from daemon.logs import FunctionLog, follow_pipe
 from daemon.ptrace_workers import PtraceWorkers
 from daemon.registry import FUNCTION_MOUNT, Deployed
-from daemon.thawing import GUEST_ENV, Thawer, ms_since
+from daemon.thawing import GUEST_ENV, Thawer, capture_failure, ms_since
 from native.seccomp import program as seccomp_program
 from sandbox.cgroups import Limits
 from sandbox.errors import SandboxError
@@ -204,20 +204,9 @@ class Layering:
             await self._load(channel, deployed, box.exec_env())
             await self.thawer.wait_parked(channel, stub, function_log, "deploy")
             deployed.init_ms = ms_since(started)
-            name = deployed.template_name
-            await asyncio.to_thread(self.thawer.templates.clear_name, name)
-            t0 = time.perf_counter()
-            mounts = {FUNCTION_MOUNT: str(deployed.revision_dir)}
-            template = await self.workers.run(capture, stub.pid, self.pool, name, mounts, runtime, True)
-            log.info(
-                "%s: captured revision %d from %s in %.0f ms", spec.name, deployed.revision, runtime.name, ms_since(t0)
-            )
-            self.thawer.metrics.starts.labels(spec.name, "cold").inc()  # its init ran
-            return template
-        except PoolIsFull as e:
-            raise PoolFull(f"capturing {spec.name}: the pool is full") from e
-        except (SnapshotError, PoolError, SandboxError) as e:
-            raise DeployFailed(f"capturing {spec.name} from {runtime.name} failed: {e}") from e
+            return await self.thawer.capture_parked(deployed, stub.pid, runtime)
+        except (PoolIsFull, SnapshotError, PoolError, SandboxError) as e:
+            raise capture_failure(f"{spec.name} from {runtime.name}", e) from e
         finally:
             if channel is not None:
                 channel.close()

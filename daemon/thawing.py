@@ -181,18 +181,9 @@ class Thawer:
             channel = await Channel.open(ours, self.config.max_frame)
             await self.wait_parked(channel, guest, function_log, "deploy")
             deployed.init_ms = ms_since(started)
-            name = deployed.template_name
-            await asyncio.to_thread(self.templates.clear_name, name)
-            t0 = time.perf_counter()
-            mounts = {FUNCTION_MOUNT: str(deployed.revision_dir)}
-            template = await self.workers.run(capture, guest.pid, self.pool, name, mounts)
-            log.info("%s: captured revision %d in %.0f ms", spec.name, deployed.revision, ms_since(t0))
-            self.metrics.starts.labels(spec.name, "cold").inc()
-            return template
-        except PoolIsFull as e:
-            raise PoolFull(f"capturing {spec.name}: the pool is full") from e
-        except (SnapshotError, PoolError, SandboxError) as e:
-            raise DeployFailed(f"capturing {spec.name} failed") from e
+            return await self.capture_parked(deployed, guest.pid)
+        except (PoolIsFull, SnapshotError, PoolError, SandboxError) as e:
+            raise capture_failure(spec.name, e) from e
         finally:
             if channel is not None:
                 channel.close()
@@ -204,6 +195,21 @@ class Thawer:
             await self.release(sandbox)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(logger, 1.0)  # the guest's last words, before we say why it failed
+
+    async def capture_parked(self, deployed: Deployed, pid: int, parent: Template | None = None) -> Template:
+        """Capture the parked guest `pid` as `deployed`'s template (a dense child of `parent`, the
+        runtime template, if given: daemon/layering.py): its name made free first, the time
+        logged, the start counted (its init ran, from scratch or in a thaw of the runtime)."""
+        spec = deployed.spec
+        name = deployed.template_name
+        await asyncio.to_thread(self.templates.clear_name, name)
+        t0 = time.perf_counter()
+        mounts = {FUNCTION_MOUNT: str(deployed.revision_dir)}
+        template = await self.workers.run(capture, pid, self.pool, name, mounts, parent, parent is not None)
+        how = f" as a child of {parent.name}" if parent else ""
+        log.info("%s: captured revision %d%s in %.0f ms", spec.name, deployed.revision, how, ms_since(t0))
+        self.metrics.starts.labels(spec.name, "cold").inc()
+        return template
 
     async def wait_parked(
         self, channel: Channel, guest: SandboxProcess, function_log: FunctionLog, instance: str
@@ -320,6 +326,13 @@ def _timed_restore(template: Template, stub: Stub, mode: str, seccomp: bytes) ->
     began = time.perf_counter()
     restored = restore(template, stub, mode, seccomp)
     return restored, began, time.perf_counter()
+
+
+def capture_failure(function: str, error: BaseException) -> DeployFailed | PoolFull:
+    """What a deploy answers when capturing `function` failed on the way (the cause is chained)."""
+    if isinstance(error, PoolIsFull):
+        return PoolFull(f"capturing {function}: the pool is full")
+    return DeployFailed(f"capturing {function} failed")
 
 
 def _state(pid: int) -> str:
