@@ -247,3 +247,35 @@ def _parent_pages_mapped(pid: int, parent: Template) -> set[int]:
             if entry >> 63 and entry >> 61 & 1:  # present, and the file's page
                 frames.add(entry & ((1 << 55) - 1))
     return frames
+
+
+def test_a_child_whose_parent_was_replaced_or_removed_is_refused(pool: Pool, runtime: Template, tmp_path: Path) -> None:
+    parent = layered(pool, runtime, "replaced", {"type": "preload", "modules": ["csv"]}, {})
+    kid = layered(pool, parent, "stranded", load(function_dir(tmp_path, "NAME = 'stranded'\n" + SMALL)), {})
+    kid.close()
+    parent.close()
+    pool.delete("replaced", force=True)  # a quarantine's delete: out of the namespace, needed or not
+    with pytest.raises(ParentUnusable, match="layered on 'replaced', which is not in the pool"):
+        Template.open(pool, "stranded")
+    layered(pool, runtime, "replaced", {"type": "preload", "modules": ["json"]}, {}).close()
+    with pytest.raises(ParentUnusable, match="on another image of 'replaced' than the pool holds"):
+        Template.open(pool, "stranded")
+    Template.delete(pool, "stranded")
+    Template.delete(pool, "replaced")
+
+
+def test_a_restore_from_a_process_holding_a_thousand_fds(pool: Pool, child: Template) -> None:
+    """The stub is handed fds whose numbers overlap the 1000+ slots they move to, and the control
+    socket lands past 1023 (where select() gives up)."""
+    fillers = []
+    try:
+        while (fd := os.open("/dev/null", os.O_RDONLY)) < 990:
+            fillers.append(fd)
+        fillers.append(fd)
+        with Template.open(pool, child.name, verify=False) as again:
+            assert min(again.restore_fds("cow")) < 1000 < max(again.restore_fds("cow"))
+            with thawed(again, "cow") as (instance, stub):
+                verified_state(stub, instance)
+    finally:
+        for fd in fillers:
+            os.close(fd)
